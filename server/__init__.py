@@ -1,0 +1,1 @@
+"""The leanserve HTTP service: OpenAI-compatible API, engine loop, scheduler, sampling and metrics."""

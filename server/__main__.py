@@ -1,0 +1,5 @@
+"""`python -m server` is the `leanserve` command."""
+
+from server.cli import main
+
+main()

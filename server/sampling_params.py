@@ -1,0 +1,50 @@
+"""Per-request sampling parameters: what the HTTP layer hands the engine with each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """OpenAI/vLLM-style sampling knobs. Validates itself: a bad value raises ValueError naming the
+    parameter, which the HTTP layer turns into a 400 with that `param`."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus k top alternatives
+
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = {
+            "n": 1 <= self.n <= 16,
+            "max_tokens": self.max_tokens >= 1,
+            "temperature": 0.0 <= self.temperature <= 100.0,
+            "top_p": 0.0 < self.top_p <= 1.0,
+            "top_k": self.top_k >= 0,
+            "min_p": 0.0 <= self.min_p <= 1.0,
+            "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,
+            "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
+            "repetition_penalty": 0.0 < self.repetition_penalty <= 10.0,
+            "logprobs": self.logprobs is None or 0 <= self.logprobs <= 20,
+            "stop": len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid value for '{name}': {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,71 @@
+"""The package foundation: layout, import direction, the embedded model and the kernels-name guard."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# server -> models -> kernels: a package may import only those to its right.
+ALLOWED = {"server": {"models", "kernels"}, "models": {"kernels"}, "kernels": set()}
+
+
+def _first_party_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(ALLOWED)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_go_one_way(package):
+    offenders = {
+        str(path.relative_to(ROOT)): bad
+        for path in (ROOT / package).rglob("*.py")
+        if (bad := _first_party_imports(path) - ALLOWED[package] - {package})
+    }
+    assert not offenders, f"imports against server -> models -> kernels: {offenders}"
+
+
+def test_layout_exists():
+    for name in ("server", "models", "kernels", "tests", "docker", "benchmarks", "docs", ".ci"):
+        assert (ROOT / name).is_dir(), name
+    for name in ("Dockerfile", "pyproject.toml", "README.md", ".ci/run"):
+        assert (ROOT / name).is_file(), name
+
+
+def test_our_kernels_package_is_not_taken_for_hf_kernels():
+    # transformers probes `import kernels` (Hugging Face's kernel hub) and would call into it.
+    from transformers.utils import import_utils
+
+    import_utils.is_kernels_available.cache_clear()
+    assert import_utils.is_kernels_available() is False
+
+
+def test_default_model_converted_to_plain_hf_dir(default_model_path):
+    config = json.loads((default_model_path / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (9, 3, 64)
+    assert "quantization_config" not in config
+    assert list(default_model_path.glob("*.safetensors"))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    assert tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in quick_start.splitlines() if line.startswith("scripts/")]
+    assert commands == ["scripts/serve.sh", "scripts/test.sh"]
+    assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
