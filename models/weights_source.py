@@ -51,6 +51,7 @@ def default_model_dir() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         _convert_gguf(gguf, staging)
+        staging.chmod(0o755)  # mkdtemp makes it 0700: replicas under another uid must read it
         try:
             staging.rename(target)
         except OSError:

@@ -1,0 +1,109 @@
+"""Incremental detokenization of one output sequence: turns new token ids into text that is safe to stream
+(never half a UTF-8 character, never a piece of a stop string) and detects stop strings across tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Prompt tokens decoded with the first output tokens so that tokenizers that treat the start of a
+# text specially (SentencePiece drops a leading space) decode the output as it reads in context.
+_PROMPT_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class DetokenizedDelta:
+    text: str  # new text safe to emit (no broken UTF-8, no possible stop-string prefix)
+    stop_reason: str | None  # the stop string that matched (then stop, text excludes it)
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token sequence a small window at a time.
+
+    Two offsets into the token ids delimit the window: tokens [prefix, read) were already turned into
+    text and are decoded again only as context; tokens [read, end) are new. The text of the new tokens
+    is the decode of [prefix, end) minus the decode of [prefix, read). While it ends in U+FFFD (bytes of
+    a character still incomplete, or pieces that merge on decode) it is held back and the offsets stay.
+
+    Decoded text then passes the stop-string filter: a match truncates the text there (the stop string
+    is never returned) and the text that ends in a prefix of some stop string is held back until the
+    next tokens decide. Invariant: every stop-string match starts at or after the emitted text's end.
+    """
+
+    def __init__(
+        self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True
+    ):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop = list(stop)
+        self._token_ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._token_ids)
+        self._prefix_text = self._decode(self._token_ids)
+        self._text = ""  # decoded output text made of complete characters, cut at a stop string
+        self._emitted = 0  # characters of _text returned to the caller so far
+        self._stop_reason: str | None = None
+
+    @property
+    def output_text(self) -> str:
+        """The text returned so far by `add_tokens` and `flush`."""
+        return self._text[: self._emitted]
+
+    def add_tokens(self, token_ids: list[int]) -> DetokenizedDelta:
+        if self._stop_reason is not None:
+            return DetokenizedDelta("", self._stop_reason)
+        for token_id in token_ids:
+            self._token_ids.append(token_id)
+            new_text = self._decode(self._token_ids[self._prefix_offset :])
+            if len(new_text) > len(self._prefix_text) and not new_text.endswith(_REPLACEMENT_CHAR):
+                self._text += new_text[len(self._prefix_text) :]
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._token_ids)
+                self._prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+        if self._cut_at_stop():
+            return DetokenizedDelta(self._take(len(self._text)), self._stop_reason)
+        return DetokenizedDelta(self._take(len(self._text) - self._stop_prefix_len()), None)
+
+    def flush(self) -> str:
+        """At a finish other than a stop string (length, EOS, stop token): everything held back, including
+        an incomplete character at the very end (as U+FFFD), still cut before any stop string."""
+        if self._stop_reason is not None:
+            return ""
+        if self._read_offset < len(self._token_ids):
+            new_text = self._decode(self._token_ids[self._prefix_offset :])
+            self._text += new_text[len(self._prefix_text) :]
+            self._prefix_offset = self._read_offset = len(self._token_ids)
+            self._prefix_text = ""
+        self._cut_at_stop()
+        return self._take(len(self._text))
+
+    def _decode(self, token_ids: list[int]) -> str:
+        # No clean-up of spaces: it would make the decode of a window differ from the full decode.
+        return self._tokenizer.decode(
+            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def _take(self, end: int) -> str:
+        """Returns the not yet emitted text up to `end` and marks it emitted."""
+        delta = self._text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return delta
+
+    def _cut_at_stop(self) -> bool:
+        """Truncates the text at the earliest stop-string match, if any, and records which one matched."""
+        matches = [(pos, s) for s in self._stop if (pos := self._text.find(s, self._emitted)) >= 0]
+        if not matches:
+            return False
+        pos, self._stop_reason = min(matches, key=lambda m: m[0])
+        self._text = self._text[:pos]
+        return True
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest end of the unemitted text that some stop string starts with."""
+        pending = self._text[self._emitted :]
+        longest = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(pending)), longest, -1):
+                if pending.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest

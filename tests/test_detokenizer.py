@@ -1,0 +1,132 @@
+"""Incremental detokenizer tests with the real SmolLM2 tokenizer (byte-level BPE): multi-byte characters
+split over byte tokens, stop strings across token boundaries, held-back text and flush."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from server.detokenizer import DetokenizedDelta, IncrementalDetokenizer
+
+CHAT_PROMPT = "<|im_start|>user\nSay something<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path):
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stream(detok: IncrementalDetokenizer, ids: list[int], chunk: int = 1) -> list[DetokenizedDelta]:
+    """Feeds `ids` `chunk` at a time, stopping at a stop string as the engine does."""
+    deltas = []
+    for start in range(0, len(ids), chunk):
+        deltas.append(detok.add_tokens(ids[start : start + chunk]))
+        if deltas[-1].stop_reason is not None:
+            break
+    return deltas
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Plain ASCII, with punctuation; and\nnew lines\tand tabs.",
+        "我爱北京天安门",  # each character is split over two or three byte tokens
+        "Emoji 😀 with skin tone 👍🏽 and flags 🇫🇷!",
+        "naïve café, Ünïcödé, Ελληνικά, русский",
+        "mixed 中文 and 日本語のテキスト 🎉🎉 done.",
+    ],
+)
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("prompt", ["", CHAT_PROMPT])
+def test_stream_never_emits_a_broken_character(tokenizer, text, chunk, prompt):
+    ids = encode(tokenizer, text)
+    detok = IncrementalDetokenizer(tokenizer, encode(tokenizer, prompt), stop=[])
+    deltas = stream(detok, ids, chunk)
+    assert all("\ufffd" not in d.text and d.stop_reason is None for d in deltas)
+    assert "".join(d.text for d in deltas) + detok.flush() == text == tokenizer.decode(ids)
+    assert detok.output_text == text
+
+
+def test_multibyte_character_held_until_its_last_byte(tokenizer):
+    ids = encode(tokenizer, "ok 😀")
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert sum("\ufffd" in p for p in pieces) >= 2  # the emoji really is split into byte tokens
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[])
+    texts = [detok.add_tokens([i]).text for i in ids]
+    assert texts == ["ok"] + [""] * (len(ids) - 2) + [" 😀"]
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected", "reason"),
+    [
+        ("The answer is 42.\n\nUser: next", ["\n\nUser:"], "The answer is 42.", "\n\nUser:"),
+        ("Stop word: END_OF_TURN here", ["END_OF_TURN"], "Stop word: ", "END_OF_TURN"),
+        ("Stop word: END_OF_TURN here", ["here", "_OF", "OF_T"], "Stop word: END", "_OF"),  # earliest wins
+        ("Stop word: END_OF_TURN here", ["URN", "_TURN"], "Stop word: END_OF", "_TURN"),  # both end at "URN"
+        ("The answer is 42.", ["nswe"], "The a", "nswe"),  # inside one token: the rest is cut
+        ("我爱北京天安门", ["北京"], "我爱", "北京"),  # over byte tokens
+        ("Emoji 😀 then more", ["😀"], "Emoji ", "😀"),
+    ],
+)
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_stop_string_across_tokens_is_caught_and_not_returned(tokenizer, text, stop, expected, reason, chunk):
+    ids = encode(tokenizer, text)
+    detok = IncrementalDetokenizer(tokenizer, encode(tokenizer, CHAT_PROMPT), stop=stop)
+    deltas = stream(detok, ids, chunk)
+    assert [d.stop_reason for d in deltas] == [None] * (len(deltas) - 1) + [reason]
+    assert "".join(d.text for d in deltas) == expected == detok.output_text
+    # Finished by the stop string: nothing more comes out.
+    assert detok.add_tokens(ids[-1:]) == DetokenizedDelta("", reason)
+    assert detok.flush() == ""
+
+
+def test_stop_string_really_spans_tokens(tokenizer):
+    """The multi-token cases above are multi-token: no single token's text contains the stop string."""
+    for text, stop in [
+        ("The answer is 42.\n\nUser: next", "\n\nUser:"),
+        ("Stop word: END_OF_TURN", "END_OF_TURN"),
+    ]:
+        assert stop in text
+        assert all(stop not in tokenizer.decode([i]) for i in encode(tokenizer, text))
+
+
+def test_possible_stop_prefix_is_held_back_then_released(tokenizer):
+    ids = encode(tokenizer, "A stopwatch")
+    assert [tokenizer.decode([i]) for i in ids] == ["A", " stop", "watch"]
+    detok = IncrementalDetokenizer(tokenizer, [], stop=["stop!"])
+    texts = [detok.add_tokens([i]) for i in ids]
+    # " stop" might begin "stop!": only the space goes out until "watch" rules it out.
+    assert texts == [DetokenizedDelta(t, None) for t in ["A", " ", "stopwatch"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "drop_last", "stop", "streamed", "flushed"),
+    [
+        ("The answer is 42", 0, ["42!"], "The answer is ", "42"),  # a stop-string prefix at the end
+        ("The answer is 42", 0, ["is 42 and"], "The answer ", "is 42"),
+        ("ok 😀", 1, [], "ok", " \ufffd"),  # the emoji's last byte never came
+        ("Nothing held", 0, ["zzz"], "Nothing held", ""),
+    ],
+)
+def test_flush_returns_held_back_text(tokenizer, text, drop_last, stop, streamed, flushed):
+    ids = encode(tokenizer, text)
+    ids = ids[: len(ids) - drop_last]
+    detok = IncrementalDetokenizer(tokenizer, [], stop=stop)
+    assert "".join(d.text for d in stream(detok, ids)) == streamed
+    assert detok.output_text == streamed
+    assert detok.flush() == flushed
+    assert detok.output_text == streamed + flushed == tokenizer.decode(ids)
+    assert detok.flush() == ""
+
+
+@pytest.mark.parametrize(("skip", "expected"), [(True, "Hi there"), (False, "Hi there<|im_end|>")])
+def test_special_tokens_skipped_or_kept(tokenizer, skip, expected):
+    ids = [*encode(tokenizer, "Hi there"), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    detok = IncrementalDetokenizer(
+        tokenizer, encode(tokenizer, CHAT_PROMPT), stop=[], skip_special_tokens=skip
+    )
+    assert "".join(d.text for d in stream(detok, ids)) + detok.flush() == expected
