@@ -1,0 +1,377 @@
+"""Decode attention benchmark on a CUDA GPU: LeanAttention vs PyTorch SDPA (flash, cuDNN) on contiguous
+caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V+Q+O bytes over the read
+bandwidth measured in the same run). Writes JSON, a plot and a markdown table; `--tune` sweeps the launch
+configs instead. Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import product
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.lean_attention import _CONFIGS, LeanConfig, _launch
+
+DTYPE = torch.bfloat16
+BLOCK_SIZE = 16
+ROTATE_BYTES = 512 << 20  # inputs per timed graph: well past the 50 MB L2, so no call reads cached K/V
+
+
+@dataclass
+class Shape:
+    name: str
+    lens: list[int]
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    ragged: bool = False
+
+    def kv_bytes(self) -> int:
+        return 2 * sum(self.lens) * self.num_kv_heads * self.head_dim * DTYPE.itemsize
+
+    def floor_bytes(self) -> int:
+        qo = 2 * len(self.lens) * self.num_q_heads * self.head_dim * DTYPE.itemsize
+        return self.kv_bytes() + qo
+
+
+@dataclass
+class Result:
+    shape: str
+    batch: int
+    kv_mb: float
+    floor_us: float
+    us: dict[str, float | None] = field(default_factory=dict)
+
+    def pct_floor(self, name: str) -> float | None:
+        t = self.us.get(name)
+        return None if t is None else 100 * self.floor_us / t
+
+
+def _lognormal_lens(count: int, median: int, seed: int) -> list[int]:
+    """Ragged lengths, log-normal around `median`, plus one sequence 8x longer (the straggler)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = (torch.randn(count - 1, generator=gen) * 0.6 + math.log(median)).exp().round().clamp(min=1)
+    return [*map(int, lens.tolist()), 8 * median]
+
+
+def issue_shapes() -> list[Shape]:
+    k = 1024
+    shapes = [Shape(f"B=1 32/8 {n // k}k", [n]) for n in (k, 4 * k, 32 * k, 128 * k, 512 * k)]
+    shapes += [Shape(f"B=1 32/32 {n // k}k", [n], num_kv_heads=32) for n in (4 * k, 128 * k)]
+    shapes += [Shape(f"B={b} 32/8 4k", [4 * k] * b) for b in (8, 32)]
+    shapes += [Shape("B=256 32/8 1k", [k] * 256)]
+    for count, median, seed in ((8, 4 * k, 0), (32, 2 * k, 1), (64, k, 2), (16, 16 * k, 3)):
+        shapes.append(
+            Shape(f"ragged {count}x~{median // k}k", _lognormal_lens(count, median, seed), ragged=True)
+        )
+    return shapes
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a reduction over 4 GiB of bf16 (random data: never time on zeros)."""
+    x = torch.randn(2 << 30, device="cuda", dtype=DTYPE)
+    return (4 << 30) / _time_graph([lambda: x.sum()], replays=20)
+
+
+def _time_graph(calls: list[Callable[[], object]], replays: int = 20) -> float:
+    """Seconds per call: all `calls` captured in one CUDA graph (each on its own inputs), replayed."""
+    for call in calls:  # warm-up outside capture: compilation, workspace, cuBLAS/cuDNN handles
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times) / len(calls)
+
+
+@dataclass
+class Inputs:
+    """`copies` independent input sets of one shape: a paged pool (copy i uses its own blocks) and
+    contiguous caches for the peers."""
+
+    q: torch.Tensor  # [copies, B, Hq, D]
+    k_pool: torch.Tensor  # [copies * blocks, BLOCK_SIZE, Hkv, D]
+    v_pool: torch.Tensor
+    tables: torch.Tensor  # [copies, B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    copies: int
+
+
+def make_inputs(shape: Shape) -> Inputs:
+    copies = max(1, min(64, ROTATE_BYTES // shape.kv_bytes()))
+    batch, max_len = len(shape.lens), max(shape.lens)
+    blocks_per_seq = [math.ceil(n / BLOCK_SIZE) for n in shape.lens]
+    max_blocks = max(blocks_per_seq)
+    per_copy = sum(blocks_per_seq)
+    pool_shape = (copies * per_copy, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim)
+    k_pool = torch.randn(pool_shape, device="cuda", dtype=DTYPE)
+    v_pool = torch.randn(pool_shape, device="cuda", dtype=DTYPE)
+    # Blocks of a sequence are a random permutation of the copy's blocks: a paged cache is scattered.
+    tables = torch.zeros(copies, batch, max_blocks, dtype=torch.int32)
+    for c in range(copies):
+        perm = torch.randperm(per_copy) + c * per_copy
+        offset = 0
+        for b, n in enumerate(blocks_per_seq):
+            tables[c, b, :n] = perm[offset : offset + n]
+            offset += n
+    q = torch.randn(copies, batch, shape.num_q_heads, shape.head_dim, device="cuda", dtype=DTYPE)
+    seq_lens = torch.tensor(shape.lens, dtype=torch.int32, device="cuda")
+    del max_len
+    return Inputs(q, k_pool, v_pool, tables.cuda(), seq_lens, copies)
+
+
+def lean_calls(inp: Inputs, config: LeanConfig, num_programs: int | None = None) -> list[Callable]:
+    outs = [torch.empty_like(inp.q[c]) for c in range(inp.copies)]
+    return [
+        (
+            lambda c=c: _launch(
+                inp.q[c],
+                inp.k_pool,
+                inp.v_pool,
+                inp.tables[c],
+                inp.seq_lens,
+                None,
+                outs[c],
+                config,
+                num_programs,
+            )
+        )
+        for c in range(inp.copies)
+    ]
+
+
+def contiguous_kv(inp: Inputs, shape: Shape, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy c's cache gathered into padded [B, L, Hkv, D] tensors (what SDPA reads)."""
+    max_len = max(shape.lens)
+    pages = inp.tables[c, :, : math.ceil(max_len / BLOCK_SIZE)].long()
+    k = inp.k_pool[pages].flatten(1, 2)[:, :max_len]
+    v = inp.v_pool[pages].flatten(1, 2)[:, :max_len]
+    return k.contiguous(), v.contiguous()
+
+
+def sdpa_calls(inp: Inputs, shape: Shape, backend: SDPBackend, copies: int) -> list[Callable]:
+    """SDPA with one backend forced; GQA natively if the backend takes it, else K/V heads repeated (what a
+    caller of that backend has to do, reading Hq/Hkv times the bytes)."""
+    group = shape.num_q_heads // shape.num_kv_heads
+    calls = []
+    for c in range(copies):
+        k, v = contiguous_kv(inp, shape, c)
+        q = inp.q[c].unsqueeze(2)  # [B, Hq, 1, D]
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D] views of [B, L, Hkv, D]
+
+        def call(q=q, kt=kt, vt=vt, gqa=True):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kt, vt, enable_gqa=gqa)
+
+        try:
+            call()
+        except RuntimeError:
+            if group == 1:
+                raise
+            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+            call = partial(call, kt=kt, vt=vt, gqa=False)
+        calls.append(call)
+    return calls
+
+
+def varlen_calls(inp: Inputs, shape: Shape, copies: int) -> list[Callable]:
+    """FA2 varlen: packed K/V of all sequences, one query token each."""
+    batch = len(shape.lens)
+    cu_q = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(shape.lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    calls = []
+    for c in range(copies):
+        k, v = contiguous_kv(inp, shape, c)
+        mask = torch.arange(k.shape[1], device="cuda")[None, :] < inp.seq_lens[:, None]
+        k_packed, v_packed = k[mask], v[mask]  # [total, Hkv, D]
+        q = inp.q[c]
+
+        def call(q=q, k_packed=k_packed, v_packed=v_packed):
+            return torch.ops.aten._flash_attention_forward(
+                q, k_packed, v_packed, cu_q, cu_k, 1, max(shape.lens), 0.0, False, False
+            )[0]
+
+        calls.append(call)
+    return calls
+
+
+def peer_copies(inp: Inputs, shape: Shape) -> int:
+    """Contiguous copies double the memory: fewer of them for huge shapes (they exceed L2 anyway)."""
+    return inp.copies if shape.kv_bytes() * inp.copies <= (8 << 30) else 1
+
+
+def bench_shape(shape: Shape, bandwidth: float) -> Result:
+    inp = make_inputs(shape)
+    result = Result(
+        shape.name, len(shape.lens), shape.kv_bytes() / 1e6, 1e6 * shape.floor_bytes() / bandwidth
+    )
+    config = _CONFIGS[shape.head_dim]
+    result.us["lean"] = 1e6 * _time_graph(lean_calls(inp, config))
+    copies = peer_copies(inp, shape)
+    peers = {"varlen_fa2": lambda: varlen_calls(inp, shape, copies)}
+    if not shape.ragged:
+        peers["sdpa_flash"] = lambda: sdpa_calls(inp, shape, SDPBackend.FLASH_ATTENTION, copies)
+        peers["sdpa_cudnn"] = lambda: sdpa_calls(inp, shape, SDPBackend.CUDNN_ATTENTION, copies)
+    for name, make in peers.items():
+        try:
+            result.us[name] = 1e6 * _time_graph(make())
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # a backend that refuses the shape
+            print(f"  {shape.name}: {name} unavailable ({str(exc).splitlines()[0][:100]})", flush=True)
+            result.us[name] = None
+        torch.cuda.empty_cache()
+    # Correctness of what we timed: ours against FA2 varlen on copy 0.
+    ours = lean_calls(inp, config)[0]()
+    theirs = varlen_calls(inp, shape, 1)[0]()
+    err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+    assert err < 1e-2, f"{shape.name}: lean vs FA2 relative error {err:.2e}"
+    return result
+
+
+def tune(bandwidth: float) -> list[dict]:
+    """Sweep tile, stages, programs per SM and min tiles per program on representative shapes of each
+    head dim (4 warps: 8 never won a first, wider sweep; see docs/kernel_notes.md)."""
+    k = 1024
+    shapes = {
+        128: [
+            Shape("B=1 32/8 1k", [k]),
+            Shape("B=1 32/8 4k", [4 * k]),
+            Shape("B=1 32/8 128k", [128 * k]),
+            Shape("B=32 32/8 4k", [4 * k] * 32),
+            Shape("B=256 32/8 1k", [k] * 256),
+            Shape("ragged 32x~2k", _lognormal_lens(32, 2 * k, 1), ragged=True),
+        ],
+        64: [Shape("B=1 9/3 4k", [4 * k], 9, 3, 64), Shape("B=64 9/3 2k", [2 * k] * 64, 9, 3, 64)],
+    }
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for dim, dim_shapes in shapes.items():
+        for shape in dim_shapes:
+            inp = make_inputs(shape)
+            floor_us = 1e6 * shape.floor_bytes() / bandwidth
+            for tile, stages, per_sm, min_tiles in product((64, 128), (3, 4), (1, 2, 3), (1, 2, 4, 8)):
+                config = LeanConfig(tile, 4, stages, per_sm, min_tiles)
+                try:
+                    us = 1e6 * _time_graph(lean_calls(inp, config, sms * per_sm), replays=10)
+                except Exception as exc:  # out of shared memory/registers for this combination
+                    print(f"  {shape.name} {config}: {type(exc).__name__}", flush=True)
+                    continue
+                rows.append({"dim": dim, "shape": shape.name, **asdict(config), "us": us})
+                rows[-1]["pct_floor"] = 100 * floor_us / us
+                print(json.dumps(rows[-1]), flush=True)
+            best = max((r for r in rows if r["shape"] == shape.name), key=lambda r: r["pct_floor"])
+            print(f"best {shape.name}: {best}", flush=True)
+            del inp
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: list[Result], env: dict) -> str:
+    peers = ("sdpa_flash", "sdpa_cudnn", "varlen_fa2")
+    lines = [
+        f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        f"read bandwidth (x.sum over 4 GiB bf16) {env['bandwidth_gbs']:.0f} GB/s. bf16, head dim 128, "
+        f"block size {BLOCK_SIZE}; every call timed in a CUDA graph over rotated inputs (> L2).",
+        "",
+        "| shape | KV MB | floor us | lean us | lean % floor | SDPA flash us | SDPA cuDNN us | FA2 varlen us "
+        "| best peer % floor | best peer us / lean us |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        peer_times = [r.us[p] for p in peers if r.us.get(p) is not None]
+        best = min(peer_times) if peer_times else None
+        speedup = None if best is None else best / r.us["lean"]
+        lines.append(
+            f"| {r.shape} | {r.kv_mb:.0f} | {r.floor_us:.1f} | {r.us['lean']:.1f} "
+            f"| {_fmt(r.pct_floor('lean'))} | "
+            + " | ".join(_fmt(r.us.get(p)) for p in peers)
+            + f" | {_fmt(None if best is None else 100 * r.floor_us / best)} | {_fmt(speedup, 2)}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ("lean", "sdpa_flash", "sdpa_cudnn", "varlen_fa2")
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.2
+    for i, name in enumerate(names):
+        values = [r.pct_floor(name) or 0 for r in results]
+        ax.bar([x + i * width for x in range(len(results))], values, width, label=name)
+    ax.axhline(90, color="k", linestyle="--", linewidth=0.8, label="90% target")
+    ax.set_xticks(
+        [x + 1.5 * width for x in range(len(results))], [r.shape for r in results], rotation=45, ha="right"
+    )
+    ax.set_ylabel("% of HBM floor (higher is better)")
+    ax.set_title("Decode attention, bf16, D=128")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--tune", action="store_true", help="sweep launch configs instead of the benchmark")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bandwidth = read_bandwidth()
+    torch.cuda.empty_cache()
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "bandwidth_gbs": bandwidth / 1e9,
+    }
+    print(env, flush=True)
+    if args.tune:
+        rows = tune(bandwidth)
+        (args.out / "tune.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        return
+    results = []
+    for shape in issue_shapes():
+        results.append(bench_shape(shape, bandwidth))
+        torch.cuda.empty_cache()
+        print(json.dumps(asdict(results[-1])), flush=True)
+    (args.out / "decode_attention.json").write_text(
+        json.dumps({"env": env, "results": [asdict(r) for r in results]}, indent=1)
+    )
+    plot(results, args.out / "decode_attention.png")
+    table = markdown(results, env)
+    (args.out / "decode_attention.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

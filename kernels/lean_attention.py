@@ -1,0 +1,416 @@
+"""LeanAttention decode kernel (Triton): one persistent launch splits all lean tiles (sequence x KV head x
+context tile) of a paged KV cache evenly over the programs, stream-K style; outputs split between
+programs are merged in the same launch by the last contributor to arrive. See
+shared/design/lean_attention.md for the algorithm and the fix-up protocol."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+# batch and min_tiles are plain runtime values: Triton would otherwise compile a variant for value 1.
+@triton.jit(do_not_specialize=["batch", "min_tiles"])
+def _lean_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_acc_ptr,  # [2 * programs, GROUP_PAD, BLOCK_D] fp32: slot 2p = program p's first, 2p+1 its last
+    part_ml_ptr,  # [2 * programs, 2, GROUP_PAD] fp32: running max (log2 units) and softmax denominator
+    counters_ptr,  # [2 * programs] int32: tiles merged so far per split output, indexed by its first slot
+    batch,
+    min_tiles,  # fewest tiles per active program
+    qk_scale,  # sm_scale * log2(e): scores come out in log2 units for exp2
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_kb,
+    stride_kh,
+    stride_vn,
+    stride_vb,
+    stride_vh,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    RED_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+
+    # Partition, on the device from seq_lens: tile units ordered (sequence, KV head, tile).
+    offs_b = tl.arange(0, BLOCK_B)
+    lens = tl.maximum(tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0), 0)
+    units = tl.cdiv(lens, TILE) * NUM_KV_HEADS
+    units_end = tl.cumsum(units, axis=0)  # inclusive: sequence b owns units [end[b] - units[b], end[b])
+    total = tl.sum(units, axis=0).to(tl.int64)
+    # Short batches use fewer programs (>= min_tiles each): fewer partials per output to merge.
+    active = tl.maximum(tl.minimum(total // min_tiles, num_progs), 1)
+    start = (tl.minimum(pid, active) * total // active).to(tl.int32)
+    end = (tl.minimum(pid + 1, active) * total // active).to(tl.int32)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, TILE)
+    offs_c = tl.arange(0, RED_CHUNK)
+    g_mask = offs_g < GROUP
+    gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    td_mask_d = offs_d[None, :] < HEAD_DIM
+
+    # Sequences with no tokens own no units: spread their zero outputs over the programs.
+    for zb in range(pid, batch, num_progs):
+        if tl.load(seq_lens_ptr + zb) <= 0:
+            for zh in range(NUM_KV_HEADS):
+                o_ptrs = (
+                    out_ptr + zb * stride_ob + (zh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+                )
+                tl.store(o_ptrs, tl.zeros([GROUP_PAD, BLOCK_D], tl.float32), mask=gd_mask)
+
+    u = start
+    while u < end:
+        # Locate unit u: sequence b, KV head h, and the unit range [out_begin, out_end) of output (b, h).
+        b = tl.sum((units_end <= u).to(tl.int32), axis=0)
+        seq_end = tl.sum(tl.where(offs_b == b, units_end, 0), axis=0)
+        seq_len = tl.load(seq_lens_ptr + b)
+        n_tiles = tl.cdiv(seq_len, TILE)
+        seq_begin = seq_end - n_tiles * NUM_KV_HEADS
+        h = (u - seq_begin) // n_tiles
+        out_begin = seq_begin + h * n_tiles
+        out_end = out_begin + n_tiles
+        seg_end = tl.minimum(end, out_end)
+
+        q_ptrs = q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=gd_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = k_ptr + h * stride_kh
+        v_base = v_ptr + h * stride_vh
+        table = block_tables_ptr + b.to(tl.int64) * stride_btb
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        for tile in range(u - out_begin, seg_end - out_begin):
+            tok = tile * TILE + offs_t
+            tok_mask = tok < seq_len
+            page = tl.load(table + tok // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
+            row = (tok % PAGE_SIZE)[:, None]
+            kv_mask = tok_mask[:, None] & td_mask_d
+            k = tl.load(
+                k_base + page[:, None] * stride_kn + row * stride_kb + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + page[:, None] * stride_vn + row * stride_vb + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
+            s = tl.where(tok_mask[None, :], s, float("-inf"))
+            # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        o_ptrs = out_ptr + b * stride_ob + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        if (u == out_begin) & (seg_end == out_end):
+            tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            # A split output: publish the partial, then count its tiles in; the last to arrive merges.
+            slot = 2 * pid + (u != start).to(tl.int32)
+            acc_ptrs = (
+                part_acc_ptr + slot * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D + offs_d[None, :]
+            )
+            ml_ptrs = part_ml_ptr + slot * (2 * GROUP_PAD) + offs_g
+            tl.store(acc_ptrs, acc)
+            tl.store(ml_ptrs, m_i)
+            tl.store(ml_ptrs + GROUP_PAD, l_i)
+            tl.debug_barrier()  # all threads' partial stores are issued before the release below
+
+            # Program p < A owns [p * total // A, (p + 1) * total // A), so unit x lies in the last program
+            # whose start is <= x. Its output's counter lives at the first contributor's slot.
+            first = (((out_begin.to(tl.int64) + 1) * active - 1) // total).to(tl.int32)
+            last = ((out_end.to(tl.int64) * active - 1) // total).to(tl.int32)
+            first_start = (first * total // active).to(tl.int32)
+            counter = counters_ptr + 2 * first + (first_start < out_begin).to(tl.int32)
+            done = tl.atomic_add(counter, seg_end - u, sem="acq_rel", scope="gpu") + (seg_end - u)
+            if done == n_tiles:
+                # Merge the other contributors RED_CHUNK at a time; their loads are independent of each
+                # other, so a chunk costs one L2 round trip instead of one per contributor.
+                for c0 in range(first, last + 1, RED_CHUNK):
+                    p_vec = c0 + offs_c
+                    ps_vec = p_vec.to(tl.int64) * total // active
+                    ok_vec = (
+                        (p_vec <= last)
+                        & (p_vec != pid)
+                        & ((p_vec + 1).to(tl.int64) * total // active > ps_vec)
+                    )
+                    slots = 2 * p_vec + (ps_vec < out_begin).to(tl.int32)
+                    # .cg: these lines were written by other SMs; never serve them from a stale L1.
+                    m_c = tl.load(
+                        part_ml_ptr + slots[:, None] * (2 * GROUP_PAD) + offs_g[None, :],
+                        mask=ok_vec[:, None],
+                        other=float("-inf"),
+                        cache_modifier=".cg",
+                    )
+                    m_new = tl.maximum(m_i, tl.max(m_c, axis=0))
+                    alpha = tl.exp2(m_i - m_new)
+                    l_i = l_i * alpha
+                    acc = acc * alpha[:, None]
+                    for j in tl.static_range(RED_CHUNK):
+                        p_j = c0 + j
+                        ps_j = p_j.to(tl.int64) * total // active
+                        # Skip ourselves (already in registers), past-the-end and empty programs.
+                        ok_j = (
+                            (p_j <= last) & (p_j != pid) & ((p_j + 1).to(tl.int64) * total // active > ps_j)
+                        )
+                        slot_j = 2 * p_j + (ps_j < out_begin).to(tl.int32)
+                        ml_j = part_ml_ptr + slot_j * (2 * GROUP_PAD) + offs_g
+                        acc_j_ptrs = part_acc_ptr + slot_j * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D
+                        row_ok = offs_g < tl.where(ok_j, GROUP, 0)  # a real row of a contributor to merge
+                        m_j = tl.load(ml_j, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                        l_j = tl.load(ml_j + GROUP_PAD, mask=row_ok, other=0.0, cache_modifier=".cg")
+                        acc_j = tl.load(
+                            acc_j_ptrs + offs_d[None, :],
+                            mask=row_ok[:, None] & td_mask_d,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        w_j = tl.exp2(m_j - m_new)  # 0 for skipped contributors (m_j = -inf)
+                        l_i += w_j * l_j
+                        acc += w_j[:, None] * acc_j
+                    m_i = m_new
+                tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+                tl.store(counter, 0)  # ready for the next launch or graph replay, no memset needed
+        u = seg_end
+
+
+@dataclass(frozen=True)
+class LeanConfig:
+    """Launch parameters of one head dim: tokens per lean tile, warps, pipeline stages, programs per SM,
+    and the fewest tiles an active program takes (short batches run on fewer programs)."""
+
+    tile: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+    min_tiles: int = 2
+
+
+# Tuned on an H100 with two sweeps (docs/kernel_notes.md). Triton's pipeliner spends one stage on the
+# block-table load, so each program keeps one K/V tile in flight whether num_stages is 3 or 4: the bytes in
+# flight per SM are programs x tile bytes. D=128: 128-token tiles (64 KB of K+V), 2 programs per SM (the
+# kernel needs ~200 registers a thread, so 2 are resident). D=64: 64-token tiles, 3 programs per SM.
+# min_tiles > 1 puts short batches on fewer programs, so fewer partials per output are merged. D=96 pads to
+# 128 and shares its config; D=256 is checked for correctness only (not tuned).
+_CONFIGS: dict[int, LeanConfig] = {
+    64: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=3, min_tiles=4),
+    96: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    128: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
+}
+_RED_CHUNK = 8  # partials merged per round trip by a reducer (8 x [16, 128] fp32 loads in flight)
+_MAX_GROUP = 64  # query heads per KV head accepted: the [GROUP_PAD, D] fp32 accumulator grows with it
+_INTERPRETER_PROGRAMS = 4  # programs when run under TRITON_INTERPRET (no SMs to fill; programs run serially)
+
+
+@dataclass
+class _Workspace:
+    """Scratch for split outputs, sized by the grid only (never by lengths), allocated once and reused
+    so a warmed-up call can be captured in a CUDA graph. Counters start at 0 and the reducer resets them."""
+
+    part_acc: torch.Tensor  # [2P, GROUP_PAD, BLOCK_D] fp32
+    part_ml: torch.Tensor  # [2P, 2, GROUP_PAD] fp32
+    counters: torch.Tensor  # [2P] int32
+
+
+_WORKSPACES: dict[tuple, _Workspace] = {}
+
+
+def _workspace(device: torch.device, num_programs: int, group_pad: int, block_d: int) -> _Workspace:
+    key = (device, num_programs, group_pad, block_d)
+    if key not in _WORKSPACES:
+        slots = 2 * num_programs
+        _WORKSPACES[key] = _Workspace(
+            part_acc=torch.empty(slots, group_pad, block_d, dtype=torch.float32, device=device),
+            part_ml=torch.empty(slots, 2, group_pad, dtype=torch.float32, device=device),
+            counters=torch.zeros(slots, dtype=torch.int32, device=device),
+        )
+    return _WORKSPACES[key]
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _default_programs(device: torch.device, config: LeanConfig) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count * config.programs_per_sm
+
+
+def _validate(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({k_cache.shape[3]}) differ")
+    if head_dim not in _CONFIGS:
+        raise ValueError(f"head_dim {head_dim} is not supported (supported: {sorted(_CONFIGS)})")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if num_q_heads // num_kv_heads > _MAX_GROUP:
+        raise ValueError(f"at most {_MAX_GROUP} query heads per KV head, got {num_q_heads // num_kv_heads}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim (stride 1 in the last dim)")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(
+            f"block_tables must be int32 [batch={batch}, max_blocks], got {block_tables.dtype} "
+            f"{tuple(block_tables.shape)}"
+        )
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dim")
+    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (batch,) or not seq_lens.is_contiguous():
+        raise ValueError(
+            f"seq_lens must be a contiguous int32 [batch={batch}], "
+            f"got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in head_dim")
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None,
+    out: torch.Tensor | None,
+    config: LeanConfig,
+    num_programs: int | None = None,
+) -> torch.Tensor:
+    """The launcher behind `lean_attention_decode` with explicit launch parameters; `num_programs`
+    overrides the grid (tests force a few programs so outputs split across 3+ of them; tuning sweeps)."""
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, out)
+    batch, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    block_d = triton.next_power_of_2(head_dim)
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    programs = num_programs or _default_programs(q.device, config)
+    ws = _workspace(q.device, programs, group_pad, block_d)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    _lean_decode_kernel[(programs,)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        ws.part_acc,
+        ws.part_ml,
+        ws.counters,
+        batch,
+        config.min_tiles,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE_SIZE=block_size,
+        TILE=config.tile,
+        BLOCK_B=max(2, triton.next_power_of_2(batch)),
+        # The interpreter computes bf16 tl.dot wrongly (triton issue 11584): upcast its operands there.
+        UPCAST=_interpreted(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        RED_CHUNK=_RED_CHUNK,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def lean_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token per sequence against its paged cache, in one persistent launch.
+
+    q: [B, Hq, D] fp16/bf16/fp32; k_cache, v_cache: [num_blocks, block_size, Hkv, D] same dtype;
+    block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0 gives a zero output); sm_scale defaults
+    to 1/sqrt(D); out: optional [B, Hq, D] buffer. Returns [B, Hq, D] in q's dtype. No host
+    synchronisation: after one warm-up call (which allocates the workspace) it can be captured in a
+    CUDA graph and replayed with new seq_lens and block tables.
+    """
+    config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
+    if config is None:
+        _validate(q, k_cache, v_cache, block_tables, seq_lens, out)  # raises the precise error
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, config)
