@@ -1,0 +1,319 @@
+"""The FastAPI app: OpenAI routes over an `AsyncEngine`, /health, /metrics. `create_app(settings,
+engine)` may get the engine later (`ServerState.engine`): until then /v1 routes and /health answer 503.
+Requests are validated and tokenized here; server/serving.py turns the engine's outputs into answers."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive, Scope, Send
+
+from server import metrics
+from server.errors import APIError, bad_request, install_error_handlers
+from server.middleware import STATUS_CLIENT_GONE, RequestMiddleware
+from server.protocol import (
+    ChatRequest,
+    ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from server.renderers import ChatRenderer, CompletionRenderer, Renderer
+from server.sampling_params import SamplingParams
+from server.serving import Admission, Job, RequestTracker, collect_response, stream_events
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engine import AsyncEngine
+
+_PARAM_IN_MESSAGE = re.compile(r"'(\w+)'")
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: AsyncEngine | None = None  # None while the model loads
+    load_error: str | None = None
+    draining: bool = False  # SIGTERM received: no new requests
+    started: int = field(default_factory=lambda: int(time.time()))
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings.max_queued_requests)
+
+    def unavailable(self) -> str | None:
+        """Why the server cannot take requests now (None when it can)."""
+        if self.load_error:
+            return f"the model failed to load: {self.load_error}"
+        if self.engine is None:
+            return "the model is still loading"
+        if self.draining:
+            return "the server is shutting down"
+        stats = self.engine.stats()
+        if not stats.loop_alive:
+            return f"the engine loop died: {stats.last_error}"
+        return None
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _ready_engine(request: Request, model: str | None) -> AsyncEngine:
+    state = _state(request)
+    if (reason := state.unavailable()) is not None:
+        raise APIError(503, reason, code="unavailable", headers={"Retry-After": "5"})
+    assert state.engine is not None
+    if model is not None and model != state.engine.model_name:
+        raise APIError(404, f"model '{model}' does not exist", param="model", code="model_not_found")
+    return state.engine
+
+
+def _sampling_params(
+    request: CompletionRequest | ChatRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    vocab: int,
+    max_tokens_name: str = "max_tokens",
+) -> SamplingParams:
+    """SamplingParams from the request; its ValueError names the parameter, which we pass on (under
+    the name the client used for max_tokens)."""
+    given = {
+        name: getattr(request, name)
+        for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty")
+        if getattr(request, name) is not None
+    }
+    if request.repetition_penalty is not None:
+        given["repetition_penalty"] = request.repetition_penalty
+    if request.top_k is not None:
+        given["top_k"] = min(request.top_k, vocab)  # k >= vocab keeps everything, as k = 0 does
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    stop_ids = request.stop_token_ids or []
+    if any(not 0 <= t < vocab for t in stop_ids):
+        raise bad_request(f"stop_token_ids must lie in [0, {vocab})", "stop_token_ids")
+    try:
+        return SamplingParams(
+            n=request.n,
+            max_tokens=max_tokens,
+            stop=stop,
+            stop_token_ids=stop_ids,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+            **given,
+        )
+    except ValueError as e:
+        match = _PARAM_IN_MESSAGE.search(str(e))
+        param = match.group(1) if match else None
+        raise bad_request(str(e), max_tokens_name if param == "max_tokens" else param) from e
+
+
+def _check_context(
+    prompt_len: int,
+    max_tokens: int,
+    max_model_len: int,
+    prompt_param: str,
+    max_tokens_name: str = "max_tokens",
+) -> None:
+    if prompt_len >= max_model_len:
+        raise bad_request(
+            f"the prompt is {prompt_len} tokens; the context holds {max_model_len} with the output",
+            prompt_param,
+        )
+    if prompt_len + max_tokens > max_model_len:
+        raise bad_request(
+            f"prompt ({prompt_len} tokens) + {max_tokens_name} ({max_tokens}) > context ({max_model_len})",
+            max_tokens_name,
+        )
+
+
+def _completion_prompt(request: CompletionRequest, engine: AsyncEngine) -> list[int]:
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise bad_request("batched prompts are not supported: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad_request("the prompt is empty", "prompt")
+    if isinstance(prompt, str):
+        return engine.tokenizer(prompt).input_ids
+    vocab = len(engine.tokenizer)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise bad_request(f"prompt token ids must lie in [0, {vocab})", "prompt")
+    return list(prompt)
+
+
+def _chat_prompt(request: ChatRequest, engine: AsyncEngine) -> list[int]:
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    try:
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template is the model's Jinja code: any error is about these messages
+        raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
+    return engine.tokenizer(text, add_special_tokens=False).input_ids
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _serve(
+    request: Request,
+    engine: AsyncEngine,
+    body: CompletionRequest | ChatRequest,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    renderer: Renderer,
+) -> Response:
+    """Admit, start in the engine and answer (stream or whole body)."""
+    state = _state(request)
+    if not state.admission.try_enter():
+        raise APIError(
+            429, "too many queued requests, retry later", code="queue_full", headers={"Retry-After": "1"}
+        )
+    request_id, arrival = request.state.request_id, request.state.arrival
+    tracker = RequestTracker(arrival, state.admission, request.state.log_fields)
+    engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        outputs = engine.add_request(engine_id, prompt_ids, params, arrival_time=arrival)
+    except Exception as e:
+        tracker.discard()  # it never started
+        if isinstance(e, ValueError):  # the engine's message for the client
+            raise bad_request(str(e)) from e
+        if state.draining or not engine.stats().loop_alive:  # the engine stopped admitting meanwhile
+            raise APIError(503, str(e), code="unavailable") from e
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    job = Job(engine, engine_id, request_id, engine.model_name, params.n, outputs, tracker, include_usage)
+    if body.stream:
+        events = stream_events(job, renderer, state.settings.sse_heartbeat_seconds)
+        return _SSEResponse(job, events)
+    try:
+        answer = await collect_response(job, renderer, _wait_disconnect(request))
+    finally:
+        job.abort()  # no-op if it finished; else the client went away or we failed: free its blocks
+    if answer is None:
+        return Response(status_code=STATUS_CLIENT_GONE)
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+class _SSEResponse(StreamingResponse):
+    """However the stream ends (done, client gone, error), closes the event generator at once and
+    aborts the request if it has not finished, also when the generator never started."""
+
+    def __init__(self, job: Job, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self.job.abort()
+
+
+router = APIRouter()
+
+
+def _responses(body: type) -> dict:
+    """What /docs shows for a generation route: the JSON body, the SSE alternative, the errors."""
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+    sse = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
+    return {200: {"model": body, "content": sse}, **errors}
+
+
+def _openapi_without_422(app: FastAPI):
+    """FastAPI documents a 422 for every body; ours answer 400 (ErrorResponse) instead."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+@router.post("/v1/completions", response_model=None, responses=_responses(CompletionResponse))
+async def completions(request: Request, body: CompletionRequest):
+    engine = _ready_engine(request, body.model)
+    if body.echo:
+        raise bad_request("echo is not supported", "echo")
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    prompt_ids = _completion_prompt(body, engine)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    params = _sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer))
+    _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "prompt")
+    return await _serve(request, engine, body, prompt_ids, params, CompletionRenderer())
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=_responses(ChatResponse))
+async def chat_completions(request: Request, body: ChatRequest):
+    engine = _ready_engine(request, body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    prompt_ids = _chat_prompt(body, engine)
+    name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    if max_tokens is None:  # OpenAI's default for chat: up to the end of the context
+        max_tokens = max(1, engine.max_model_len - len(prompt_ids))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
+    _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "messages", name)
+    return await _serve(request, engine, body, prompt_ids, params, ChatRenderer())
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> ModelList:
+    engine = _ready_engine(request, None)
+    card = ModelCard(
+        id=engine.model_name, created=_state(request).started, max_model_len=engine.max_model_len
+    )
+    return ModelList(data=[card])
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    if (reason := _state(request).unavailable()) is not None:
+        raise APIError(503, reason, code="unavailable")
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    engine = _state(request).engine
+    if engine is not None:  # gauges as of now, also when the engine loop is idle
+        stats = engine.stats()
+        metrics.num_requests_running.set(stats.num_running)
+        metrics.num_requests_waiting.set(stats.num_waiting)
+        metrics.kv_cache_usage.set(stats.kv_usage)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI:
+    """The app; `app.state.server` (ServerState) holds the engine, which may be set later."""
+    app = FastAPI(title="leanserve", version="0.1.0")
+    app.state.server = ServerState(settings, engine)
+    app.include_router(router)
+    install_error_handlers(app)
+    app.openapi = _openapi_without_422(app)
+    app.add_middleware(
+        RequestMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_request_body_bytes
+    )
+    return app

@@ -1,0 +1,224 @@
+"""Model runner: turns a scheduled step into device tensors, runs the model and returns the logits of
+the sequences that sample this step. Pure-decode steps on CUDA replay a graph captured per batch-size
+bucket (attention kernel, timer events and LM head inside); everything else runs eagerly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.attention import AttentionBatch, AttentionTimer
+from models.kv_cache import KVCache
+from models.llama import CausalLM
+from server.scheduler import SchedulerOutput
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to `max_batch` (fewer padded rows than powers of two beyond 8)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+@dataclass
+class _DecodeGraph:
+    graph: torch.cuda.CUDAGraph
+    timer: AttentionTimer | None
+    logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
+
+
+class ModelRunner:
+    """Owns the model, the KV cache (with one extra scratch block for padded graph rows) and the
+    static buffers of the decode graphs. `execute` returns logits [num_sampling, vocab] float32:
+    one row per prefill chunk that completes its sequence, then one per decode, in schedule order."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        use_cuda_graphs: bool,
+        time_attention: bool = True,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.kv_cache = KVCache(model.config, num_blocks + 1, block_size, dtype, device)
+        self.scratch_block = num_blocks
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.time_attention = time_attention
+        self._timer = AttentionTimer(device) if time_attention else None
+        self._last_timer: AttentionTimer | None = None
+        self._pin = device.type == "cuda"
+        self._graphs: dict[int, _DecodeGraph] = {}
+        self._buckets: list[int] = []
+        if use_cuda_graphs and device.type == "cuda":
+            self._capture_decode_graphs(min(max_num_seqs, 512))
+
+    # -- host -> device -----------------------------------------------------------------------------
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self._pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _block_table_array(self, tables: list[list[int]], rows: int) -> np.ndarray:
+        width = max((len(t) for t in tables), default=1) or 1
+        array = np.full((rows, width), self.scratch_block, dtype=np.int32)
+        for i, table in enumerate(tables):
+            array[i, : len(table)] = table
+        return array
+
+    def _slots(self, table: list[int], start: int, end: int) -> np.ndarray:
+        positions = np.arange(start, end)
+        return np.asarray(table, dtype=np.int64)[positions // self.block_size] * self.block_size + (
+            positions % self.block_size
+        )
+
+    # -- execution ----------------------------------------------------------------------------------
+    def execute(self, step: SchedulerOutput, tables: dict[int, list[int]]) -> torch.Tensor:
+        """Run one step. `tables` maps seq_id -> block table for every sequence in the step."""
+        if not step.prefills and len(step.decodes) <= (self._buckets[-1] if self._buckets else 0):
+            return self._replay_decode(step, tables)
+        return self._run_eager(step, tables)
+
+    def _run_eager(self, step: SchedulerOutput, tables: dict[int, list[int]]) -> torch.Tensor:
+        ids, positions, slots, logit_rows = [], [], [], []
+        cu, query_lens, context_lens = [0], [], []
+        for chunk in step.prefills:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            end = start + chunk.num_tokens
+            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            positions.append(np.arange(start, end, dtype=np.int64))
+            slots.append(self._slots(tables[seq.seq_id], start, end))
+            cu.append(cu[-1] + chunk.num_tokens)
+            query_lens.append(chunk.num_tokens)
+            context_lens.append(end)
+            if chunk.completes_prompt:
+                logit_rows.append(cu[-1] - 1)
+        num_prefill = cu[-1]
+        decode_lens = [len(seq.token_ids) for seq in step.decodes]
+        if step.decodes:
+            ids.append(np.asarray([seq.token_ids[-1] for seq in step.decodes], dtype=np.int64))
+            positions.append(np.asarray(decode_lens, dtype=np.int64) - 1)
+            slots.append(np.concatenate([self._slots(tables[s.seq_id], n - 1, n) for s, n in zip(
+                step.decodes, decode_lens, strict=True)]))  # fmt: skip
+            logit_rows.extend(range(num_prefill, num_prefill + len(step.decodes)))
+        prefill_tables = [tables[c.seq.seq_id] for c in step.prefills]
+        decode_tables = [tables[s.seq_id] for s in step.decodes]
+        batch = AttentionBatch(
+            slot_mapping=self._to_device(np.concatenate(slots)),
+            num_prefill_tokens=num_prefill,
+            prefill_cu_seqlens_q=self._to_device(np.asarray(cu, dtype=np.int32)),
+            prefill_context_lens=self._to_device(np.asarray(context_lens, dtype=np.int32)),
+            prefill_block_tables=self._to_device(
+                self._block_table_array(prefill_tables, len(prefill_tables))
+            ),
+            decode_block_tables=self._to_device(self._block_table_array(decode_tables, len(decode_tables))),
+            decode_seq_lens=self._to_device(np.asarray(decode_lens, dtype=np.int32)),
+            prefill_context_lens_host=context_lens,
+            prefill_query_lens_host=query_lens,
+            timer=self._timer,
+        )
+        if self._timer is not None:
+            self._timer.reset()
+        self._last_timer = self._timer
+        hidden = self.model(
+            self._to_device(np.concatenate(ids)),
+            self._to_device(np.concatenate(positions)),
+            batch,
+            self.kv_cache,
+        )
+        rows = self._to_device(np.asarray(logit_rows, dtype=np.int64))
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    # -- CUDA graphs for pure-decode steps ---------------------------------------------------------
+    def _capture_decode_graphs(self, max_batch: int) -> None:
+        n, width = max_batch, self.max_blocks_per_seq
+        dev = self.device
+        self._in_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._in_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._in_slots = torch.full((n,), self.scratch_block * self.block_size, dtype=torch.int64, device=dev)
+        self._in_tables = torch.full((n, width), self.scratch_block, dtype=torch.int32, device=dev)
+        self._in_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self._stage64 = torch.empty(3 * n, dtype=torch.int64).pin_memory()  # ids, positions, slots
+        self._stage32 = torch.empty(n * (width + 1), dtype=torch.int32).pin_memory()  # lens, block tables
+        empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
+        pool = torch.cuda.graph_pool_handle()
+        self._buckets = graph_buckets(max_batch)
+        for bucket in reversed(self._buckets):  # largest first: later graphs reuse its pool memory
+            timer = AttentionTimer(dev) if self.time_attention else None
+            batch = AttentionBatch(
+                slot_mapping=self._in_slots[:bucket],
+                num_prefill_tokens=0,
+                prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
+                prefill_context_lens=empty_i32,
+                prefill_block_tables=torch.zeros(0, width, dtype=torch.int32, device=dev),
+                decode_block_tables=self._in_tables[:bucket],
+                decode_seq_lens=self._in_lens[:bucket],
+                prefill_context_lens_host=[],
+                prefill_query_lens_host=[],
+                timer=None,
+            )
+
+            def run(batch=batch, n=bucket) -> torch.Tensor:
+                hidden = self.model(self._in_ids[:n], self._in_pos[:n], batch, self.kv_cache)
+                return self.model.compute_logits(hidden)
+
+            run()  # warm-up outside the graph: kernel compilation, workspace allocation
+            torch.cuda.synchronize()
+            batch.timer = timer
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = run()
+            self._graphs[bucket] = _DecodeGraph(graph, timer, logits)
+        torch.cuda.synchronize()
+
+    def _replay_decode(self, step: SchedulerOutput, tables: dict[int, list[int]]) -> torch.Tensor:
+        num = len(step.decodes)
+        bucket = next(b for b in self._buckets if b >= num)
+        bs = self.block_size
+        decode_tables = [tables[seq.seq_id] for seq in step.decodes]
+        width = max(len(t) for t in decode_tables)
+        # Inputs are written into persistent pinned buffers and copied from there straight into the
+        # graph's static inputs. Reusing them is safe: the previous step's copies were queued before its
+        # sampled ids, which the host has already received.
+        ids, pos, slots = self._stage64[: 3 * bucket].numpy().reshape(3, bucket)
+        stage32 = self._stage32[: bucket * (width + 1)]
+        lens, block_tables = stage32[:bucket].numpy(), stage32[bucket:].numpy().reshape(bucket, width)
+        lens.fill(1)
+        lens[:num] = [len(seq.token_ids) for seq in step.decodes]
+        ids.fill(0)
+        ids[:num] = [seq.token_ids[-1] for seq in step.decodes]
+        pos[:] = lens - 1
+        slots.fill(self.scratch_block * bs)
+        slots[:num] = [
+            t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(decode_tables, lens.tolist(), strict=False)
+        ]
+        block_tables.fill(self.scratch_block)
+        for i, table in enumerate(decode_tables):
+            block_tables[i, : len(table)] = table
+        stage64 = self._stage64[: 3 * bucket].view(3, bucket)
+        for dst, src in zip((self._in_ids, self._in_pos, self._in_slots), stage64, strict=True):
+            dst[:bucket].copy_(src, non_blocking=True)
+        self._in_lens[:bucket].copy_(stage32[:bucket], non_blocking=True)
+        self._in_tables[:bucket, :width].copy_(stage32[bucket:].view(bucket, width), non_blocking=True)
+        entry = self._graphs[bucket]
+        entry.graph.replay()
+        self._last_timer = entry.timer
+        return entry.logits[:num]
+
+    def attention_seconds(self) -> tuple[float, float]:
+        """(prefill, decode) attention seconds of the last step; call after the step's sync."""
+        return self._last_timer.result() if self._last_timer is not None else (0.0, 0.0)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (all layers, K and V), for forked sequences' private last blocks."""
+        if copies:
+            src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
+            self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]

@@ -1,0 +1,180 @@
+"""OpenAI bodies from engine outputs: a completion or chat renderer builds the stream chunk of one
+sample's delta and the whole response from the accumulated samples, logprobs and usage included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel
+
+from server.outputs import RequestOutput, SampleDelta, TokenLogprob
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatDelta,
+    ChatResponse,
+    ChatStreamChoice,
+    ChatStreamResponse,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from server.serving import Job
+
+
+def usage_of(out: RequestOutput) -> Usage:
+    return Usage(
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        total_tokens=out.prompt_tokens + out.completion_tokens,
+        attention_ms=out.attention_seconds * 1e3,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=out.cached_prompt_tokens),
+    )
+
+
+@dataclass
+class SampleTotal:
+    """One choice of a non-streaming answer, accumulated over the engine's deltas."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: SampleDelta) -> None:
+        self.text.append(delta.text)
+        if delta.logprobs is not None:
+            self.logprobs = self.logprobs or []
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+def has_news(delta: SampleDelta) -> bool:
+    """Whether a sample's delta is worth a stream chunk (text held back by the detokenizer still
+    counts: the token arrived)."""
+    return bool(delta.text or delta.token_ids or delta.finish_reason)
+
+
+class Renderer(Protocol):
+    def opening(self, job: Job) -> list[BaseModel]: ...
+    def chunk(self, job: Job, delta: SampleDelta) -> BaseModel: ...
+    def usage_chunk(self, job: Job, usage: Usage) -> BaseModel: ...
+    def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel: ...
+
+
+def _completion_logprobs(
+    job: Job, index: int, logprobs: list[TokenLogprob] | None
+) -> CompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    result = CompletionLogprobs()
+    offset = job.text_offsets.get(index, 0)
+    for lp in logprobs:
+        result.tokens.append(lp.token)
+        result.token_logprobs.append(lp.logprob)
+        result.top_logprobs.append({text: value for _, text, value in lp.top})
+        result.text_offset.append(offset)
+        offset += len(lp.token)
+    job.text_offsets[index] = offset
+    return result
+
+
+class CompletionRenderer:
+    def opening(self, job: Job) -> list[BaseModel]:
+        return []
+
+    def chunk(self, job: Job, delta: SampleDelta) -> BaseModel:
+        choice = CompletionChoice(
+            index=delta.index,
+            text=delta.text,
+            logprobs=_completion_logprobs(job, delta.index, delta.logprobs),
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+        )
+        return CompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=[choice])
+
+    def usage_chunk(self, job: Job, usage: Usage) -> BaseModel:
+        return CompletionResponse(
+            id=job.response_id, created=job.created, model=job.model, choices=[], usage=usage
+        )
+
+    def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
+        choices = [
+            CompletionChoice(
+                index=i,
+                text="".join(t.text),
+                logprobs=_completion_logprobs(job, i, t.logprobs),
+                finish_reason=t.finish_reason,
+                stop_reason=t.stop_reason,
+            )
+            for i, t in sorted(totals.items())
+        ]
+        return CompletionResponse(
+            id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
+        )
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None:
+    if logprobs is None:
+        return None
+    return ChatChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for _, t, v in lp.top],
+            )
+            for lp in logprobs
+        ]
+    )
+
+
+class ChatRenderer:
+    def _chunk(self, job: Job, choices: list[ChatStreamChoice], usage: Usage | None = None) -> BaseModel:
+        return ChatStreamResponse(
+            id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
+        )
+
+    def opening(self, job: Job) -> list[BaseModel]:
+        return [
+            self._chunk(job, [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(job.n)
+        ]
+
+    def chunk(self, job: Job, delta: SampleDelta) -> BaseModel:
+        choice = ChatStreamChoice(
+            index=delta.index,
+            delta=ChatDelta(content=delta.text if delta.text or not delta.finish_reason else None),
+            logprobs=_chat_logprobs(delta.logprobs),
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+        )
+        return self._chunk(job, [choice])
+
+    def usage_chunk(self, job: Job, usage: Usage) -> BaseModel:
+        return self._chunk(job, [], usage)
+
+    def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content="".join(t.text)),
+                logprobs=_chat_logprobs(t.logprobs),
+                finish_reason=t.finish_reason,
+                stop_reason=t.stop_reason,
+            )
+            for i, t in sorted(totals.items())
+        ]
+        return ChatResponse(
+            id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
+        )

@@ -1,0 +1,146 @@
+"""Continuous-batching scheduler: decides, every step, which sequences compute which tokens.
+
+FCFS over sequences. Each step spends a token budget: first one token per running decode (growing its
+block table; when the pool is empty the newest running sequence is preempted by recompute), then prefill
+chunks of running sequences, then new admissions, each chunked to what is left of the budget, so a long
+prompt never stalls decode. Pure bookkeeping: no tensors."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from models.block_manager import BlockManager
+from server.request import SeqStatus, Sequence
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    num_tokens: int  # tokens [seq.num_computed_tokens, + num_tokens) are computed this step
+
+    @property
+    def completes_prompt(self) -> bool:
+        """This chunk reaches the end of the sequence's tokens: the step samples its next token."""
+        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decodes: list[Sequence] = field(default_factory=list)  # one new token each (the last of token_ids)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefills) + len(self.decodes)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list (in admission order: the newest is last).
+    Invariant: a sequence has blocks exactly when it is running."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # 1. Decodes, oldest first; growing one may preempt the newest running sequences.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.num_uncomputed == 1:
+                while not self.block_manager.ensure_capacity(seq.seq_id, len(seq.token_ids)):
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    break  # it preempted itself: everything after it is gone too
+                out.decodes.append(seq)
+                budget -= 1
+            i += 1
+        # 2. Prefill chunks of running sequences, then 3. admissions, in the leftover budget.
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_uncomputed > 1:
+                out.prefills.append(PrefillChunk(seq, min(seq.num_uncomputed, budget)))
+                budget -= out.prefills[-1].num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            allocation = self.block_manager.allocate(seq.seq_id, seq.token_ids)
+            if allocation is None:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.num_computed_tokens = allocation.num_cached_tokens
+            if seq.index == 0 and not seq.output_token_ids:
+                seq.request.cached_prompt_tokens = allocation.num_cached_tokens
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.prefills.append(PrefillChunk(seq, min(seq.num_uncomputed, budget)))
+            budget -= out.prefills[-1].num_tokens
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Recompute preemption: drop the KV blocks, go back to the front of the queue."""
+        self.running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def step_done(self, out: SchedulerOutput) -> None:
+        """The step's forward pass succeeded: advance computed counts and publish full blocks to the
+        prefix cache."""
+        for chunk in out.prefills:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        for seq in out.decodes:
+            seq.num_computed_tokens += 1
+        for seq in [c.seq for c in out.prefills] + out.decodes:
+            if seq.status is SeqStatus.RUNNING:  # not ended by a stop string while the step ran
+                self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
+        """Start `child` from the parent's computed prompt, sharing its full blocks. Returns the block
+        copies to apply before the next step. Without room (seqs or blocks) the child waits at the front
+        of the queue and recomputes the prompt (prefix caching makes that cheap)."""
+        copies = None
+        if len(self.running) < self.max_num_seqs:
+            copies = self.block_manager.fork(parent.seq_id, child.seq_id, parent.num_prompt_tokens)
+        if copies is None:
+            child.status = SeqStatus.WAITING
+            self.waiting.appendleft(child)
+            return []
+        child.num_computed_tokens = parent.num_prompt_tokens
+        child.status = SeqStatus.RUNNING
+        self.running.append(child)
+        return copies
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence wherever it is and release its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+        elif seq in self.waiting:  # a sibling created by a failed step was never queued
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

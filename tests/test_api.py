@@ -1,0 +1,271 @@
+"""The OpenAI API against a real uvicorn server and the real engine on the tiny model, driven by the
+official `openai` client: both endpoints streaming and not, usage with attention_ms, n, logprobs, seeds,
+stop strings, request ids, heartbeats, the log line, and the settings (CLI > env > default)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from http_server import real_engine, serve, wait_until
+
+from server.cli import JsonLogFormatter, main
+from server.config import EngineConfig
+from server.settings import Settings, parse_settings
+
+PROMPT = "The quick brown fox jumps over"
+IGNORE_EOS = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    with real_engine(tiny_model_path, max_model_len=512) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with serve(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(engine):
+    return engine.model_name
+
+
+def _create(client, model, endpoint: str, **kwargs):
+    if endpoint == "completions":
+        return client.completions.create(model=model, prompt=PROMPT, **kwargs)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    return client.chat.completions.create(model=model, messages=messages, **kwargs)
+
+
+def _text(choice) -> str:
+    return choice.text if hasattr(choice, "text") else choice.message.content
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stream_equals_non_stream_and_usage_has_attention(client, model, endpoint):
+    whole = _create(client, model, endpoint, max_tokens=12, temperature=0, extra_body=IGNORE_EOS)
+    assert whole.choices[0].finish_reason == "length"
+    assert (whole.usage.completion_tokens, whole.usage.prompt_tokens > 3) == (12, True)
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+    assert whole.usage.attention_ms > 0
+
+    chunks = list(
+        _create(
+            client,
+            model,
+            endpoint,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=IGNORE_EOS,
+        )
+    )
+    pieces = [
+        c.choices[0].text if endpoint == "completions" else c.choices[0].delta.content for c in chunks[:-1]
+    ]
+    assert "".join(p or "" for p in pieces) == _text(whole.choices[0])
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 12
+    assert usage_chunk.usage.attention_ms > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_stream_opens_with_the_assistant_role(client, model):
+    chunks = list(_create(client, model, "chat", max_tokens=3, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.usage is None for c in chunks)  # no usage chunk unless asked
+
+
+def test_prompt_as_token_ids(client, model, engine):
+    ids = engine.tokenizer(PROMPT).input_ids
+    by_ids = client.completions.create(
+        model=model, prompt=ids, max_tokens=6, temperature=0, extra_body=IGNORE_EOS
+    )
+    by_text = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=6, temperature=0, extra_body=IGNORE_EOS
+    )
+    one_of_list = client.completions.create(
+        model=model, prompt=[PROMPT], max_tokens=6, temperature=0, extra_body=IGNORE_EOS
+    )
+    assert by_ids.choices[0].text == by_text.choices[0].text == one_of_list.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_chat_stream_with_n_choices(client, model):
+    chunks = list(
+        _create(client, model, "chat", n=2, max_tokens=5, stream=True, seed=1, extra_body=IGNORE_EOS)
+    )
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason}
+    assert finished == {0: "length", 1: "length"}
+    roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+
+
+def test_n_samples_with_completion_logprobs(client, model):
+    r = client.completions.create(
+        model=model, prompt=PROMPT, n=3, max_tokens=5, logprobs=2, seed=5, extra_body=IGNORE_EOS
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 15
+    for choice in r.choices:
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+        assert all(v <= 0 for v in lp.token_logprobs)
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+        assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_chat_logprobs_and_top_logprobs(client, model):
+    r = _create(client, model, "chat", max_tokens=4, logprobs=True, top_logprobs=3, extra_body=IGNORE_EOS)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert bytes(entry.bytes).decode() == entry.token
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_seed_makes_sampling_reproducible(client, model, endpoint):
+    texts = {
+        _text(_create(client, model, endpoint, max_tokens=10, temperature=1.0, seed=123).choices[0])
+        for _ in range(2)
+    }
+    assert len(texts) == 1
+
+
+def test_stop_string_ends_the_text_before_it(client, model):
+    greedy = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=24, temperature=0, extra_body=IGNORE_EOS
+    )
+    text = greedy.choices[0].text
+    middle = len(text) // 2
+    stop = text[middle : middle + 3]
+    assert stop.strip(), f"greedy text too short to pick a stop string: {text!r}"
+    stopped = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop], extra_body=IGNORE_EOS
+    )
+    assert stopped.choices[0].text == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == stop
+
+
+def test_request_id_is_honoured_echoed_and_used_as_response_id(client, model):
+    raw = client.completions.with_raw_response.create(
+        model=model, prompt=PROMPT, max_tokens=2, extra_headers={"X-Request-Id": "client-id-42"}
+    )
+    assert raw.headers["x-request-id"] == "client-id-42"
+    assert raw.parse().id == "client-id-42"
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert raw.parse().id == raw.headers["x-request-id"] and raw.parse().id.startswith("chatcmpl-")
+
+
+def test_models_and_health(base_url, client, model, engine):
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [model]
+    assert listed[0].model_extra["max_model_len"] == engine.max_model_len == 512
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+
+
+def test_openapi_schema_documents_our_errors_not_422(base_url):
+    schema = httpx.get(f"{base_url}/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"400", "401", "404", "429"} <= set(responses)
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        assert "text/event-stream" in responses["200"]["content"]
+    assert "attention_ms" in schema["components"]["schemas"]["Usage"]["properties"]
+
+
+def test_heartbeats_keep_quiet_streams_alive(engine, model):
+    with serve(engine, sse_heartbeat_seconds=0.0002) as url:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 24, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert ": keep-alive" in lines
+        assert lines[-1] == "data: [DONE]"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, stream=True))
+        assert chunks and all(c.object == "text_completion" for c in chunks)
+
+
+def test_one_log_line_per_request_text_and_json(client, model, caplog):
+    with caplog.at_level(logging.INFO, logger="leanserve.access"):
+        client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=3,
+            extra_headers={"X-Request-Id": "log-me"},
+            extra_body=IGNORE_EOS,
+        )
+        # The line is written once the response is sent, so it may come a moment after the client has it.
+        logged = lambda: [r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "log-me"]
+        assert wait_until(lambda: len(logged()) == 1)
+    records = logged()
+    fields_ = records[0].fields
+    assert (fields_["status"], fields_["completion_tokens"], fields_["finish_reason"]) == (200, 3, "length")
+    assert (
+        fields_["ttft_ms"] > 0 and fields_["latency_ms"] >= fields_["ttft_ms"] and fields_["attention_ms"] > 0
+    )
+    assert "request_id=log-me" in records[0].getMessage()
+    assert json.loads(JsonLogFormatter().format(records[0]))["request_id"] == "log-me"
+
+
+def test_health_and_routes_answer_503_while_loading():
+    with serve(None) as url:
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "loading" in health.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"]
+
+
+# -- settings: command line over LEANSERVE_* environment over defaults --------------------------------
+
+
+def test_cli_beats_env_beats_default(monkeypatch):
+    monkeypatch.setenv("LEANSERVE_PORT", "9001")
+    monkeypatch.setenv("LEANSERVE_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("LEANSERVE_ENFORCE_EAGER", "true")
+    settings = parse_settings(["--port", "9002", "--no-enable-prefix-caching", "--api-key", "k"])
+    assert (settings.port, settings.max_num_seqs, settings.enforce_eager) == (9002, 7, True)
+    assert (settings.enable_prefix_caching, settings.api_key, settings.block_size) == (False, "k", 16)
+    config = settings.engine_config()
+    assert isinstance(config, EngineConfig) and (config.max_num_seqs, config.enable_prefix_caching) == (
+        7,
+        False,
+    )
+
+
+def test_cli_rejects_bad_engine_settings_before_starting():
+    with pytest.raises(SystemExit, match="block_size"):
+        main(["--block-size", "3"])
+
+
+def test_engine_defaults_come_from_engine_config():
+    settings, config = Settings(), EngineConfig()
+    assert settings.engine_config() == config
+    assert {f.name for f in fields(EngineConfig)} <= set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_option_is_documented(name):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    assert f"--{name.replace('_', '-')}" in doc and f"LEANSERVE_{name.upper()}" in doc

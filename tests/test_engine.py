@@ -1,0 +1,250 @@
+"""Engine end to end on a tiny random Llama (fp32, greedy): batching, chunked prefill, preemption, n > 1,
+prefix caching, abort, stop conditions, step failures and the async streaming wrapper. Every test ends
+with the KV pool all free. On a GPU the same tests run with CUDA graphs, plus eager-vs-graph equality."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from server import engine as engine_module
+from server.config import EngineConfig
+from server.engine import AsyncEngine, LLMEngine
+from server.sampling_params import SamplingParams
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPT_LENS = [1, 5, 17, 33, 40, 64]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def make_engine(tiny_model_path):
+    made: dict[tuple, LLMEngine] = {}
+
+    def make(**overrides) -> LLMEngine:
+        settings = dict(model=str(tiny_model_path), device=DEVICE, dtype="float32", kv_cache_tokens=4096)
+        settings |= dict(max_num_seqs=16) | overrides
+        key = tuple(sorted(settings.items()))
+        if key not in made:
+            made[key] = LLMEngine.from_config(EngineConfig(**settings))
+        return made[key]
+
+    # Several engines live side by side here: on a GPU size their pools like on CPU (kv_cache_tokens)
+    # instead of each taking 90% of the card.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            engine_module, "_num_kv_blocks", lambda config, *_: config.kv_cache_tokens // config.block_size
+        )
+        yield make
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(n)] for n in PROMPT_LENS]
+
+
+def greedy(max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    """Add every request, step until done; returns request id -> final-state dict, checks the pool."""
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    final = {}
+    while engine.has_work:
+        for out in engine.step():
+            for sample in out.samples:
+                tokens.setdefault((out.request_id, sample.index), []).extend(sample.token_ids)
+            if out.finished:
+                final[out.request_id] = out
+    assert_pool_free(engine)
+    return {
+        rid: (final[rid], [tokens.get((rid, i), []) for i in range(p.n)]) for rid, (_, p) in requests.items()
+    }
+
+
+def assert_pool_free(engine: LLMEngine) -> None:
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.pool.num_blocks
+    assert not engine.requests
+
+
+@pytest.fixture(scope="module")
+def reference(make_engine) -> list[list[int]]:
+    """Greedy tokens of each prompt run alone."""
+    engine = make_engine()
+    return [run_all(engine, {"solo": (p, greedy())})["solo"][1][0] for p in prompts()]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_num_batched_tokens=2048),
+        dict(max_num_batched_tokens=16),  # chunked prefill beside decodes
+        dict(kv_cache_tokens=96, block_size=8, max_num_batched_tokens=32),  # 12 blocks: preemption
+        dict(enforce_eager=True, enable_prefix_caching=False),
+    ],
+    ids=["batched", "chunked", "preempting", "eager-no-prefix-cache"],
+)
+def test_batched_decoding_matches_one_at_a_time(make_engine, reference, settings):
+    engine = make_engine(**settings)
+    preemptions = engine.scheduler.num_preemptions
+    results = run_all(engine, {f"r{i}": (p, greedy()) for i, p in enumerate(prompts())})
+    for i, expected in enumerate(reference):
+        out, (tokens,) = results[f"r{i}"]
+        assert tokens == expected, f"prompt {i} (len {PROMPT_LENS[i]})"
+        assert out.samples[-1].finish_reason == "length" and out.completion_tokens == MAX_TOKENS
+        assert out.attention_seconds > 0
+    if "kv_cache_tokens" in settings:
+        assert engine.scheduler.num_preemptions > preemptions
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_samples_share_prompt_blocks(make_engine, reference, prefix_caching):
+    engine = make_engine(enable_prefix_caching=prefix_caching)
+    prompt = prompts()[4]  # 40 tokens: two full blocks and a partial one
+    engine.add_request("n3", prompt, greedy(n=3))
+    while all(s.num_computed_tokens < len(prompt) for s in engine.requests["n3"].sequences):
+        engine.step()
+    seqs = engine.requests["n3"].sequences
+    tables = [engine.block_manager.block_table(s.seq_id) for s in seqs]
+    assert len(seqs) == 3
+    assert all(t[:2] == tables[0][:2] for t in tables), "full prompt blocks are shared"
+    assert len({t[2] for t in tables}) == 3, "each sample owns a copy of the partial last block"
+    while engine.has_work:
+        engine.step()
+    assert_pool_free(engine)
+    results = run_all(engine, {"again": (prompt, greedy(n=3))})
+    out, samples = results["again"]
+    assert samples == [reference[4]] * 3 and out.completion_tokens == 3 * MAX_TOKENS
+
+
+def test_repeated_prompt_hits_prefix_cache(make_engine, reference):
+    engine = make_engine()
+    prompt = prompts()[5]  # 64 tokens
+    first = run_all(engine, {"a": (prompt, greedy())})["a"]
+    hits = engine.block_manager.prefix_hits
+    metric_hits = REGISTRY.get_sample_value("leanserve_prefix_cache_hits_total")
+    second = run_all(engine, {"b": (prompt, greedy())})["b"]
+    assert second[0].cached_prompt_tokens == 48  # three full blocks; the last token is always computed
+    assert engine.block_manager.prefix_hits - hits == 48
+    assert REGISTRY.get_sample_value("leanserve_prefix_cache_hits_total") - metric_hits == 48
+    assert first[1] == second[1] == [reference[5]]
+
+
+def test_attention_time_is_split_by_kv_tokens(make_engine, monkeypatch):
+    engine = make_engine()
+    for request_id, prompt in (("short", prompts()[1]), ("long", prompts()[5])):
+        engine.add_request(request_id, prompt, greedy())
+    engine.step()  # both prompts
+    requests = {rid: engine.requests[rid] for rid in ("short", "long")}
+    before = {rid: r.attention_seconds for rid, r in requests.items()}
+    kv_tokens = {rid: len(r.sequences[0].token_ids) for rid, r in requests.items()}
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "attention_seconds", lambda: (0.0, 1.0))  # 1 s of decode attention
+        engine.step()  # one decode each
+    got = {rid: r.attention_seconds - before[rid] for rid, r in requests.items()}
+    assert got["short"] + got["long"] == pytest.approx(1.0)
+    assert got["short"] / got["long"] == pytest.approx(kv_tokens["short"] / kv_tokens["long"])
+    while engine.has_work:
+        engine.step()
+    assert_pool_free(engine)
+
+
+def test_abort_frees_blocks(make_engine):
+    engine = make_engine()
+    for i, prompt in enumerate(prompts()[3:]):
+        engine.add_request(f"x{i}", prompt, greedy(max_tokens=50))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.pool.num_blocks
+    out = engine.abort("x1")[-1]
+    assert out.request_id == "x1" and out.finished and out.samples[0].finish_reason == "abort"
+    assert engine.abort("x1") == []  # idempotent
+    for i in (0, 2):
+        engine.abort(f"x{i}")
+    assert_pool_free(engine)
+
+
+def test_stop_token_and_stop_string(make_engine, reference):
+    engine = make_engine()
+    prompt, expected = prompts()[2], reference[2]
+    stop_id = expected[4]
+    first = expected.index(stop_id)
+    out, (tokens,) = run_all(engine, {"s": (prompt, greedy(stop_token_ids=[stop_id]))})["s"]
+    assert tokens == expected[: first + 1]
+    assert out.samples[-1].finish_reason == "stop" and out.samples[-1].stop_reason == stop_id
+    text = engine.tokenizer.decode(expected)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    engine.add_request("t", prompt, greedy(stop=[stop]))
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    assert_pool_free(engine)
+    assert outputs[-1].samples[-1].finish_reason == "stop" and outputs[-1].samples[-1].stop_reason == stop
+    text, full = "".join(s.text for o in outputs for s in o.samples), engine.tokenizer.decode(expected)
+    assert text == full[: full.index(stop)]
+
+
+def test_failing_step_fails_only_its_requests(make_engine, reference, monkeypatch):
+    engine = make_engine()
+    engine.add_request("doomed", prompts()[1], greedy())
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "execute", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        outputs = engine.step()
+    assert [o.request_id for o in outputs] == ["doomed"]
+    assert outputs[0].finished and outputs[0].error == "RuntimeError: boom"
+    assert outputs[0].samples[0].finish_reason == "error"
+    assert_pool_free(engine)
+    assert run_all(engine, {"ok": (prompts()[1], greedy())})["ok"][1] == [reference[1]]
+
+
+def test_too_long_request_is_rejected(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request("long", [1] * 2000, greedy(max_tokens=100))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", [], greedy())
+
+
+def test_async_engine_streams_deltas_and_aborts(make_engine, reference):
+    engine = make_engine()
+    async_engine = AsyncEngine(engine, "tiny")
+    async_engine.start()
+
+    async def main():
+        deltas = []
+        async for out in async_engine.add_request("s", prompts()[3], greedy()):
+            deltas.append(out)
+        stream = async_engine.add_request("cut", prompts()[4], greedy(max_tokens=500))
+        async for _ in stream:
+            break
+        await stream.aclose()  # the consumer goes away: the request is aborted
+        for _ in range(200):
+            if not engine.requests:
+                break
+            await asyncio.sleep(0.01)
+        await async_engine.shutdown(grace_seconds=1.0)
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert len(deltas) > 1 and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    assert [t for d in deltas for s in d.samples for t in s.token_ids] == reference[3]
+    assert not async_engine.stats().loop_alive
+    assert_pool_free(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_matches_eager(make_engine):
+    graph, eager = make_engine(), make_engine(enforce_eager=True)
+    assert graph.runner._graphs and not eager.runner._graphs
+    requests = {f"g{i}": (p, greedy(max_tokens=24)) for i, p in enumerate(prompts(seed=1))}
+    a, b = run_all(graph, requests), run_all(eager, requests)
+    assert {k: v[1] for k, v in a.items()} == {k: v[1] for k, v in b.items()}

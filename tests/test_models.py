@@ -1,0 +1,399 @@
+"""Our Llama-family forward over the paged KV cache against HF transformers (fp32, CPU): greedy tokens
+and logits, with prefill in one chunk or several, decode token by token, mixed prefill + decode steps
+and batched decode of mixed lengths; plus loading (sharded, dummy, errors) and the attention timer."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from models.attention import AttentionBatch, AttentionTimer
+from models.kv_cache import KVCache
+from models.llama import CausalLM
+from models.loader import load_model, resolve_dtype
+
+NEW_TOKENS = 32
+BLOCK_SIZE = 4  # small, so that prompts span several non-contiguous pages
+PROMPTS = ["def fibonacci(n):", "Once upon a time, in a land far away, there lived a"]
+
+
+def hf_greedy(model_dir, prompt_ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    """HF transformers' greedy continuation (its own KV cache), EOS not treated specially."""
+    hf = _hf_model(model_dir)
+    ids = torch.tensor([prompt_ids])
+    out, past = [], None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            result = hf(ids, cache=past, use_cache=True)
+            past = result.past_key_values
+            ids = result.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(ids))
+    return out
+
+
+_HF_MODELS: dict = {}
+
+
+def _hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    if model_dir not in _HF_MODELS:
+        _HF_MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _HF_MODELS[model_dir]
+
+
+@dataclass
+class Seq:
+    """One sequence of the test-local greedy loop: its tokens and its pages in the cache."""
+
+    tokens: list[int]
+    prompt_len: int
+    start_step: int = 0
+    num_cached: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class GreedyRunner:
+    """A minimal stand-in for the engine's model runner: pages from a shuffled free list, each step
+    prefill chunks first then one decode token per sequence whose prompt is cached."""
+
+    def __init__(self, model: CausalLM, num_blocks: int = 256, timer: AttentionTimer | None = None):
+        self.model = model
+        self.device = model.embed_weight.device
+        self.cache = KVCache(model.config, num_blocks, BLOCK_SIZE, model.embed_weight.dtype, self.device)
+        self.free = list(range(num_blocks))
+        random.Random(0).shuffle(self.free)
+        self.timer = timer
+
+    def _slots(self, seq: Seq, count: int) -> list[int]:
+        positions = range(seq.num_cached, seq.num_cached + count)
+        while len(seq.blocks) * BLOCK_SIZE < positions[-1] + 1:
+            seq.blocks.append(self.free.pop())
+        return [seq.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in positions]
+
+    def step(self, prefill: list[tuple[Seq, int]], decode: list[Seq]) -> torch.Tensor:
+        """Run one forward; returns the hidden rows [T, H] (prefill chunk tokens, then decode tokens)."""
+        ids, positions, slots = [], [], []
+        for seq, count in [*prefill, *((s, 1) for s in decode)]:
+            ids += seq.tokens[seq.num_cached : seq.num_cached + count]
+            positions += range(seq.num_cached, seq.num_cached + count)
+            slots += self._slots(seq, count)
+        query_lens = [count for _, count in prefill]
+        context_lens = [seq.num_cached + count for seq, count in prefill]
+        width = max([len(s.blocks) for s, _ in prefill] + [len(s.blocks) for s in decode] + [1])
+
+        def tensor(values, dtype=torch.int32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        def tables(seqs: list[Seq]) -> torch.Tensor:
+            return tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs]).view(len(seqs), width)
+
+        batch = AttentionBatch(
+            slot_mapping=tensor(slots, torch.int64),
+            num_prefill_tokens=sum(query_lens),
+            prefill_cu_seqlens_q=tensor([0, *itertools.accumulate(query_lens)]),
+            prefill_context_lens=tensor(context_lens),
+            prefill_block_tables=tables([s for s, _ in prefill]),
+            decode_block_tables=tables(decode),
+            decode_seq_lens=tensor([s.num_cached + 1 for s in decode]),
+            prefill_context_lens_host=context_lens,
+            prefill_query_lens_host=query_lens,
+            timer=self.timer,
+        )
+        with torch.inference_mode():
+            hidden = self.model(tensor(ids, torch.int64), tensor(positions, torch.int64), batch, self.cache)
+        for seq, count in [*prefill, *((s, 1) for s in decode)]:
+            seq.num_cached += count
+        return hidden
+
+    def generate(
+        self, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, chunk: int = 1 << 30, stagger: int = 0
+    ) -> list[list[int]]:
+        """Greedy: each prompt prefilled in chunks of `chunk` tokens, sequence i joining at step
+        i * stagger, then decoded together with the others (mixed prefill + decode steps)."""
+        seqs = [Seq(list(p), len(p), start_step=i * stagger) for i, p in enumerate(prompts)]
+        step = 0
+        while any(len(s.generated) < new_tokens for s in seqs):
+            active = [s for s in seqs if s.start_step <= step and len(s.generated) < new_tokens]
+            prefill = [
+                (s, min(chunk, s.prompt_len - s.num_cached)) for s in active if s.num_cached < s.prompt_len
+            ]
+            decode = [s for s in active if s.num_cached >= s.prompt_len]
+            if prefill or decode:
+                hidden = self.step(prefill, decode)
+                rows, samplers, end = [], [], 0
+                for seq, count in prefill:
+                    end += count
+                    if seq.num_cached == seq.prompt_len:  # the prompt is complete: sample its first token
+                        rows.append(end - 1)
+                        samplers.append(seq)
+                rows += range(end, end + len(decode))
+                samplers += decode
+                with torch.inference_mode():
+                    next_ids = self.model.compute_logits(hidden[rows]).argmax(-1).tolist()
+                for seq, token in zip(samplers, next_ids, strict=True):
+                    seq.tokens.append(token)
+            step += 1
+        return [s.generated for s in seqs]
+
+
+def _encode(model_dir, prompts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_factory):
+    """kind -> (model dir, our fp32 CPU model, prompt ids, HF greedy continuations)."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            path = tiny_model_factory(kind)
+            prompts = _encode(path, PROMPTS)
+            expected = [hf_greedy(path, p) for p in prompts]
+            cache[kind] = (path, load_model(path, torch.float32, "cpu"), prompts, expected)
+        return cache[kind]
+
+    return get
+
+
+KINDS = ["llama", "llama3", "qwen2", "qwen3"]
+# (chunk, stagger, batched): whole prompts one sequence at a time; chunked prefill over cached prefix
+# pages; all prompts together, joining two steps apart, so steps mix prefill chunks and decode tokens
+# and decode batches hold sequences of different lengths.
+MODES = {"one-chunk": (1 << 30, 0, False), "chunked": (3, 0, False), "batched-mixed": (3, 2, True)}
+CASES = [(kind, mode) for kind in KINDS for mode in MODES if mode != "chunked" or kind == "llama"]
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES)
+def test_greedy_matches_hf(loaded, kind, mode):
+    chunk, stagger, batched = MODES[mode]
+    _, model, prompts, expected = loaded(kind)
+    if batched:
+        got = GreedyRunner(model).generate(prompts, chunk=chunk, stagger=stagger)
+    else:
+        got = [GreedyRunner(model).generate([p], chunk=chunk)[0] for p in prompts]
+    assert got == expected
+    assert len({tuple(e) for e in expected}) > 1  # the continuations are not degenerate
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_logits_match_hf(loaded, kind):
+    path, model, prompts, _ = loaded(kind)
+    prompt = prompts[1]
+    runner = GreedyRunner(model)
+    hidden = runner.step([(Seq(list(prompt), len(prompt)), len(prompt))], [])
+    with torch.inference_mode():
+        ours = model.compute_logits(hidden)
+        theirs = _hf_model(path)(torch.tensor([prompt])).logits[0]
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_mistral_logits_match_hf(tiny_model_factory, tmp_path):
+    """Mistral is Llama under another name: the tiny Llama's weights under a Mistral config."""
+    src = tiny_model_factory("llama")
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_model(tmp_path, torch.float32, "cpu")
+    assert model.config.architecture == "MistralForCausalLM"
+    prompt = _encode(tmp_path, PROMPTS[1:])[0]
+    hidden = GreedyRunner(model).step([(Seq(list(prompt), len(prompt)), len(prompt))], [])
+    with torch.inference_mode():
+        theirs = _hf_model(tmp_path)(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(model.compute_logits(hidden), theirs, rtol=1e-4, atol=1e-4)
+    assert type(_hf_model(tmp_path)).__name__ == "MistralForCausalLM"
+
+
+def test_smollm2_greedy_matches_hf(default_model_path):
+    model = load_model(default_model_path, torch.float32, "cpu")
+    prompts = _encode(default_model_path, PROMPTS)
+    expected = [hf_greedy(default_model_path, p) for p in prompts]
+    assert GreedyRunner(model).generate(prompts, chunk=5, stagger=1) == expected
+
+
+def test_sharded_checkpoint_loads_like_single_file(tiny_model_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_factory("qwen2")
+    AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path, max_shard_size="1MB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    single, sharded = load_model(path, torch.float32, "cpu"), load_model(tmp_path, torch.float32, "cpu")
+    for (name, a), (_, b) in zip(single.named_parameters(), sharded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_dummy_load_needs_only_config(tiny_model_factory, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_model_factory("llama3") / "config.json").read_text())
+    model = load_model(tmp_path, torch.bfloat16, "cpu", load_format="dummy")
+    assert model.embed_weight.dtype == torch.bfloat16
+    tokens = GreedyRunner(model).generate([[1, 2, 3, 4, 5]], new_tokens=4)[0]
+    assert len(tokens) == 4
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_missing_tensor_is_an_error(tiny_model_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model_factory("llama")
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(ValueError, match="up_proj"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_wrong_shape_and_unknown_load_format_are_errors(tiny_model_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="load_format 'gguf'"):
+        load_model(src, torch.float32, "cpu", load_format="gguf")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"].t()
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "model.safetensors")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"up_proj\.weight: checkpoint shape"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "expected"),
+    [
+        ("auto", "cuda", torch.bfloat16),
+        ("auto", "cpu", torch.bfloat16),  # measured: docs/cpu_dtype.md
+        ("float32", "cuda", torch.float32),
+        ("bfloat16", "cpu", torch.bfloat16),
+        ("float16", "cpu", torch.float16),
+    ],
+)
+def test_resolve_dtype(name, device, expected):
+    assert resolve_dtype(name, device) == expected
+
+
+def test_resolve_dtype_rejects_unknown():
+    with pytest.raises(ValueError, match="int8"):
+        resolve_dtype("int8", "cpu")
+
+
+def test_kv_cache_layout(tiny_model_factory):
+    model = load_model(tiny_model_factory("llama3"), torch.float32, "cpu", load_format="dummy")
+    cache = KVCache(model.config, num_blocks=7, block_size=16, dtype=torch.bfloat16, device="cpu")
+    cfg = model.config
+    assert len(cache.k) == len(cache.v) == cfg.num_layers
+    assert cache.k[1].shape == (7, 16, cfg.num_kv_heads, cfg.head_dim) and cache.k[1].is_contiguous()
+    total = cache.data.numel() * cache.data.element_size()
+    assert KVCache.bytes_per_block(cfg, 16, torch.bfloat16) * 7 == total
+
+
+def test_cpu_timer_splits_prefill_and_decode(loaded):
+    _, model, prompts, _ = loaded("llama")
+    timer = AttentionTimer(torch.device("cpu"))
+    runner = GreedyRunner(model, timer=timer)
+    seq = Seq(list(prompts[0]), len(prompts[0]))
+    runner.step([(seq, seq.prompt_len)], [])
+    prefill, decode = timer.result()
+    assert prefill > 0 and decode == 0
+    timer.reset()
+    seq.tokens.append(7)
+    runner.step([], [seq])
+    prefill, decode = timer.result()
+    assert prefill == 0 and decode > 0
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gpu_fp32_greedy_matches_hf(loaded, kind):
+    path, _, prompts, expected = loaded(kind)
+    model = load_model(path, torch.float32, "cuda")
+    assert GreedyRunner(model).generate(prompts, chunk=3, stagger=2) == expected
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_decode_step_replays_in_cuda_graph_with_timer(tiny_model_factory):
+    """The decode forward (Triton kernel included) captured once with AttentionBatch tensors as static
+    buffers gives the eager result on every replay with new lengths, and its timer (events recorded
+    during capture) reports the replay's attention time."""
+    model = load_model(tiny_model_factory("llama3"), torch.bfloat16, "cuda")
+    runner = GreedyRunner(model)
+    seqs = [Seq(list(range(3, 3 + n)), n) for n in (5, 17, 30)]
+    for seq in seqs:
+        runner.step([(seq, seq.prompt_len)], [])
+        seq.tokens.append(11)
+    width = 16
+    static = {
+        "ids": torch.zeros(len(seqs), dtype=torch.int64, device="cuda"),
+        "positions": torch.zeros(len(seqs), dtype=torch.int64, device="cuda"),
+        "slots": torch.zeros(len(seqs), dtype=torch.int64, device="cuda"),
+        "tables": torch.zeros(len(seqs), width, dtype=torch.int32, device="cuda"),
+        "lens": torch.ones(len(seqs), dtype=torch.int32, device="cuda"),
+    }
+    timer = AttentionTimer(torch.device("cuda"))
+
+    def fill() -> None:
+        slots = [runner._slots(s, 1)[0] for s in seqs]
+        static["ids"].copy_(torch.tensor([s.tokens[s.num_cached] for s in seqs]))
+        static["positions"].copy_(torch.tensor([s.num_cached for s in seqs]))
+        static["slots"].copy_(torch.tensor(slots))
+        static["tables"].copy_(torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs]))
+        static["lens"].copy_(torch.tensor([s.num_cached + 1 for s in seqs]))
+
+    none = torch.zeros(0, dtype=torch.int32, device="cuda")
+    batch = AttentionBatch(
+        slot_mapping=static["slots"],
+        num_prefill_tokens=0,
+        prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device="cuda"),
+        prefill_context_lens=none,
+        prefill_block_tables=none.view(0, width),
+        decode_block_tables=static["tables"],
+        decode_seq_lens=static["lens"],
+        prefill_context_lens_host=[],
+        prefill_query_lens_host=[],
+    )
+
+    def forward() -> torch.Tensor:
+        return model(static["ids"], static["positions"], batch, runner.cache)
+
+    with torch.inference_mode():
+        fill()
+        forward()  # warm-up: compiles the kernel and allocates its workspace
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        batch.timer = timer
+        with torch.cuda.graph(graph):
+            hidden = forward()
+        batch.timer = None
+        for step in range(5):
+            fill()
+            eager = forward()
+            graph.replay()
+            torch.cuda.synchronize()
+            # bf16 default tolerances: cuBLAS may pick other algorithms under capture.
+            torch.testing.assert_close(hidden, eager)
+            prefill_s, decode_s = timer.result()
+            assert prefill_s == 0 and 0 < decode_s < 0.1, step
+            for seq in seqs:
+                seq.num_cached += 1
+                seq.tokens.append(11 + step)

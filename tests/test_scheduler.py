@@ -1,0 +1,98 @@
+"""Scheduler: decode before prefill under the token budget (chunked prefill), FCFS admission, the
+max_num_seqs cap, and recompute preemption of the newest running sequence when blocks run out."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.block_manager import BlockManager
+from server.outputs import RequestTimings
+from server.request import Request, SeqStatus, Sequence
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler, SchedulerOutput
+
+BS = 4
+
+
+def make_seq(prompt_len: int, start: int = 0) -> Sequence:
+    request = Request(
+        f"r{start}", list(range(start, start + prompt_len)), SamplingParams(), RequestTimings(0.0)
+    )
+    seq = Sequence(request, 0, list(request.prompt_token_ids), detokenizer=None)
+    request.sequences.append(seq)
+    return seq
+
+
+def run_step(scheduler: Scheduler) -> SchedulerOutput:
+    """Schedule, pretend the forward ran, append one sampled token to each sequence that sampled."""
+    out = scheduler.schedule()
+    sampling = [c.seq for c in out.prefills if c.completes_prompt] + out.decodes
+    scheduler.step_done(out)
+    for seq in sampling:
+        seq.token_ids.append(7)
+    return out
+
+
+@pytest.mark.parametrize("budget", [16, 23, 64])
+def test_long_prompt_is_chunked_and_never_stalls_decode(budget):
+    scheduler = Scheduler(BlockManager(128, BS), max_num_seqs=8, max_num_batched_tokens=budget)
+    short = make_seq(5)
+    scheduler.add(short)
+    run_step(scheduler)  # short's prompt done: it decodes from now on
+    long = make_seq(150, start=1000)
+    scheduler.add(long)
+    chunks = []
+    while long.num_computed_tokens < 150:
+        out = run_step(scheduler)
+        assert out.decodes == [short], "the decode runs in every step"
+        assert out.num_tokens <= budget
+        chunks += [c.num_tokens for c in out.prefills]
+    assert sum(chunks) == 150
+    assert all(c == budget - 1 for c in chunks[:-1])
+
+
+def test_fcfs_and_max_num_seqs():
+    scheduler = Scheduler(BlockManager(10, BS), max_num_seqs=2, max_num_batched_tokens=1000)
+    big, small1, small2 = make_seq(30), make_seq(3, 100), make_seq(3, 200)
+    for seq in (big, small1, small2):
+        scheduler.add(seq)
+    out = scheduler.schedule()
+    assert [c.seq for c in out.prefills] == [big, small1]  # 8 + 1 blocks, then the seq cap
+    assert list(scheduler.waiting) == [small2]
+    blocked = Scheduler(BlockManager(4, BS), max_num_seqs=8, max_num_batched_tokens=1000)
+    for seq in (make_seq(30, 300), make_seq(3, 400)):
+        blocked.add(seq)
+    assert blocked.schedule().is_empty  # the head does not fit and nobody overtakes it
+
+
+def test_newest_sequence_is_preempted_and_requeued_first():
+    bm = BlockManager(4, BS)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000)
+    old, new = make_seq(7), make_seq(7, 100)  # 2 blocks each: the pool is full after admission
+    scheduler.add(old)
+    scheduler.add(new)
+    run_step(scheduler)  # prompts
+    run_step(scheduler)  # 8th tokens
+    out = run_step(scheduler)  # old needs a 3rd block for its 9th token: new is preempted
+    assert out.preempted == [new] and out.decodes == [old]
+    assert new.status is SeqStatus.WAITING and new.num_computed_tokens == 0
+    assert list(scheduler.waiting) == [new] and scheduler.num_preemptions == 1
+    assert new.token_ids[-1] == 7, "its sampled token is kept and recomputed"
+    scheduler.finish(old)
+    out = run_step(scheduler)
+    # Recompute of all 9 tokens; the preempted blocks stayed cached except the tail one that old took.
+    assert [c.seq for c in out.prefills] == [new] and out.prefills[0].num_tokens == 9 - BS
+    scheduler.finish(new)
+    bm.check_invariants()
+    assert bm.num_free_blocks == 4
+
+
+def test_sequence_that_cannot_grow_preempts_itself():
+    bm = BlockManager(2, BS)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000)
+    seq = make_seq(8)
+    scheduler.add(seq)
+    run_step(scheduler)
+    out = scheduler.schedule()  # token 9 needs a third block: nobody else to preempt
+    assert out.preempted == [seq] and out.is_empty
+    assert bm.num_free_blocks == 2
