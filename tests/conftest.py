@@ -22,6 +22,10 @@ from models.weights_source import default_model_dir
 
 HAS_CUDA = torch.cuda.is_available()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist workers share the cores: one intra-op thread each, or OpenMP spin-waits oversubscribe them.
+    torch.set_num_threads(1)
+
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -24,17 +24,14 @@ PROMPTS = ["def fibonacci(n):", "Once upon a time, in a land far away, there liv
 
 
 def hf_greedy(model_dir, prompt_ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
-    """HF transformers' greedy continuation (its own KV cache), EOS not treated specially."""
-    hf = _hf_model(model_dir)
+    """HF transformers' greedy continuation, EOS not treated specially (plain greedy, no processors)."""
     ids = torch.tensor([prompt_ids])
-    out, past = [], None
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            result = hf(ids, cache=past, use_cache=True)
-            past = result.past_key_values
-            ids = result.logits[:, -1].argmax(-1, keepdim=True)
-            out.append(int(ids))
-    return out
+    out = _hf_model(model_dir).generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+    )
+    tokens = out[0, len(prompt_ids) :].tolist()
+    assert len(tokens) == new_tokens  # generation did not stop early
+    return tokens
 
 
 _HF_MODELS: dict = {}
@@ -44,7 +41,9 @@ def _hf_model(model_dir):
     from transformers import AutoModelForCausalLM
 
     if model_dir not in _HF_MODELS:
-        _HF_MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # our loop does not stop at EOS either
+        _HF_MODELS[model_dir] = model
     return _HF_MODELS[model_dir]
 
 
