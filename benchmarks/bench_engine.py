@@ -163,7 +163,7 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
     messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt  # a BatchEncoding in transformers 5
-    run_decode(engine, [prompt], 8)  # warm-up
+    run_decode(engine, [prompt], 32)  # warm-up (the first steps of a process are slow under load)
     run = run_decode(engine, [prompt], args.cpu_tokens)
     return {
         "cpu": platform.processor() or platform.machine(),

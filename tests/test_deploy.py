@@ -255,26 +255,19 @@ def test_leanserve_env_vars_are_real_options(path):
 
 # --- the dashboard ------------------------------------------------------------------------------------
 
-# Exports every metric of server/metrics.py once observed, in a fresh interpreter so this test never
-# touches the registry other tests read.
-_EXPORT_METRICS = """
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
-import server.metrics as metrics
-for metric in vars(metrics).values():
-    if isinstance(metric, (Counter, Gauge, Histogram)):
-        child = metric.labels(*["x"] * len(metric._labelnames)) if metric._labelnames else metric
-        observe = {Counter: "inc", Gauge: "set", Histogram: "observe"}[type(metric)]
-        getattr(child, observe)(0.01)
-print(generate_latest(REGISTRY).decode())
-"""
-
 
 @pytest.fixture(scope="module")
-def exported_metric_names() -> set[str]:
-    result = subprocess.run([sys.executable, "-c", _EXPORT_METRICS], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    return {re.split(r"[{ ]", line)[0] for line in out.splitlines() if line.startswith("leanserve_")}
+def exported_metric_names(tiny_model_path) -> set[str]:
+    """Sample names a running server exports on /metrics after it finished one request (labelled
+    series such as leanserve_request_success_total appear only then)."""
+    import httpx
+    from http_server import real_engine, serve
+
+    with real_engine(tiny_model_path) as engine, serve(engine) as base_url:
+        body = {"model": engine.model_name, "prompt": "Hello", "max_tokens": 2}
+        assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).status_code == 200
+        text = httpx.get(f"{base_url}/metrics").text
+    return {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line.startswith("leanserve_")}
 
 
 @pytest.fixture(scope="module")
