@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from server.config import EngineConfig
-from server.engine import LLMEngine
+from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
 
 

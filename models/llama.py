@@ -1,6 +1,8 @@
 """Our Llama-family decoder (Llama 2/3, Mistral, Qwen2 with qkv bias, Qwen3 with q/k norm) over the
 paged KV cache. Projections are fused at load time (q/k/v into one matmul, gate/up into one); the
-forward has no host syncs and no data-dependent shapes in decode, so the engine can graph-capture it."""
+forward has no host syncs and no data-dependent shapes in decode, so the engine can graph-capture it.
+With tensor parallelism each rank holds its share of the heads and MLP width (q/k/v and gate/up split by
+output rows, o_proj and down_proj by input columns) and sums the two row-parallel outputs per layer."""
 
 from __future__ import annotations
 
@@ -12,14 +14,21 @@ from models.attention import AttentionBatch, paged_attention
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, empty_param, rms_norm
+from models.parallel import TensorParallel, check_divisible
+
+# HF tensor name -> (our parameter, first row, end row, checkpoint slice or None). The slice is
+# (dim, start, end) of the checkpoint tensor this rank reads (tensor parallelism); None reads it whole.
+Layout = dict[str, tuple[str, int, int, tuple[int, int, int] | None]]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    """Self-attention over this rank's heads: Hq / tp query heads and Hkv / tp KV heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, tp_size: int = 1) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = config.num_heads // tp_size
+        self.num_kv_heads = config.num_kv_heads // tp_size
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
@@ -43,7 +52,7 @@ class Attention(nn.Module):
         batch: AttentionBatch,
         kv_cache: KVCache,
     ) -> torch.Tensor:
-        """x: [T, H]; cos, sin: [T, 1, D] -> [T, H]"""
+        """x: [T, H]; cos, sin: [T, 1, D] -> [T, H] (this rank's partial sum under tensor parallelism)"""
         num_tokens = x.shape[0]
         qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
@@ -60,27 +69,45 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, tp: TensorParallel | None
+    ) -> None:
         super().__init__()
+        tp_size = tp.world_size if tp else 1
+        self.tp = tp
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, layer_idx, dtype)
+        self.attn = Attention(config, layer_idx, dtype, tp_size)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size // tp_size, dtype)
 
     def forward(self, x, cos, sin, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, batch, kv_cache)
-        return x + self.mlp(self.post_attention_norm(x))
+        if self.tp is None:
+            x = x + self.attn(self.input_norm(x), cos, sin, batch, kv_cache)
+            return x + self.mlp(self.post_attention_norm(x))
+        # o_proj and down_proj are row-parallel: each rank's output is a partial sum over its heads
+        # (its MLP columns), so one all-reduce after each completes them.
+        x = x + self.tp.all_reduce(self.attn(self.input_norm(x), cos, sin, batch, kv_cache))
+        return x + self.tp.all_reduce(self.mlp(self.post_attention_norm(x)))
 
 
 class CausalLM(nn.Module):
-    """Parameters are created empty on the current default device; `models.loader` fills them."""
+    """Parameters are created empty on the current default device; `models.loader` fills them.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    `tp` (tensor parallelism): this rank's place; the model then holds its share of every attention
+    and MLP matrix, and every rank runs forward on the same inputs. Embeddings, norms and the LM head
+    stay whole on every rank (see docs/benchmarks.md, Tensor parallelism). None or one rank: the
+    plain single-device model, with no collective anywhere."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        tp = tp if tp is not None and tp.world_size > 1 else None
+        if tp is not None:
+            check_divisible(config, tp.world_size)
         self.config = config
+        self.tp = tp
         self.embed_weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype)
         self.rope = RotaryEmbedding(config, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head_weight = (
             self.embed_weight
@@ -95,6 +122,10 @@ class CausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_weight.device
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.world_size if self.tp else 1
 
     def forward(
         self,
@@ -114,39 +145,57 @@ class CausalLM(nn.Module):
         """hidden: [N, hidden] -> logits [N, vocab] float32"""
         return F.linear(hidden, self.lm_head_weight).float()
 
-    def checkpoint_layout(self) -> dict[str, tuple[str, int, int]]:
-        """HF checkpoint tensor name -> (our parameter name, first row, end row) it fills. A tensor
-        smaller than its rows (q_norm/k_norm weights) is broadcast over them."""
-        cfg = self.config
-        q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        layout = {"model.embed_tokens.weight": ("embed_weight", 0, cfg.vocab_size)}
+    def checkpoint_layout(self) -> Layout:
+        """HF checkpoint tensor name -> (our parameter name, first row, end row, checkpoint slice) it
+        fills. A tensor smaller than its rows (q_norm/k_norm weights) is broadcast over them. Under
+        tensor parallelism the slice names the rows (q/k/v, gate/up) or columns (o_proj, down_proj) of
+        the checkpoint tensor that belong to this rank."""
+        cfg, tp = self.config, self.tp
+        tp_size = self.tp_size
+        heads, kv_heads = cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size
+        q_rows, kv_rows = heads * cfg.head_dim, kv_heads * cfg.head_dim
+        inter = cfg.intermediate_size // tp_size
+
+        def part(size: int, dim: int = 0) -> tuple[int, int, int] | None:
+            """This rank's share of a checkpoint dimension of `size` (whole without parallelism)."""
+            return (dim, *tp.shard(size)) if tp else None
+
+        layout: Layout = {"model.embed_tokens.weight": ("embed_weight", 0, cfg.vocab_size, None)}
         if not cfg.tie_word_embeddings:
-            layout["lm_head.weight"] = ("lm_head_weight", 0, cfg.vocab_size)
-        layout["model.norm.weight"] = ("norm.weight", 0, cfg.hidden_size)
+            layout["lm_head.weight"] = ("lm_head_weight", 0, cfg.vocab_size, None)
+        layout["model.norm.weight"] = ("norm.weight", 0, cfg.hidden_size, None)
         for i in range(cfg.num_layers):
             hf, ours = f"model.layers.{i}.", f"layers.{i}."
             qkv = {
-                "q_proj": (0, q_rows),
-                "k_proj": (q_rows, q_rows + kv_rows),
-                "v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows),
+                "q_proj": (0, q_rows, part(cfg.num_heads * cfg.head_dim)),
+                "k_proj": (q_rows, q_rows + kv_rows, part(cfg.num_kv_heads * cfg.head_dim)),
+                "v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows, part(cfg.num_kv_heads * cfg.head_dim)),
             }
-            for proj, (lo, hi) in qkv.items():
-                layout[f"{hf}self_attn.{proj}.weight"] = (f"{ours}attn.qkv_weight", lo, hi)
+            for proj, (lo, hi, shard) in qkv.items():
+                layout[f"{hf}self_attn.{proj}.weight"] = (f"{ours}attn.qkv_weight", lo, hi, shard)
                 if cfg.attention_bias:
-                    layout[f"{hf}self_attn.{proj}.bias"] = (f"{ours}attn.qkv_bias", lo, hi)
+                    layout[f"{hf}self_attn.{proj}.bias"] = (f"{ours}attn.qkv_bias", lo, hi, shard)
             if cfg.qk_norm:
-                layout[f"{hf}self_attn.q_norm.weight"] = (f"{ours}attn.qk_norm_weight", 0, cfg.num_heads)
-                heads = cfg.num_heads + cfg.num_kv_heads
-                layout[f"{hf}self_attn.k_norm.weight"] = (f"{ours}attn.qk_norm_weight", cfg.num_heads, heads)
-            layout[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o_weight", 0, cfg.hidden_size)
-            inter = cfg.intermediate_size
-            layout[f"{hf}mlp.gate_proj.weight"] = (f"{ours}mlp.gate_up_weight", 0, inter)
-            layout[f"{hf}mlp.up_proj.weight"] = (f"{ours}mlp.gate_up_weight", inter, 2 * inter)
-            layout[f"{hf}mlp.down_proj.weight"] = (f"{ours}mlp.down_weight", 0, cfg.hidden_size)
-            layout[f"{hf}input_layernorm.weight"] = (f"{ours}input_norm.weight", 0, cfg.hidden_size)
+                norm = f"{ours}attn.qk_norm_weight"
+                layout[f"{hf}self_attn.q_norm.weight"] = (norm, 0, heads, None)
+                layout[f"{hf}self_attn.k_norm.weight"] = (norm, heads, heads + kv_heads, None)
+            o_shard = part(cfg.num_heads * cfg.head_dim, dim=1)
+            layout[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o_weight", 0, cfg.hidden_size, o_shard)
+            full_inter = cfg.intermediate_size
+            layout[f"{hf}mlp.gate_proj.weight"] = (f"{ours}mlp.gate_up_weight", 0, inter, part(full_inter))
+            layout[f"{hf}mlp.up_proj.weight"] = (
+                f"{ours}mlp.gate_up_weight",
+                inter,
+                2 * inter,
+                part(full_inter),
+            )
+            down_shard = part(full_inter, dim=1)
+            layout[f"{hf}mlp.down_proj.weight"] = (f"{ours}mlp.down_weight", 0, cfg.hidden_size, down_shard)
+            layout[f"{hf}input_layernorm.weight"] = (f"{ours}input_norm.weight", 0, cfg.hidden_size, None)
             layout[f"{hf}post_attention_layernorm.weight"] = (
                 f"{ours}post_attention_norm.weight",
                 0,
                 cfg.hidden_size,
+                None,
             )
         return layout

@@ -1,6 +1,7 @@
 """Build a CausalLM from a Hugging Face directory: weights from safetensors (sharded or not, with a
 progress bar) copied into the fused parameters on the target device, or random weights from
-`config.json` alone (`load_format="dummy"`, for benchmarks at real shapes); and the `--dtype` choice."""
+`config.json` alone (`load_format="dummy"`, for benchmarks at real shapes); and the `--dtype` choice.
+Under tensor parallelism each rank reads only its slices of the sharded matrices."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.llama import CausalLM
+from models.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,14 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     load_format: str = "auto",
+    tp: TensorParallel | None = None,
 ) -> CausalLM:
-    """The model of `model_dir` (config.json + *.safetensors) in `dtype` on `device`, in eval mode."""
+    """The model of `model_dir` (config.json + *.safetensors) in `dtype` on `device`, in eval mode;
+    with `tp`, this rank's shard of it."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     with torch.device(device):
-        model = CausalLM(config, dtype)
+        model = CausalLM(config, dtype, tp)
     if load_format == "dummy":
         _fill_random(model)
     elif load_format == "auto":
@@ -83,9 +87,9 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
                         ):
                             logger.warning("ignoring unexpected checkpoint tensor %s", name)
                         continue
-                    param_name, lo, hi = layout[name]
+                    param_name, lo, hi, shard = layout[name]
                     target = params[param_name].data[lo:hi]
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(name) if shard is None else _read_slice(f, name, *shard)
                     # A tensor of one row's shape (q_norm/k_norm) is broadcast over the rows.
                     if tensor.shape not in (target.shape, target.shape[1:]):
                         raise ValueError(
@@ -97,6 +101,12 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
         raise ValueError(
             f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
         )
+
+
+def _read_slice(f, name: str, dim: int, start: int, end: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) [start, end) of a checkpoint tensor, read without the rest."""
+    view = f.get_slice(name)
+    return view[start:end] if dim == 0 else view[:, start:end]
 
 
 def _fill_random(model: CausalLM, seed: int = 0) -> None:

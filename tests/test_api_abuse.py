@@ -21,7 +21,7 @@ import openai
 import pytest
 from http_server import metric_value, real_engine, serve, wait_until
 
-from server.engine import EngineStats
+from server.llm_engine import EngineStats
 
 MAX_MODEL_LEN = 256
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from server import engine as engine_module
+from server import llm_engine as engine_module
 from server.config import EngineConfig
-from server.engine import AsyncEngine, LLMEngine
+from server.engine import AsyncEngine
+from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
