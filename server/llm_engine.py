@@ -280,11 +280,15 @@ class LLMEngine:
             top = []
             if k and top_ids is not None:
                 ids = top_ids[i][:k]
-                texts = self.tokenizer.convert_ids_to_tokens(ids)
-                top = list(zip(ids, texts, top_lps[i][:k], strict=True))
-            text = self.tokenizer.convert_ids_to_tokens(token_ids[i])
+                top = list(zip(ids, self._token_texts(ids), top_lps[i][:k], strict=True))
+            (text,) = self._token_texts([token_ids[i]])
             entries.append(TokenLogprob(token_ids[i], text, logprobs[i], top))
         return entries
+
+    def _token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text as OpenAI reports it (" unless", not the BPE symbol "Ġunless"); ids the
+        tokenizer does not know (random-weight benchmarks) decode to ""."""
+        return self.tokenizer.batch_decode([[i] for i in token_ids])
 
     def _attribute_attention(self, step: SchedulerOutput) -> None:
         """Split the step's measured attention time over its sequences' requests: decode time by KV

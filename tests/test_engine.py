@@ -137,6 +137,9 @@ def test_seeded_sampling_and_logprobs_do_not_depend_on_the_batch(make_engine):
     assert alone[1] == batched[1]
     entries = [e for o in [alone[0]] for s in o.samples for e in s.logprobs or []]
     assert entries and all(len(e.top) == 3 and e.logprob <= 0 for e in entries)
+    # Token texts are decoded text, as OpenAI reports them, not BPE symbols such as "Ġword".
+    tokenizer = make_engine().tokenizer
+    assert all(e.token == tokenizer.decode([e.token_id]) and "Ġ" not in e.token for e in entries)
 
 
 def test_repeated_prompt_hits_prefix_cache(make_engine, reference):
