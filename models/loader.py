@@ -76,7 +76,9 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
     missing = set(layout)
     files = _safetensors_files(model_dir)
     total = sum(len(safe_open(f, framework="pt").keys()) for f in files)
-    with tqdm(total=total, desc=f"loading {model_dir.name}", unit="tensor", leave=False) as progress:
+    # disable=None: no bar when stderr is not a terminal (log pipelines, --log-format json, containers).
+    bar = tqdm(total=total, desc=f"loading {model_dir.name}", unit="tensor", leave=False, disable=None)
+    with bar as progress:
         for path in files:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
