@@ -13,7 +13,7 @@ from torch import nn
 from models.attention import AttentionBatch, paged_attention
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, empty_param, rms_norm
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, empty_param, linear, rms_norm
 from models.parallel import TensorParallel, check_divisible
 
 # HF tensor name -> (our parameter, first row, end row, checkpoint slice or None). The slice is
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         """x: [T, H]; cos, sin: [T, 1, D] -> [T, H] (this rank's partial sum under tensor parallelism)"""
         num_tokens = x.shape[0]
         qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         qk = qkv[:, :qk_size].view(num_tokens, -1, self.head_dim)
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm_weight is not None:
@@ -65,7 +65,7 @@ class Attention(nn.Module):
         o = paged_attention(
             q, k, v, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], batch, self.scale
         )
-        return F.linear(o.view(num_tokens, -1), self.o_weight)
+        return linear(o.view(num_tokens, -1), self.o_weight)
 
 
 class DecoderLayer(nn.Module):
@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] float32"""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight).float()
 
     def checkpoint_layout(self) -> Layout:
         """HF checkpoint tensor name -> (our parameter name, first row, end row, checkpoint slice) it

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from models.block_manager import BlockManager
 from models.kv_cache import KVCache
+from models.layers import prepack_linear_weights
 from models.loader import load_model, resolve_dtype
 from models.weights_source import resolve_model_dir
 from server import metrics
@@ -94,6 +95,8 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, device)
         torch.manual_seed(config.seed)
         model = load_model(model_dir, dtype, device, config.load_format)
+        if device.type == "cpu":
+            prepack_linear_weights(model)
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         max_model_len = config.max_model_len or model.config.max_position_embeddings
         num_blocks = _num_kv_blocks(config, model, dtype, device)

@@ -15,6 +15,7 @@ import torch
 
 from models.attention import AttentionBatch, AttentionTimer
 from models.kv_cache import KVCache
+from models.layers import prepack_linear_weights
 from models.llama import CausalLM
 from models.loader import load_model, resolve_dtype
 
@@ -200,6 +201,27 @@ def test_prefill_logits_match_hf(loaded, kind):
         theirs = _hf_model(path)(torch.tensor([prompt])).logits[0]
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied lm_head; qkv bias
+def test_prepacked_cpu_weights_change_nothing(loaded, kind):
+    path, _, prompts, expected = loaded(kind)
+    model = load_model(path, torch.float32, "cpu")
+    prepack_linear_weights(model)
+    assert model.layers[0].attn.qkv_weight.is_mkldnn and model.lm_head_weight.is_mkldnn
+    assert not model.embed_weight.is_mkldnn  # the embedding is a lookup: it stays dense
+    chunk, stagger, _ = MODES["batched-mixed"]
+    assert GreedyRunner(model).generate(prompts, chunk=chunk, stagger=stagger) == expected
+
+    dense, packed = (load_model(path, torch.bfloat16, "cpu") for _ in range(2))
+    prepack_linear_weights(packed)
+    prompt = prompts[1]
+    logits = []
+    for m in (dense, packed):
+        hidden = GreedyRunner(m).step([(Seq(list(prompt), len(prompt)), len(prompt))], [])
+        with torch.inference_mode():
+            logits.append(m.compute_logits(hidden))
+    torch.testing.assert_close(logits[1], logits[0])  # same oneDNN bf16 products, another weight layout
 
 
 def test_mistral_logits_match_hf(tiny_model_factory, tmp_path):
