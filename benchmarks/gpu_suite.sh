@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU in one command, because device time comes in small budgets:
+#   benchmarks/gpu_suite.sh prepare   here (no GPU): copies what the GPU machine lacks into .cache/
+#                                     (git-ignored): the default model's config + tokenizer files (no
+#                                     weights) and the Llama-3-8B benchmark config
+#   benchmarks/gpu_suite.sh run [PART...]  there (device tool: carry [".cache"]); PART is tests (GPU tests
+#                                     of kernel, models, engine, sampler), kernel, engine, tp (benchmarks);
+#                                     default all. Logs and results under $OUT. A device call is limited
+#                                     to 10 minutes: all four parts take about that, so split when tuning.
+# The GPU image has torch, triton and transformers but not fastapi/uvicorn: the HTTP tests are not run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+default_model=SmolLM2-135M-Instruct
+
+case "${1:-}" in
+prepare)
+    src=${LEANSERVE_CACHE:-$HOME/.cache/leanserve}/$default_model
+    [[ -f $src/config.json ]] || { echo "convert the default model first (scripts/serve.sh or the tests)"; exit 1; }
+    mkdir -p ".cache/leanserve/$default_model" .cache/bench-models
+    cp "$src"/*.json "$src"/*.jinja ".cache/leanserve/$default_model/" 2>/dev/null
+    cp -r ../shared/bench-models/llama-3-8b .cache/bench-models/
+    du -sh .cache
+    ;;
+run)
+    out=${OUT:-out/gpu}
+    mkdir -p "$out"
+    export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LEANSERVE_CACHE=$PWD/.cache/leanserve
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+    parts=("${@:2}")
+    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel engine tp)
+    for part in "${parts[@]}"; do
+        case $part in
+        tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lean_attention.py \
+            tests/test_models.py tests/test_engine.py tests/test_sampler.py ;;
+        kernel) timeout 300 python3 benchmarks/bench_decode_attention.py --out "$out" ;;
+        engine) timeout 300 python3 benchmarks/bench_engine.py --out "$out" ;;
+        tp) timeout 120 python3 benchmarks/bench_tp_attention.py --out "$out" ;;
+        *) echo "unknown part $part" >&2 ;;
+        esac 2>&1 | tee "$out/$part.log"
+    done
+    ;;
+*)
+    echo "usage: $0 prepare|run" >&2
+    exit 2
+    ;;
+esac
