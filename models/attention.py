@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -110,11 +110,11 @@ def paged_attention(
     timer = batch.timer
     num_prefill = batch.num_prefill_tokens
     if num_prefill:
-        with timer.prefill() if timer else _no_timer():
+        with timer.prefill() if timer else nullcontext():
             _prefill(q, k, v, k_cache, v_cache, batch, scale, out)
     if num_prefill < q.shape[0]:
         decode = lean_attention_decode if q.is_cuda else reference_decode_attention
-        with timer.decode() if timer else _no_timer():
+        with timer.decode() if timer else nullcontext():
             decode(
                 q[num_prefill:],
                 k_cache,
@@ -125,11 +125,6 @@ def paged_attention(
                 out=out[num_prefill:],
             )
     return out
-
-
-@contextmanager
-def _no_timer() -> Iterator[None]:
-    yield
 
 
 def _prefill(
