@@ -81,7 +81,9 @@ class TPWorkers:
         check_divisible(ModelConfig.from_dir(spec.model_dir), world_size)  # fail before spawning
         self.spec = spec
         # Port 0: the OS picks a free port; the store tells the workers where to connect.
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=_STARTUP_TIMEOUT)
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world_size, is_master=True, timeout=_STARTUP_TIMEOUT, wait_for_workers=False
+        )
         context = mp.get_context("spawn")
         self._procs = [
             context.Process(
@@ -96,6 +98,7 @@ class TPWorkers:
             proc.start()
         self.tp: TensorParallel = init_distributed(0, world_size, store, spec.device_type)
         self._store = store
+        self._serving = False  # the workers have loaded their shards and wait for messages
         self._closed = False
 
     def load_model(self, device: torch.device) -> CausalLM:
@@ -109,9 +112,10 @@ class TPWorkers:
             error = f"{type(e).__name__}: {e}"
         errors = _gather_errors(error, self.tp)
         if any(errors):
-            self.close()
+            self.close()  # the workers saw the errors too and are leaving
             failed = "; ".join(f"rank {rank}: {err}" for rank, err in enumerate(errors) if err)
             raise RuntimeError(f"tensor-parallel model loading failed ({failed})")
+        self._serving = True
         return model
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -143,7 +147,8 @@ class TPWorkers:
             return
         self._closed = True
         try:
-            self._send(_Stop())
+            if self._serving:
+                self._send(_Stop())
         except RuntimeError:  # a worker is already gone: nothing to tell the others over gloo
             logger.warning("tensor-parallel workers unreachable at close")
         for proc in self._procs:

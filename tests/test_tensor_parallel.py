@@ -1,0 +1,174 @@
+"""Tensor parallelism on CPU with gloo and 2 processes (the test process is rank 0, one spawned worker
+is rank 1): greedy tokens and logits of TP=2 equal TP=1 for the tiny Llama-3 and Qwen3 models, through
+a test-local greedy loop over KVCache + AttentionBatch with chunked prefill and batched decode; each
+rank loads exactly its slices; indivisible head counts fail clearly; tp=1 is the plain model."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from models.attention import AttentionBatch
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from models.llama import CausalLM
+from models.loader import load_model
+from models.parallel import TensorParallel, check_divisible
+from server.tp_worker import TPWorkers, WorkerSpec
+
+BLOCK_SIZE = 4
+CHUNK = 5  # prefill chunk: prompts longer than it also take the cached-prefix prefill path
+NEW_TOKENS = 12
+PROMPTS = [[random.Random(i).randrange(100, 40000) for _ in range(n)] for i, n in enumerate((3, 11, 17))]
+
+
+def greedy(
+    model: CausalLM, workers: TPWorkers | None = None, num_blocks: int = 64
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy continuations of PROMPTS, all in one batch: prompts prefilled CHUNK tokens per step, then
+    batched decode. Pages come from a shuffled free list. With `workers`, every forward is mirrored to
+    them first, as the engine's model runner does. Returns (new tokens per prompt, last step's logits)."""
+    cache = KVCache(model.config, num_blocks, BLOCK_SIZE, model.dtype, "cpu", model.tp_size)
+    if workers is not None:
+        workers.allocate_kv_cache(num_blocks, BLOCK_SIZE)
+    free = list(range(num_blocks))
+    random.Random(0).shuffle(free)
+    tokens = [list(p) for p in PROMPTS]
+    cached = [0] * len(PROMPTS)
+    tables: list[list[int]] = [[] for _ in PROMPTS]
+
+    def tensor(values, dtype=torch.int32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype)
+
+    while min(len(t) - len(p) for t, p in zip(tokens, PROMPTS, strict=True)) < NEW_TOKENS:
+        prefill = [(i, min(CHUNK, len(p) - cached[i])) for i, p in enumerate(PROMPTS) if cached[i] < len(p)]
+        decode = [i for i, p in enumerate(PROMPTS) if cached[i] >= len(p)]
+        spans = [*prefill, *((i, 1) for i in decode)]
+        ids, positions, slots = [], [], []
+        for i, count in spans:
+            for pos in range(cached[i], cached[i] + count):
+                if pos // BLOCK_SIZE == len(tables[i]):
+                    tables[i].append(free.pop())
+                ids.append(tokens[i][pos])
+                positions.append(pos)
+                slots.append(tables[i][pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
+        width = max(len(t) for t in tables)
+
+        def padded(seqs: list[int], width: int = width) -> torch.Tensor:
+            return tensor([tables[i] + [0] * (width - len(tables[i])) for i in seqs]).view(len(seqs), width)
+
+        query_lens = [count for _, count in prefill]
+        context_lens = [cached[i] + count for i, count in prefill]
+        batch = AttentionBatch(
+            slot_mapping=tensor(slots, torch.int64),
+            num_prefill_tokens=sum(query_lens),
+            prefill_cu_seqlens_q=tensor([0, *itertools.accumulate(query_lens)]),
+            prefill_context_lens=tensor(context_lens),
+            prefill_block_tables=padded([i for i, _ in prefill]),
+            decode_block_tables=padded(decode),
+            decode_seq_lens=tensor([cached[i] + 1 for i in decode]),
+            prefill_context_lens_host=context_lens,
+            prefill_query_lens_host=query_lens,
+        )
+        input_ids, pos_tensor = tensor(ids, torch.int64), tensor(positions, torch.int64)
+        if workers is not None:
+            workers.broadcast_step(input_ids, pos_tensor, batch)
+        with torch.inference_mode():
+            hidden = model(input_ids, pos_tensor, batch, cache)
+        rows, samplers, end = [], [], 0
+        for i, count in spans:
+            cached[i] += count
+            end += count
+            if cached[i] == len(tokens[i]):  # the sequence's cache is complete: it samples
+                rows.append(end - 1)
+                samplers.append(i)
+        logits = model.compute_logits(hidden[rows])
+        for i, token in zip(samplers, logits.argmax(-1).tolist(), strict=True):
+            tokens[i].append(token)
+    return [t[len(p) :][:NEW_TOKENS] for t, p in zip(tokens, PROMPTS, strict=True)], logits
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen3"])
+def test_tp2_greedy_matches_tp1(tiny_model_factory, kind):
+    path = tiny_model_factory(kind)
+    expected, expected_logits = greedy(load_model(path, torch.float32, "cpu"))
+    workers = TPWorkers(WorkerSpec(str(path), torch.float32, "cpu"), world_size=2)
+    try:
+        model = workers.load_model(torch.device("cpu"))
+        assert model.tp_size == 2 and model.layers[0].attn.num_kv_heads == 1
+        got, logits = greedy(model, workers)
+    finally:
+        workers.close()
+    assert got == expected
+    assert len({tuple(t) for t in expected}) > 1  # not degenerate
+    # Only the summation order differs (partial sums over heads and MLP columns, then the all-reduce).
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen3"])
+def test_ranks_load_exactly_their_slices(tiny_model_factory, kind):
+    """Loading needs no process group: rank r's parameters are its rows/columns of the full ones."""
+    path = tiny_model_factory(kind)
+    full = load_model(path, torch.float32, "cpu")
+    shards = [load_model(path, torch.float32, "cpu", tp=TensorParallel(r, 2)) for r in range(2)]
+    cfg = full.config
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    for ours, theirs in zip(full.layers, zip(*(s.layers for s in shards), strict=True), strict=True):
+        qkv = [t.attn.qkv_weight for t in theirs]
+        local_q, local_kv = q // 2, kv // 2
+        for start, size, local_start in ((0, q, 0), (q, kv, local_q), (q + kv, kv, local_q + local_kv)):
+            parts = [w[local_start : local_start + size // 2] for w in qkv]
+            torch.testing.assert_close(torch.cat(parts), ours.attn.qkv_weight[start : start + size])
+        torch.testing.assert_close(torch.cat([t.attn.o_weight for t in theirs], dim=1), ours.attn.o_weight)
+        torch.testing.assert_close(
+            torch.cat([t.mlp.down_weight for t in theirs], dim=1), ours.mlp.down_weight
+        )
+        gate_up = [t.mlp.gate_up_weight.view(2, inter // 2, -1) for t in theirs]
+        torch.testing.assert_close(torch.cat(gate_up, dim=1).flatten(0, 1), ours.mlp.gate_up_weight)
+        if cfg.qk_norm:  # per-head norm weights: the same vectors, over fewer heads
+            assert theirs[1].attn.qk_norm_weight.shape == (3, cfg.head_dim)
+            for shard in theirs:  # q_norm over the 2 local query heads, then k_norm over the 1 KV head
+                norm, whole = shard.attn.qk_norm_weight, ours.attn.qk_norm_weight
+                torch.testing.assert_close(norm, torch.cat([whole[:2], whole[4:5]]))
+    for shard in shards:  # replicated: embeddings, final norm, LM head
+        torch.testing.assert_close(shard.lm_head_weight, full.lm_head_weight)
+        torch.testing.assert_close(shard.norm.weight, full.norm.weight)
+    cache = KVCache(cfg, 3, BLOCK_SIZE, torch.float32, "cpu", tp_size=2)
+    assert cache.k[0].shape == (3, BLOCK_SIZE, cfg.num_kv_heads // 2, cfg.head_dim)
+    assert KVCache.bytes_per_block(cfg, BLOCK_SIZE, torch.float32, tp_size=2) * 2 == (
+        KVCache.bytes_per_block(cfg, BLOCK_SIZE, torch.float32)
+    )
+
+
+def test_indivisible_heads_are_a_clear_error(tiny_model_factory):
+    path = tiny_model_factory("llama")  # 3 query heads, 1 KV head
+    config = ModelConfig.from_dir(path)
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=2 must divide num_attention_heads=3 and num_key"
+    ):
+        check_divisible(config, 2)
+    with pytest.raises(ValueError, match="num_key_value_heads=1"):
+        CausalLM(config, torch.float32, TensorParallel(0, 2))
+    with pytest.raises(ValueError, match="num_key_value_heads=1"):  # before any worker is spawned
+        TPWorkers(WorkerSpec(str(path), torch.float32, "cpu"), world_size=2)
+    check_divisible(ModelConfig.from_dir(tiny_model_factory("qwen3")), 2)  # 4 / 2 heads: up to 2 ranks
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        check_divisible(ModelConfig.from_dir(tiny_model_factory("qwen3")), 4)
+
+
+def test_a_rank_that_cannot_load_fails_startup(tiny_model_factory):
+    workers = TPWorkers(WorkerSpec(str(tiny_model_factory("qwen3")), torch.float32, "cpu", "bogus"), 2)
+    with pytest.raises(RuntimeError, match=r"rank 0: ValueError: unsupported load_format.*; rank 1: Value"):
+        workers.load_model(torch.device("cpu"))
+    assert not any(proc.is_alive() for proc in workers._procs)
+    workers.close()  # idempotent
+
+
+def test_one_rank_is_the_plain_model(tiny_model_factory):
+    model = CausalLM(ModelConfig.from_dir(tiny_model_factory("llama")), torch.float32, TensorParallel(0, 1))
+    assert model.tp is None and model.tp_size == 1
+    assert all(layer.tp is None for layer in model.layers)
+    assert all(shard is None for *_, shard in model.checkpoint_layout().values())
