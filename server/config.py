@@ -26,6 +26,7 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV cache size on CPU
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs for decode
+    tensor_parallel_size: int = 1  # ranks (one per GPU) sharing every layer's heads; > 1 runs eager
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -36,6 +37,7 @@ class EngineConfig:
             "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
             "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
             "kv_cache_tokens": self.kv_cache_tokens >= self.block_size,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -105,6 +105,7 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self.engine.close()
 
     # -- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:

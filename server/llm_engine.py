@@ -32,6 +32,7 @@ from server.request import Request, SeqStatus, Sequence
 from server.sampler import Sampler, SamplerOutput, SamplingRow
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
+from server.tp_worker import TPWorkers, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,13 @@ class LLMEngine:
             device = torch.device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         torch.manual_seed(config.seed)
-        model = load_model(model_dir, dtype, device, config.load_format)
+        workers = None
+        if config.tensor_parallel_size > 1:
+            spec = WorkerSpec(str(model_dir), dtype, device.type, config.load_format, torch.get_num_threads())
+            workers = TPWorkers(spec, config.tensor_parallel_size)
+            model = workers.load_model(device)
+        else:
+            model = load_model(model_dir, dtype, device, config.load_format)
         if device.type == "cpu":
             prepack_linear_weights(model)
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
@@ -110,6 +117,7 @@ class LLMEngine:
             device,
             use_cuda_graphs=not config.enforce_eager,
             time_attention=time_attention,
+            workers=workers,
         )
         engine = cls(config, runner, tokenizer, num_blocks, max_model_len)
         # The model, tokenizer and graphs are many long-lived objects: keep them out of the cyclic
@@ -403,6 +411,10 @@ class LLMEngine:
         metrics.prefix_cache_queries.inc(bm.prefix_queries - queries)
         self._counted = (bm.prefix_hits, bm.prefix_queries)
 
+    def close(self) -> None:
+        """Release what outlives the object: the tensor-parallel worker processes, if any."""
+        self.runner.close()
+
     def stats(self, loop_alive: bool = True, last_error: str | None = None) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -428,7 +440,7 @@ def _num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torc
     logits = config.max_num_seqs * model.config.vocab_size * 4 * _LOGIT_COPIES
     reserve = config.max_num_batched_tokens * _ACTIVATION_BYTES_PER_TOKEN + logits + _GRAPH_RESERVE_BYTES
     budget = total * config.gpu_memory_utilization - (total - free) - reserve
-    num_blocks = int(budget // KVCache.bytes_per_block(model.config, config.block_size, dtype))
+    num_blocks = int(budget // KVCache.bytes_per_block(model.config, config.block_size, dtype, model.tp_size))
     if num_blocks < 1:
         raise RuntimeError(
             f"no GPU memory left for the KV cache (gpu_memory_utilization={config.gpu_memory_utilization})"

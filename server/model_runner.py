@@ -13,6 +13,7 @@ from models.attention import AttentionBatch, AttentionTimer
 from models.kv_cache import KVCache
 from models.llama import CausalLM
 from server.scheduler import SchedulerOutput
+from server.tp_worker import TPWorkers
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -44,11 +45,15 @@ class ModelRunner:
         device: torch.device,
         use_cuda_graphs: bool,
         time_attention: bool = True,
+        workers: TPWorkers | None = None,
     ) -> None:
         self.model = model
+        self.workers = workers  # tensor parallelism: the other ranks mirror every forward and copy
         self.device = device
         self.block_size = block_size
-        self.kv_cache = KVCache(model.config, num_blocks + 1, block_size, dtype, device)
+        self.kv_cache = KVCache(model.config, num_blocks + 1, block_size, dtype, device, model.tp_size)
+        if workers is not None:
+            workers.allocate_kv_cache(num_blocks + 1, block_size)
         self.scratch_block = num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.time_attention = time_attention
@@ -57,7 +62,8 @@ class ModelRunner:
         self._pin = device.type == "cuda"
         self._graphs: dict[int, _DecodeGraph] = {}
         self._buckets: list[int] = []
-        if use_cuda_graphs and device.type == "cuda":
+        # A graph replay would skip the input broadcast that tensor-parallel workers wait for.
+        if use_cuda_graphs and device.type == "cuda" and workers is None:
             self._capture_decode_graphs(min(max_num_seqs, 512))
 
     # -- host -> device -----------------------------------------------------------------------------
@@ -128,12 +134,11 @@ class ModelRunner:
         if self._timer is not None:
             self._timer.reset()
         self._last_timer = self._timer
-        hidden = self.model(
-            self._to_device(np.concatenate(ids)),
-            self._to_device(np.concatenate(positions)),
-            batch,
-            self.kv_cache,
-        )
+        input_ids = self._to_device(np.concatenate(ids))
+        input_positions = self._to_device(np.concatenate(positions))
+        if self.workers is not None:
+            self.workers.broadcast_step(input_ids, input_positions, batch)
+        hidden = self.model(input_ids, input_positions, batch, self.kv_cache)
         rows = self._to_device(np.asarray(logit_rows, dtype=np.int64))
         return self.model.compute_logits(hidden.index_select(0, rows))
 
@@ -219,6 +224,11 @@ class ModelRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V), for forked sequences' private last blocks."""
-        if copies:
-            src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
-            self.kv_cache.data[:, :, dst] = self.kv_cache.data[:, :, src]
+        self.kv_cache.copy_blocks(copies)
+        if self.workers is not None and copies:
+            self.workers.copy_blocks(copies)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.workers is not None:
+            self.workers.close()

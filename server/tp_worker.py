@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from models.attention import AttentionBatch
 from models.config import ModelConfig
 from models.kv_cache import KVCache
+from models.layers import prepack_linear_weights
 from models.llama import CausalLM
 from models.loader import load_model
 from models.parallel import TensorParallel, check_divisible, destroy_distributed, init_distributed
@@ -194,6 +195,8 @@ def _worker_main(rank: int, world_size: int, port: int, spec: WorkerSpec) -> Non
     model, error = None, None
     try:
         model = load_model(Path(spec.model_dir), spec.dtype, device, spec.load_format, tp)
+        if device.type == "cpu":  # as the engine does for rank 0's shard
+            prepack_linear_weights(model)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     if not any(_gather_errors(error, tp)):

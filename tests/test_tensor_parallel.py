@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU with gloo and 2 processes (the test process is rank 0, one spawned worker
 is rank 1): greedy tokens and logits of TP=2 equal TP=1 for the tiny Llama-3 and Qwen3 models, through
 a test-local greedy loop over KVCache + AttentionBatch with chunked prefill and batched decode; each
-rank loads exactly its slices; indivisible head counts fail clearly; tp=1 is the plain model."""
+rank loads exactly its slices; indivisible head counts fail clearly; tp=1 is the plain model; the engine
+with tensor_parallel_size=2 gives the same tokens as with 1."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from models.kv_cache import KVCache
 from models.llama import CausalLM
 from models.loader import load_model
 from models.parallel import TensorParallel, check_divisible
+from server.config import EngineConfig
+from server.llm_engine import LLMEngine
+from server.sampling_params import SamplingParams
 from server.tp_worker import TPWorkers, WorkerSpec
 
 BLOCK_SIZE = 4
@@ -172,3 +176,45 @@ def test_one_rank_is_the_plain_model(tiny_model_factory):
     assert model.tp is None and model.tp_size == 1
     assert all(layer.tp is None for layer in model.layers)
     assert all(shard is None for *_, shard in model.checkpoint_layout().values())
+
+
+def _engine_tokens(engine: LLMEngine) -> dict[str, list[list[int]]]:
+    """Greedy continuations through the engine: prompts of 1, 9 and 19 tokens (chunked prefill at a
+    16-token step budget) and n=2 samples of one prompt (forked sequences copy their partial block)."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    requests = {f"r{i}": (p, params) for i, p in enumerate(([5], PROMPTS[1][:9], PROMPTS[2] + [7, 8]))}
+    requests["n2"] = (PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, n=2))
+    for request_id, (prompt, request_params) in requests.items():
+        engine.add_request(request_id, prompt, request_params)
+    tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(p.n)] for rid, (_, p) in requests.items()}
+    while engine.has_work:
+        for out in engine.step():
+            for sample in out.samples:
+                tokens[out.request_id][sample.index].extend(sample.token_ids)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.pool.num_blocks
+    return tokens
+
+
+def test_engine_tp2_matches_tp1(tiny_model_factory):
+    settings = dict(
+        model=str(tiny_model_factory("llama3")),
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        kv_cache_tokens=1024,
+        max_num_batched_tokens=16,
+    )
+    expected = _engine_tokens(LLMEngine.from_config(EngineConfig(**settings)))
+    engine = LLMEngine.from_config(EngineConfig(**settings, tensor_parallel_size=2))
+    try:
+        assert engine.runner.model.tp_size == 2 and engine.runner.kv_cache.k[0].shape[2] == 1
+        got = _engine_tokens(engine)
+    finally:
+        engine.close()
+    assert got == expected
+    assert all(len(sample) == 8 for samples in got.values() for sample in samples)
+
+
+def test_tensor_parallel_size_is_validated():
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=0)
