@@ -339,6 +339,17 @@ def plot(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def gpu_env(bandwidth: float) -> dict:
+    """The GPU, the versions and the read bandwidth a result was measured with."""
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "bandwidth_gbs": bandwidth / 1e9,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -347,13 +358,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
     torch.cuda.empty_cache()
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "bandwidth_gbs": bandwidth / 1e9,
-    }
+    env = gpu_env(bandwidth)
     print(env, flush=True)
     if args.tune:
         rows = tune(bandwidth)

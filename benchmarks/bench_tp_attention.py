@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,6 +23,7 @@ from benchmarks.bench_decode_attention import (
     _fmt,
     _lognormal_lens,
     bench_shape,
+    gpu_env,
     read_bandwidth,
 )
 from kernels.lean_attention import _CONFIGS
@@ -131,13 +131,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
     torch.cuda.empty_cache()
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "bandwidth_gbs": bandwidth / 1e9,
-    }
+    env = gpu_env(bandwidth)
     print(env, flush=True)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
