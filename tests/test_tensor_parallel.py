@@ -1,18 +1,17 @@
 """Tensor parallelism on CPU with gloo and 2 processes (the test process is rank 0, one spawned worker
 is rank 1): greedy tokens and logits of TP=2 equal TP=1 for the tiny Llama-3 and Qwen3 models, through
-a test-local greedy loop over KVCache + AttentionBatch with chunked prefill and batched decode; each
-rank loads exactly its slices; indivisible head counts fail clearly; tp=1 is the plain model; the engine
-with tensor_parallel_size=2 gives the same tokens as with 1."""
+the greedy loop of tests/greedy_runner.py (chunked prefill, batched decode); each rank loads exactly its
+slices; indivisible head counts fail clearly; tp=1 is the plain model; the engine with
+tensor_parallel_size=2 gives the same tokens as with 1."""
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
 import torch
+from greedy_runner import BLOCK_SIZE, GreedyRunner
 
-from models.attention import AttentionBatch
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.llama import CausalLM
@@ -23,76 +22,18 @@ from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
 from server.tp_worker import TPWorkers, WorkerSpec
 
-BLOCK_SIZE = 4
 CHUNK = 5  # prefill chunk: prompts longer than it also take the cached-prefix prefill path
 NEW_TOKENS = 12
 PROMPTS = [[random.Random(i).randrange(100, 40000) for _ in range(n)] for i, n in enumerate((3, 11, 17))]
 
 
-def greedy(
-    model: CausalLM, workers: TPWorkers | None = None, num_blocks: int = 64
-) -> tuple[list[list[int]], torch.Tensor]:
+def greedy(model: CausalLM, workers: TPWorkers | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy continuations of PROMPTS, all in one batch: prompts prefilled CHUNK tokens per step, then
-    batched decode. Pages come from a shuffled free list. With `workers`, every forward is mirrored to
-    them first, as the engine's model runner does. Returns (new tokens per prompt, last step's logits)."""
-    cache = KVCache(model.config, num_blocks, BLOCK_SIZE, model.dtype, "cpu", model.tp_size)
-    if workers is not None:
-        workers.allocate_kv_cache(num_blocks, BLOCK_SIZE)
-    free = list(range(num_blocks))
-    random.Random(0).shuffle(free)
-    tokens = [list(p) for p in PROMPTS]
-    cached = [0] * len(PROMPTS)
-    tables: list[list[int]] = [[] for _ in PROMPTS]
-
-    def tensor(values, dtype=torch.int32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype)
-
-    while min(len(t) - len(p) for t, p in zip(tokens, PROMPTS, strict=True)) < NEW_TOKENS:
-        prefill = [(i, min(CHUNK, len(p) - cached[i])) for i, p in enumerate(PROMPTS) if cached[i] < len(p)]
-        decode = [i for i, p in enumerate(PROMPTS) if cached[i] >= len(p)]
-        spans = [*prefill, *((i, 1) for i in decode)]
-        ids, positions, slots = [], [], []
-        for i, count in spans:
-            for pos in range(cached[i], cached[i] + count):
-                if pos // BLOCK_SIZE == len(tables[i]):
-                    tables[i].append(free.pop())
-                ids.append(tokens[i][pos])
-                positions.append(pos)
-                slots.append(tables[i][pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
-        width = max(len(t) for t in tables)
-
-        def padded(seqs: list[int], width: int = width) -> torch.Tensor:
-            return tensor([tables[i] + [0] * (width - len(tables[i])) for i in seqs]).view(len(seqs), width)
-
-        query_lens = [count for _, count in prefill]
-        context_lens = [cached[i] + count for i, count in prefill]
-        batch = AttentionBatch(
-            slot_mapping=tensor(slots, torch.int64),
-            num_prefill_tokens=sum(query_lens),
-            prefill_cu_seqlens_q=tensor([0, *itertools.accumulate(query_lens)]),
-            prefill_context_lens=tensor(context_lens),
-            prefill_block_tables=padded([i for i, _ in prefill]),
-            decode_block_tables=padded(decode),
-            decode_seq_lens=tensor([cached[i] + 1 for i in decode]),
-            prefill_context_lens_host=context_lens,
-            prefill_query_lens_host=query_lens,
-        )
-        input_ids, pos_tensor = tensor(ids, torch.int64), tensor(positions, torch.int64)
-        if workers is not None:
-            workers.broadcast_step(input_ids, pos_tensor, batch)
-        with torch.inference_mode():
-            hidden = model(input_ids, pos_tensor, batch, cache)
-        rows, samplers, end = [], [], 0
-        for i, count in spans:
-            cached[i] += count
-            end += count
-            if cached[i] == len(tokens[i]):  # the sequence's cache is complete: it samples
-                rows.append(end - 1)
-                samplers.append(i)
-        logits = model.compute_logits(hidden[rows])
-        for i, token in zip(samplers, logits.argmax(-1).tolist(), strict=True):
-            tokens[i].append(token)
-    return [t[len(p) :][:NEW_TOKENS] for t, p in zip(tokens, PROMPTS, strict=True)], logits
+    batched decode; with `workers`, every forward is mirrored to them first, as the engine's model runner
+    does. Returns (new tokens per prompt, last step's logits)."""
+    runner = GreedyRunner(model, num_blocks=64, workers=workers)
+    tokens = runner.generate(PROMPTS, new_tokens=NEW_TOKENS, chunk=CHUNK)
+    return tokens, runner.last_logits
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3"])
