@@ -251,8 +251,8 @@ def bench_shape(shape: Shape, bandwidth: float) -> Result:
 
 
 def tune(bandwidth: float) -> list[dict]:
-    """Sweep tile, stages, programs per SM and min tiles per program on representative shapes of each
-    head dim (4 warps: 8 never won a first, wider sweep; see docs/kernel_notes.md)."""
+    """Sweep tile, warps, stages, programs per SM and min tiles per program on representative shapes of
+    each head dim (see docs/kernel_notes.md)."""
     k = 1024
     shapes = {
         128: [
@@ -271,8 +271,10 @@ def tune(bandwidth: float) -> list[dict]:
         for shape in dim_shapes:
             inp = make_inputs(shape)
             floor_us = 1e6 * shape.floor_bytes() / bandwidth
-            for tile, stages, per_sm, min_tiles in product((64, 128), (3, 4), (1, 2, 3), (1, 2, 4, 8)):
-                config = LeanConfig(tile, 4, stages, per_sm, min_tiles)
+            for tile, warps, stages, per_sm, min_tiles in product(
+                (64, 128), (4, 8), (2, 3, 4), (1, 2, 3), (1, 2, 4)
+            ):
+                config = LeanConfig(tile, warps, stages, per_sm, min_tiles)
                 try:
                     us = 1e6 * _time_graph(lean_calls(inp, config, sms * per_sm), replays=10)
                 except Exception as exc:  # out of shared memory/registers for this combination
@@ -285,7 +287,22 @@ def tune(bandwidth: float) -> list[dict]:
             print(f"best {shape.name}: {best}", flush=True)
             del inp
             torch.cuda.empty_cache()
+        _print_best_overall(rows, dim, len(dim_shapes))
     return rows
+
+
+def _print_best_overall(rows: list[dict], dim: int, num_shapes: int) -> None:
+    """The configs of one head dim with the best geometric mean of % floor over all its shapes."""
+    by_config: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["dim"] == dim:
+            key = (r["tile"], r["num_warps"], r["num_stages"], r["programs_per_sm"], r["min_tiles"])
+            by_config.setdefault(key, []).append(r["pct_floor"])
+    means = {
+        k: math.exp(statistics.fmean(map(math.log, v))) for k, v in by_config.items() if len(v) == num_shapes
+    }
+    for key, mean in sorted(means.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"D={dim} geomean {mean:.1f}% (tile, warps, stages, per_sm, min_tiles) = {key}", flush=True)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

@@ -16,6 +16,58 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _merge_partials(
+    part_acc_ptr,
+    part_ml_ptr,
+    first,
+    last,
+    first_slot,
+    GROUP: tl.constexpr,
+    GROUP_RED: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RED_CHUNK: tl.constexpr,
+):
+    """Merge the published partials of programs first..last (the caller's own included) into one
+    (max, denominator, accumulator) over GROUP_RED rows. A chunk of RED_CHUNK contributors is one 3-D
+    load, so it costs one L2 round trip (merging one contributor at a time cost ~0.5 us each). No
+    per-contributor divisions here: the vectors below are replicated across threads, and a 64-bit
+    division is a ~100-instruction routine per element (it made a merge take 4-10 us on an H100)."""
+    offs_c = tl.arange(0, RED_CHUNK)
+    offs_r = tl.arange(0, GROUP_RED)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_run = tl.full([GROUP_RED], float("-inf"), tl.float32)
+    l_run = tl.zeros([GROUP_RED], tl.float32)
+    acc_run = tl.zeros([GROUP_RED, BLOCK_D], tl.float32)
+    for c0 in range(first, last + 1, RED_CHUNK):
+        p = c0 + offs_c
+        # Every contributor after the first starts inside this output: its partial is in its first slot.
+        slot = tl.where(p == first, first_slot, 2 * p)
+        ok = (p <= last)[:, None] & (offs_r < GROUP)[None, :]  # [C, R]
+        ml = part_ml_ptr + slot[:, None] * (2 * GROUP_PAD) + offs_r[None, :]
+        # .cg: these lines were written by other SMs; never serve them from a stale L1.
+        m_c = tl.load(ml, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_c = tl.load(ml + GROUP_PAD, mask=ok, other=0.0, cache_modifier=".cg")
+        acc_c = tl.load(
+            part_acc_ptr
+            + slot[:, None, None] * (GROUP_PAD * BLOCK_D)
+            + offs_r[None, :, None] * BLOCK_D
+            + offs_d[None, None, :],
+            mask=ok[:, :, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        m_new = tl.maximum(m_run, tl.max(m_c, axis=0))
+        # Rows past GROUP stay -inf throughout (NaN weights there are never stored).
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m_c - m_new[None, :])  # 0 for masked contributors
+        l_run = l_run * alpha + tl.sum(w * l_c, axis=0)
+        acc_run = acc_run * alpha[:, None] + tl.sum(w[:, :, None] * acc_c, axis=0)
+        m_run = m_new
+    return m_run, l_run, acc_run
+
+
 # batch and min_tiles are plain runtime values: Triton would otherwise compile a variant for value 1.
 @triton.jit(do_not_specialize=["batch", "min_tiles"])
 def _lean_decode_kernel(
@@ -45,6 +97,7 @@ def _lean_decode_kernel(
     NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    GROUP_RED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -71,7 +124,6 @@ def _lean_decode_kernel(
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     offs_t = tl.arange(0, TILE)
-    offs_c = tl.arange(0, RED_CHUNK)
     g_mask = offs_g < GROUP
     gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     td_mask_d = offs_d[None, :] < HEAD_DIM
@@ -85,6 +137,8 @@ def _lean_decode_kernel(
                 )
                 tl.store(o_ptrs, tl.zeros([GROUP_PAD, BLOCK_D], tl.float32), mask=gd_mask)
 
+    # A split first segment counts in after the loop (see below): what it needs to do so.
+    deferred_b, deferred_h, deferred_begin, deferred_tiles = 0, 0, 0, 0
     u = start
     while u < end:
         # Locate unit u: sequence b, KV head h, and the unit range [out_begin, out_end) of output (b, h).
@@ -109,10 +163,15 @@ def _lean_decode_kernel(
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        # Page ids are fetched one tile ahead, so the K/V loads of a tile depend on no load of their own
+        # iteration and the pipeliner can keep num_stages - 1 K/V tiles in flight.
+        tok = (u - out_begin) * TILE + offs_t
+        next_page = tl.load(table + tok // PAGE_SIZE, mask=tok < seq_len, other=0)
         for tile in range(u - out_begin, seg_end - out_begin):
             tok = tile * TILE + offs_t
             tok_mask = tok < seq_len
-            page = tl.load(table + tok // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
+            page = next_page.to(tl.int64)
+            next_page = tl.load(table + (tok + TILE) // PAGE_SIZE, mask=tok + TILE < seq_len, other=0)
             row = (tok % PAGE_SIZE)[:, None]
             kv_mask = tok_mask[:, None] & td_mask_d
             k = tl.load(
@@ -142,73 +201,114 @@ def _lean_decode_kernel(
         if (u == out_begin) & (seg_end == out_end):
             tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
         else:
-            # A split output: publish the partial, then count its tiles in; the last to arrive merges.
+            # A split output: publish the partial (its real rows), then count its tiles in.
             slot = 2 * pid + (u != start).to(tl.int32)
             acc_ptrs = (
                 part_acc_ptr + slot * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D + offs_d[None, :]
             )
             ml_ptrs = part_ml_ptr + slot * (2 * GROUP_PAD) + offs_g
-            tl.store(acc_ptrs, acc)
-            tl.store(ml_ptrs, m_i)
-            tl.store(ml_ptrs + GROUP_PAD, l_i)
-            tl.debug_barrier()  # all threads' partial stores are issued before the release below
-
-            # Program p < A owns [p * total // A, (p + 1) * total // A), so unit x lies in the last program
-            # whose start is <= x. Its output's counter lives at the first contributor's slot.
-            first = (((out_begin.to(tl.int64) + 1) * active - 1) // total).to(tl.int32)
-            last = ((out_end.to(tl.int64) * active - 1) // total).to(tl.int32)
-            first_start = (first * total // active).to(tl.int32)
-            counter = counters_ptr + 2 * first + (first_start < out_begin).to(tl.int32)
-            done = tl.atomic_add(counter, seg_end - u, sem="acq_rel", scope="gpu") + (seg_end - u)
-            if done == n_tiles:
-                # Merge the other contributors RED_CHUNK at a time; their loads are independent of each
-                # other, so a chunk costs one L2 round trip instead of one per contributor.
-                for c0 in range(first, last + 1, RED_CHUNK):
-                    p_vec = c0 + offs_c
-                    ps_vec = p_vec.to(tl.int64) * total // active
-                    ok_vec = (
-                        (p_vec <= last)
-                        & (p_vec != pid)
-                        & ((p_vec + 1).to(tl.int64) * total // active > ps_vec)
-                    )
-                    slots = 2 * p_vec + (ps_vec < out_begin).to(tl.int32)
-                    # .cg: these lines were written by other SMs; never serve them from a stale L1.
-                    m_c = tl.load(
-                        part_ml_ptr + slots[:, None] * (2 * GROUP_PAD) + offs_g[None, :],
-                        mask=ok_vec[:, None],
-                        other=float("-inf"),
-                        cache_modifier=".cg",
-                    )
-                    m_new = tl.maximum(m_i, tl.max(m_c, axis=0))
-                    alpha = tl.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    acc = acc * alpha[:, None]
-                    for j in tl.static_range(RED_CHUNK):
-                        p_j = c0 + j
-                        ps_j = p_j.to(tl.int64) * total // active
-                        # Skip ourselves (already in registers), past-the-end and empty programs.
-                        ok_j = (
-                            (p_j <= last) & (p_j != pid) & ((p_j + 1).to(tl.int64) * total // active > ps_j)
-                        )
-                        slot_j = 2 * p_j + (ps_j < out_begin).to(tl.int32)
-                        ml_j = part_ml_ptr + slot_j * (2 * GROUP_PAD) + offs_g
-                        acc_j_ptrs = part_acc_ptr + slot_j * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D
-                        row_ok = offs_g < tl.where(ok_j, GROUP, 0)  # a real row of a contributor to merge
-                        m_j = tl.load(ml_j, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                        l_j = tl.load(ml_j + GROUP_PAD, mask=row_ok, other=0.0, cache_modifier=".cg")
-                        acc_j = tl.load(
-                            acc_j_ptrs + offs_d[None, :],
-                            mask=row_ok[:, None] & td_mask_d,
-                            other=0.0,
-                            cache_modifier=".cg",
-                        )
-                        w_j = tl.exp2(m_j - m_new)  # 0 for skipped contributors (m_j = -inf)
-                        l_i += w_j * l_j
-                        acc += w_j[:, None] * acc_j
-                    m_i = m_new
-                tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
-                tl.store(counter, 0)  # ready for the next launch or graph replay, no memset needed
+            tl.store(acc_ptrs, acc, mask=g_mask[:, None])
+            tl.store(ml_ptrs, m_i, mask=g_mask)
+            tl.store(ml_ptrs + GROUP_PAD, l_i, mask=g_mask)
+            if (u == start) & (seg_end < end):
+                # The release before counting in waits for these stores to land, which under full
+                # streaming takes microseconds: a first segment counts in after the program's last
+                # segment instead, when its stores have long landed.
+                deferred_b, deferred_h, deferred_begin, deferred_tiles = b, h, out_begin, seg_end - u
+            else:
+                _count_in(
+                    counters_ptr,
+                    part_acc_ptr,
+                    part_ml_ptr,
+                    out_ptr,
+                    b,
+                    h,
+                    out_begin,
+                    n_tiles,
+                    seg_end - u,
+                    total,
+                    active,
+                    stride_ob,
+                    stride_oh,
+                    GROUP,
+                    GROUP_RED,
+                    GROUP_PAD,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    RED_CHUNK,
+                )
         u = seg_end
+    if deferred_tiles > 0:
+        _count_in(
+            counters_ptr,
+            part_acc_ptr,
+            part_ml_ptr,
+            out_ptr,
+            deferred_b,
+            deferred_h,
+            deferred_begin,
+            tl.cdiv(tl.load(seq_lens_ptr + deferred_b), TILE),
+            deferred_tiles,
+            total,
+            active,
+            stride_ob,
+            stride_oh,
+            GROUP,
+            GROUP_RED,
+            GROUP_PAD,
+            HEAD_DIM,
+            BLOCK_D,
+            RED_CHUNK,
+        )
+
+
+@triton.jit
+def _count_in(
+    counters_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    b,
+    h,
+    out_begin,
+    n_tiles,
+    count,
+    total,
+    active,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_RED: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RED_CHUNK: tl.constexpr,
+):
+    """Add `count` tiles to split output (b, h)'s counter after this program's partial of it is stored;
+    the contributor that completes the count merges all partials into the output and resets the counter."""
+    tl.debug_barrier()  # all threads' partial stores are issued before the release below
+    # Program p < A owns [p * total // A, (p + 1) * total // A), so unit x lies in the last program whose
+    # start is <= x. The output's counter lives at its first contributor's slot.
+    out_end = out_begin + n_tiles
+    first = (((out_begin.to(tl.int64) + 1) * active - 1) // total).to(tl.int32)
+    last = ((out_end.to(tl.int64) * active - 1) // total).to(tl.int32)
+    first_start = (first * total // active).to(tl.int32)
+    # The first contributor holds its partial of this output in its first slot if the output begins at
+    # its start, else in its last slot; that slot also indexes the output's counter.
+    first_slot = 2 * first + (first_start < out_begin).to(tl.int32)
+    counter = counters_ptr + first_slot
+    done = tl.atomic_add(counter, count, sem="acq_rel", scope="gpu") + count
+    if done == n_tiles:
+        _, l_out, acc_out = _merge_partials(
+            part_acc_ptr, part_ml_ptr, first, last, first_slot,
+            GROUP, GROUP_RED, GROUP_PAD, BLOCK_D, RED_CHUNK,
+        )  # fmt: skip
+        offs_r = tl.arange(0, GROUP_RED)
+        offs_d = tl.arange(0, BLOCK_D)
+        o_ptrs = out_ptr + b * stride_ob + (h * GROUP + offs_r)[:, None] * stride_oh + offs_d[None, :]
+        mask = (offs_r < GROUP)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        tl.store(o_ptrs, (acc_out / l_out[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(counter, 0)  # ready for the next launch or graph replay, no memset needed
 
 
 @dataclass(frozen=True)
@@ -223,19 +323,20 @@ class LeanConfig:
     min_tiles: int = 2
 
 
-# Tuned on an H100 with two sweeps (docs/kernel_notes.md). Triton's pipeliner spends one stage on the
-# block-table load, so each program keeps one K/V tile in flight whether num_stages is 3 or 4: the bytes in
-# flight per SM are programs x tile bytes. D=128: 128-token tiles (64 KB of K+V), 2 programs per SM (the
-# kernel needs ~200 registers a thread, so 2 are resident). D=64: 64-token tiles, 3 programs per SM.
-# min_tiles > 1 puts short batches on fewer programs, so fewer partials per output are merged. D=96 pads to
-# 128 and shares its config; D=256 is checked for correctness only (not tuned).
+# Tuned on an H100 (sweep 3 of docs/kernel_notes.md: tile 64/128 x warps 4/8 x stages 2-4 x programs per
+# SM 1-3 x min_tiles 1/2/4; best geometric mean of % floor over B=1 1k/4k/128k, B=32 4k, B=256 1k and a
+# ragged batch, within 1% of the runner-up). The page ids are prefetched a tile ahead, so num_stages - 1
+# K/V tiles are in flight per program: D=128 64-token tiles (32 KB of K+V) x 2 in flight x 2 programs per
+# SM (~200 registers a thread allow 2). 8 warps lost everywhere. min_tiles 2 puts short batches on fewer
+# programs, so fewer partials per output are merged. D=64 shares the D=128 choice (best on the batched
+# default-model shape); D=96 pads to 128; D=256 is checked for correctness only (not tuned).
 _CONFIGS: dict[int, LeanConfig] = {
-    64: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=3, min_tiles=4),
-    96: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
-    128: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    64: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    96: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
+    128: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
     256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
 }
-_RED_CHUNK = 8  # partials merged per round trip by a reducer (8 x [16, 128] fp32 loads in flight)
+_RED_ELEMENTS = 8192  # fp32 partial elements a reducer loads per round trip (64 registers a thread)
 _MAX_GROUP = 64  # query heads per KV head accepted: the [GROUP_PAD, D] fp32 accumulator grows with it
 _INTERPRETER_PROGRAMS = 4  # programs when run under TRITON_INTERPRET (no SMs to fill; programs run serially)
 
@@ -263,6 +364,12 @@ def _workspace(device: torch.device, num_programs: int, group_pad: int, block_d:
             counters=torch.zeros(slots, dtype=torch.int32, device=device),
         )
     return _WORKSPACES[key]
+
+
+def red_chunk(group: int, head_dim: int) -> int:
+    """Contributors a reducer merges per round: as many [group, head_dim] fp32 partials as fit
+    _RED_ELEMENTS (B=1 with 8 KV heads has ~33 per output on an H100: 3 rounds at D=128, GQA 4)."""
+    return max(1, _RED_ELEMENTS // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim)))
 
 
 def _interpreted() -> bool:
@@ -378,6 +485,7 @@ def _launch(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         GROUP_PAD=group_pad,
+        GROUP_RED=triton.next_power_of_2(group),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         PAGE_SIZE=block_size,
@@ -386,7 +494,7 @@ def _launch(
         # The interpreter computes bf16 tl.dot wrongly (triton issue 11584): upcast its operands there.
         UPCAST=_interpreted(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        RED_CHUNK=_RED_CHUNK,
+        RED_CHUNK=red_chunk(group, head_dim),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import lean_attention_decode, reference_decode_attention
-from kernels.lean_attention import _CONFIGS, LeanConfig, _launch
+from kernels.lean_attention import _CONFIGS, LeanConfig, _launch, red_chunk
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -138,12 +138,11 @@ def test_matches_reference(case):
 
 def test_output_merged_from_many_programs():
     """One long output spread over more programs than a reducer merges per round (several rounds)."""
-    from kernels.lean_attention import _RED_CHUNK
-
     config = replace(_CONFIGS[64], min_tiles=1)
-    lens = [20 * config.tile + 7, 5]
-    num_programs = 2 * _RED_CHUNK + 5
-    assert _max_contributors(lens, 1, config, num_programs) > 2 * _RED_CHUNK
+    chunk = red_chunk(3, 64)  # (3, 1) heads: GQA 3
+    lens = [(2 * chunk + 8) * config.tile + 7, 5]
+    num_programs = 2 * chunk + 5
+    assert _max_contributors(lens, 1, config, num_programs) > 2 * chunk
     q, k, v, bt, sl = _make_inputs(2, 3, 1, 64, 16, lens, torch.float16, DEVICE)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
