@@ -137,129 +137,151 @@ def _lean_decode_kernel(
                 )
                 tl.store(o_ptrs, tl.zeros([GROUP_PAD, BLOCK_D], tl.float32), mask=gd_mask)
 
-    # A split first segment counts in after the loop (see below): what it needs to do so.
-    deferred_b, deferred_h, deferred_begin, deferred_tiles = 0, 0, 0, 0
-    u = start
-    while u < end:
-        # Locate unit u: sequence b, KV head h, and the unit range [out_begin, out_end) of output (b, h).
-        b = tl.sum((units_end <= u).to(tl.int32), axis=0)
-        seq_end = tl.sum(tl.where(offs_b == b, units_end, 0), axis=0)
-        seq_len = tl.load(seq_lens_ptr + b)
-        n_tiles = tl.cdiv(seq_len, TILE)
-        seq_begin = seq_end - n_tiles * NUM_KV_HEADS
-        h = (u - seq_begin) // n_tiles
-        out_begin = seq_begin + h * n_tiles
-        out_end = out_begin + n_tiles
-        seg_end = tl.minimum(end, out_end)
-
-        q_ptrs = q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=gd_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        k_base = k_ptr + h * stride_kh
-        v_base = v_ptr + h * stride_vh
-        table = block_tables_ptr + b.to(tl.int64) * stride_btb
-
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-        # Page ids are fetched one tile ahead, so the K/V loads of a tile depend on no load of their own
-        # iteration and the pipeliner can keep num_stages - 1 K/V tiles in flight.
-        tok = (u - out_begin) * TILE + offs_t
-        next_page = tl.load(table + tok // PAGE_SIZE, mask=tok < seq_len, other=0)
-        for tile in range(u - out_begin, seg_end - out_begin):
-            tok = tile * TILE + offs_t
-            tok_mask = tok < seq_len
-            page = next_page.to(tl.int64)
-            next_page = tl.load(table + (tok + TILE) // PAGE_SIZE, mask=tok + TILE < seq_len, other=0)
-            row = (tok % PAGE_SIZE)[:, None]
-            kv_mask = tok_mask[:, None] & td_mask_d
-            k = tl.load(
-                k_base + page[:, None] * stride_kn + row * stride_kb + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + page[:, None] * stride_vn + row * stride_vb + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
-            s = tl.where(tok_mask[None, :], s, float("-inf"))
-            # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        o_ptrs = out_ptr + b * stride_ob + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-        if (u == out_begin) & (seg_end == out_end):
-            tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+    # One flat loop over the program's units, so the software pipeline never restarts at an output
+    # boundary: the next unit's location, page ids and K/V loads never wait for the current epilogue.
+    b, h, out_begin, n_tiles, seq_len = _locate(start, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
+    tile = start - out_begin
+    q = _load_q(q_ptr, b, h, GROUP, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
+    tok = tile * TILE + offs_t
+    next_page = tl.load(block_tables_ptr + b.to(tl.int64) * stride_btb + tok // PAGE_SIZE, mask=tok < seq_len)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    seg_begin = start
+    # The split outputs this program counts in after the loop: (b, h, first unit, tiles, own tiles).
+    first_b, first_h, first_begin, first_n, first_tiles = 0, 0, 0, 1, 0
+    last_b, last_h, last_begin, last_n, last_tiles = 0, 0, 0, 1, 0
+    for u in range(start, end):
+        # Where unit u + 1 lies: the same output's next tile, or the first tile of the next output.
+        out_done = tile + 1 == n_tiles
+        if out_done:
+            nb, nh, n_begin, n_n, n_len = _locate(u + 1, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
+            n_tile = u + 1 - n_begin
         else:
-            # A split output: publish the partial (its real rows), then count its tiles in.
-            slot = 2 * pid + (u != start).to(tl.int32)
-            acc_ptrs = (
-                part_acc_ptr + slot * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D + offs_d[None, :]
-            )
-            ml_ptrs = part_ml_ptr + slot * (2 * GROUP_PAD) + offs_g
-            tl.store(acc_ptrs, acc, mask=g_mask[:, None])
-            tl.store(ml_ptrs, m_i, mask=g_mask)
-            tl.store(ml_ptrs + GROUP_PAD, l_i, mask=g_mask)
-            if (u == start) & (seg_end < end):
-                # The release before counting in waits for these stores to land, which under full
-                # streaming takes microseconds: a first segment counts in after the program's last
-                # segment instead, when its stores have long landed.
-                deferred_b, deferred_h, deferred_begin, deferred_tiles = b, h, out_begin, seg_end - u
-            else:
-                _count_in(
-                    counters_ptr,
-                    part_acc_ptr,
-                    part_ml_ptr,
-                    out_ptr,
-                    b,
-                    h,
-                    out_begin,
-                    n_tiles,
-                    seg_end - u,
-                    total,
-                    active,
-                    stride_ob,
-                    stride_oh,
-                    GROUP,
-                    GROUP_RED,
-                    GROUP_PAD,
-                    HEAD_DIM,
-                    BLOCK_D,
-                    RED_CHUNK,
-                )
-        u = seg_end
-    if deferred_tiles > 0:
-        _count_in(
-            counters_ptr,
-            part_acc_ptr,
-            part_ml_ptr,
-            out_ptr,
-            deferred_b,
-            deferred_h,
-            deferred_begin,
-            tl.cdiv(tl.load(seq_lens_ptr + deferred_b), TILE),
-            deferred_tiles,
-            total,
-            active,
-            stride_ob,
-            stride_oh,
-            GROUP,
-            GROUP_RED,
-            GROUP_PAD,
-            HEAD_DIM,
-            BLOCK_D,
-            RED_CHUNK,
+            nb, nh, n_begin, n_n, n_len, n_tile = b, h, out_begin, n_tiles, seq_len, tile + 1
+        # Page ids and the query are fetched a tile ahead, so the K/V loads of a tile depend on no load of
+        # their own iteration and the pipeliner keeps num_stages - 1 K/V tiles in flight (the query of
+        # the same output comes from L1).
+        page = next_page.to(tl.int64)
+        # (past the program's last unit, nb may be one past the batch: nothing is read there)
+        has_next = u + 1 < end
+        q_rows = tl.where(has_next, GROUP, 0)
+        next_q = _load_q(q_ptr, nb, nh, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
+        n_tok = n_tile * TILE + offs_t
+        next_page = tl.load(
+            block_tables_ptr + nb.to(tl.int64) * stride_btb + n_tok // PAGE_SIZE,
+            mask=n_tok < tl.where(has_next, n_len, 0),
+            other=0,
         )
+        tok = tile * TILE + offs_t
+        tok_mask = tok < seq_len
+        row = (tok % PAGE_SIZE)[:, None]
+        kv_mask = tok_mask[:, None] & td_mask_d
+        k = tl.load(
+            k_ptr + h * stride_kh + page[:, None] * stride_kn + row * stride_kb + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + h * stride_vh + page[:, None] * stride_vn + row * stride_vb + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+        if out_done | (u + 1 == end):
+            # The end of a segment: this program's tiles [seg_begin, u] of output (b, h).
+            if (seg_begin == out_begin) & out_done:
+                o_ptrs = out_ptr + b * stride_ob + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+                tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+            else:
+                # A split output: publish the partial (its real rows), then count its tiles in.
+                slot = 2 * pid + (seg_begin != start).to(tl.int32)
+                acc_ptrs = (
+                    part_acc_ptr + slot * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D + offs_d[None, :]
+                )
+                ml_ptrs = part_ml_ptr + slot * (2 * GROUP_PAD) + offs_g
+                tl.store(acc_ptrs, acc, mask=g_mask[:, None])
+                tl.store(ml_ptrs, m_i, mask=g_mask)
+                tl.store(ml_ptrs + GROUP_PAD, l_i, mask=g_mask)
+                # Count in after the loop (no atomics or merges inside keeps it pipelined): a program has
+                # at most two split outputs, its first and its last. Counting the first in late also
+                # finds its stores long landed, so the release before the atomic costs nothing.
+                if seg_begin == start:
+                    first_b, first_h, first_begin, first_n, first_tiles = (
+                        b,
+                        h,
+                        out_begin,
+                        n_tiles,
+                        u + 1 - seg_begin,
+                    )
+                else:
+                    last_b, last_h, last_begin, last_n, last_tiles = (
+                        b,
+                        h,
+                        out_begin,
+                        n_tiles,
+                        u + 1 - seg_begin,
+                    )
+            m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+            seg_begin = u + 1
+        b, h, out_begin, n_tiles, seq_len, tile, q = nb, nh, n_begin, n_n, n_len, n_tile, next_q
+    if first_tiles > 0:
+        _count_in(
+            counters_ptr, part_acc_ptr, part_ml_ptr, out_ptr, first_b, first_h, first_begin, first_n,
+            first_tiles, total, active, stride_ob, stride_oh,
+            GROUP, GROUP_RED, GROUP_PAD, HEAD_DIM, BLOCK_D, RED_CHUNK,
+        )  # fmt: skip
+    if last_tiles > 0:
+        _count_in(
+            counters_ptr, part_acc_ptr, part_ml_ptr, out_ptr, last_b, last_h, last_begin, last_n,
+            last_tiles, total, active, stride_ob, stride_oh,
+            GROUP, GROUP_RED, GROUP_PAD, HEAD_DIM, BLOCK_D, RED_CHUNK,
+        )  # fmt: skip
+
+
+@triton.jit
+def _locate(u, units_end, lens, offs_b, NUM_KV_HEADS: tl.constexpr, TILE: tl.constexpr):
+    """Unit u's sequence b, KV head h, the first unit of output (b, h), its tile count and the
+    sequence length; from the partition vectors in registers (no memory access)."""
+    b = tl.sum((units_end <= u).to(tl.int32), axis=0)
+    seq_end = tl.sum(tl.where(offs_b == b, units_end, 0), axis=0)
+    seq_len = tl.sum(tl.where(offs_b == b, lens, 0), axis=0)
+    n_tiles = tl.cdiv(seq_len, TILE)
+    seq_begin = seq_end - n_tiles * NUM_KV_HEADS
+    h = (u - seq_begin) // tl.maximum(n_tiles, 1)
+    return b, h, seq_begin + h * n_tiles, n_tiles, seq_len
+
+
+@triton.jit
+def _load_q(
+    q_ptr, b, h, rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The first `rows` of the GROUP query heads of KV head h of sequence b: [GROUP_PAD, BLOCK_D],
+    other rows 0."""
+    mask = (offs_g < rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(
+        q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
 
 
 @triton.jit
