@@ -1,11 +1,27 @@
-"""Decode attention kernels: Triton LeanAttention (stream-K) over a paged KV cache and its torch twin.
+"""Triton kernels, each with its plain-torch twin (the CPU path and the tests' reference): decode
+attention over a paged KV cache (LeanAttention, stream-K), RMSNorm fused with the residual add, rotary
+embedding fused with the KV-cache write, and SiLU-and-multiply.
 
 Note: a PyPI distribution named `kernels` (Hugging Face's kernel hub) exists and transformers probes
 for it by import name. Ours is found under the `leanserve` distribution (version 0.x, outside the
 0.18-0.19 window transformers accepts) or without metadata (editable), so it is never taken for it;
 tests/test_foundation.py guards this."""
 
+from kernels.activation import reference_silu_and_mul, silu_and_mul
 from kernels.lean_attention import lean_attention_decode
 from kernels.reference import reference_decode_attention
+from kernels.rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
+from kernels.rotary import reference_rope_and_cache, rope_and_cache
 
-__all__ = ["lean_attention_decode", "reference_decode_attention"]
+__all__ = [
+    "fused_add_rms_norm",
+    "lean_attention_decode",
+    "reference_decode_attention",
+    "reference_fused_add_rms_norm",
+    "reference_rms_norm",
+    "reference_rope_and_cache",
+    "reference_silu_and_mul",
+    "rms_norm",
+    "rope_and_cache",
+    "silu_and_mul",
+]

@@ -1,6 +1,7 @@
 """Attention over the paged KV cache: the per-step batch description, the attention timer and the
-attention computation itself (K/V written to the cache, prefill by SDPA over cached prefix + chunk,
-decode by the LeanAttention kernel on CUDA or its torch reference on CPU)."""
+attention computation itself (prefill by SDPA over cached prefix + chunk, decode by the LeanAttention
+kernel on CUDA or its torch reference on CPU). The step's K/V are already in the cache: the rotary
+embedding step writes them (models.layers.RotaryEmbedding)."""
 
 from __future__ import annotations
 
@@ -99,13 +100,10 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of the step's new tokens over their sequences' caches.
+    """Causal attention of the step's new tokens over their sequences' caches, which only reads them.
 
-    q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, any strides); k_cache, v_cache: [num_blocks,
-    block_size, Hkv, D]. Writes k, v at batch.slot_mapping first. Returns [T, Hq, D]."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, any strides, already written to the caches at
+    batch.slot_mapping); k_cache, v_cache: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D]."""
     out = torch.empty_like(q)
     timer = batch.timer
     num_prefill = batch.num_prefill_tokens

@@ -1,5 +1,7 @@
-"""Building blocks shared by the Llama-family layers: RMSNorm, rotary embeddings (plain, linear and
-Llama-3 scaled) and the fused gated (SwiGLU) MLP. Weights are created empty; the loader fills them."""
+"""Building blocks shared by the Llama-family layers: RMSNorm (fused with the residual add), rotary
+embeddings (plain, linear and Llama-3 scaled) applied together with the KV-cache write, and the fused
+gated (SwiGLU) MLP. Each runs its Triton kernel on CUDA tensors and the kernel's torch twin elsewhere.
+Weights are created empty; the loader fills them."""
 
 from __future__ import annotations
 
@@ -9,6 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import (
+    fused_add_rms_norm,
+    reference_fused_add_rms_norm,
+    reference_rms_norm,
+    reference_rope_and_cache,
+    reference_silu_and_mul,
+    rms_norm,
+    rope_and_cache,
+    silu_and_mul,
+)
 from models.config import ModelConfig
 
 
@@ -46,19 +58,22 @@ def prepack_linear_weights(model: nn.Module) -> None:
             module.register_buffer(name, packed, persistent=False)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x: [..., D]; weight: [D] or None. One fused kernel on CUDA; statistics in fp32 for every dtype."""
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = empty_param(size, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [T, H]. Returns (normed, residual stream): without `residual`, (rms_norm(x), x);
+        with it, residual += x first and x is overwritten with the norm of the sum (both in place)."""
+        if residual is None:
+            norm = rms_norm if x.is_cuda else reference_rms_norm
+            return norm(x, self.weight, self.eps), x
+        add_norm = fused_add_rms_norm if x.is_cuda else reference_fused_add_rms_norm
+        return add_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -89,30 +104,34 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_position_embeddings, looked up once per forward
-    (an index_select: no host sync, capturable) and applied to q and k of every layer. The tables are
-    stored as [cos, cos] and [-sin, sin] over the whole head dim so that rotating costs 3 kernels."""
+    """The cos/sin table of every position up to max_position_embeddings, one for the whole model (every
+    layer's attention holds the same instance), applied to q and k together with the KV-cache write.
+
+    The table `cos_sin` is [max_pos, 2, D] in the model dtype: [cos, cos] and [-sin, sin] over the whole
+    head dim, so the torch twin rotates q and k with 3 ops; the kernel reads one half of each row."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config).to(positions.device))
         cos, sin = angles.cos(), angles.sin()
+        table = torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)
         # Rounded to the model dtype like the reference, so bf16 runs match HF's rounding too.
-        self.register_buffer("cos", torch.cat((cos, cos), dim=-1).to(dtype), persistent=False)
-        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1).to(dtype), persistent=False)
+        self.register_buffer("cos_sin", table.to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64 -> (cos, sin), each [T, 1, head_dim] (broadcast over heads)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D] (halves layout, as in HF Llama); cos, sin: [T, 1, D] from RotaryEmbedding.
-    Returns x * cos + rotate_half(x) * sin as a new contiguous [T, H, D]."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, sin)
+    def forward(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotate the q and k heads of qkv [T, (Hq + 2 Hkv) * D] in place at positions [T] int64 and write
+        k and v to the caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64. Returns views
+        of qkv: q [T, Hq, D], k and v [T, Hkv, D]."""
+        apply = rope_and_cache if qkv.is_cuda else reference_rope_and_cache
+        return apply(qkv, positions, self.cos_sin, k_cache, v_cache, slot_mapping)
 
 
 class GatedMLP(nn.Module):
@@ -126,5 +145,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]"""
-        gate, up = linear(x, self.gate_up_weight).split(self.intermediate_size, dim=-1)
-        return linear(F.silu(gate) * up, self.down_weight)
+        gate_up = linear(x, self.gate_up_weight)
+        act = silu_and_mul(gate_up) if gate_up.is_cuda else reference_silu_and_mul(gate_up)
+        return linear(act, self.down_weight)

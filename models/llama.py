@@ -13,7 +13,7 @@ from torch import nn
 from models.attention import AttentionBatch, paged_attention
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, empty_param, linear, rms_norm
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, linear
 from models.parallel import TensorParallel, check_divisible
 
 # HF tensor name -> (our parameter, first row, end row, checkpoint slice or None). The slice is
@@ -24,7 +24,9 @@ Layout = dict[str, tuple[str, int, int, tuple[int, int, int] | None]]
 class Attention(nn.Module):
     """Self-attention over this rank's heads: Hq / tp query heads and Hkv / tp KV heads."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, tp_size: int = 1) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, rope: RotaryEmbedding, tp_size: int = 1
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads // tp_size
@@ -32,6 +34,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
+        self.rope = rope  # the model's one table, shared by every layer
         qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_weight = empty_param(qkv_rows, config.hidden_size, dtype=dtype)
         self.qkv_bias = empty_param(qkv_rows, dtype=dtype) if config.attention_bias else None
@@ -45,49 +48,63 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        batch: AttentionBatch,
-        kv_cache: KVCache,
+        self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
     ) -> torch.Tensor:
-        """x: [T, H]; cos, sin: [T, 1, D] -> [T, H] (this rank's partial sum under tensor parallelism)"""
+        """x: [T, H]; positions: [T] int64 -> [T, H] (this rank's partial sum under tensor parallelism)"""
         num_tokens = x.shape[0]
-        qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
-        qk = qkv[:, :qk_size].view(num_tokens, -1, self.head_dim)
-        v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm_weight is not None:
-            qk = rms_norm(qk, None, self.eps) * self.qk_norm_weight
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        o = paged_attention(
-            q, k, v, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], batch, self.scale
-        )
+            # The q and k heads, normalised in place: the rotation reads them from qkv.
+            qk = qkv[:, : self.qk_norm_weight.numel()].view(num_tokens, *self.qk_norm_weight.shape)
+            torch.mul(F.rms_norm(qk, (self.head_dim,), None, self.eps), self.qk_norm_weight, out=qk)
+        k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
+        q, k, v = self.rope(qkv, positions, k_cache, v_cache, batch.slot_mapping)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         return linear(o.view(num_tokens, -1), self.o_weight)
 
 
 class DecoderLayer(nn.Module):
+    """Attention and MLP blocks with pre-norms. The residual stream travels beside the hidden states
+    (as in vLLM): each norm adds its block's input to the stream and normalises the sum in one kernel,
+    so a layer returns its MLP output unadded and the next layer's input norm (or the final norm) adds it."""
+
     def __init__(
-        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, tp: TensorParallel | None
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        rope: RotaryEmbedding,
+        tp: TensorParallel | None,
     ) -> None:
         super().__init__()
         tp_size = tp.world_size if tp else 1
         self.tp = tp
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, layer_idx, dtype, tp_size)
+        self.attn = Attention(config, layer_idx, dtype, rope, tp_size)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size // tp_size, dtype)
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
-        if self.tp is None:
-            x = x + self.attn(self.input_norm(x), cos, sin, batch, kv_cache)
-            return x + self.mlp(self.post_attention_norm(x))
-        # o_proj and down_proj are row-parallel: each rank's output is a partial sum over its heads
-        # (its MLP columns), so one all-reduce after each completes them.
-        x = x + self.tp.all_reduce(self.attn(self.input_norm(x), cos, sin, batch, kv_cache))
-        return x + self.tp.all_reduce(self.mlp(self.post_attention_norm(x)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] the previous layer's MLP output (the embeddings, with residual None, for the first
+        layer); residual: [T, H] the stream it has not been added to. Returns (MLP output, stream)."""
+        x, residual = self.input_norm(x, residual)
+        x = self.attn(x, positions, batch, kv_cache)
+        # o_proj and down_proj are row-parallel: each rank's output is a partial sum over its heads (its
+        # MLP columns), so one all-reduce after each completes it before it joins the stream.
+        if self.tp is not None:
+            x = self.tp.all_reduce(x)
+        x, residual = self.post_attention_norm(x, residual)
+        x = self.mlp(x)
+        if self.tp is not None:
+            x = self.tp.all_reduce(x)
+        return x, residual
 
 
 class CausalLM(nn.Module):
@@ -107,7 +124,9 @@ class CausalLM(nn.Module):
         self.tp = tp
         self.embed_weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype)
         self.rope = RotaryEmbedding(config, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, tp) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, self.rope, tp) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head_weight = (
             self.embed_weight
@@ -135,11 +154,10 @@ class CausalLM(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> final-normed hidden states [T, hidden]"""
-        x = F.embedding(input_ids, self.embed_weight)
-        cos, sin = self.rope(positions)
+        x, residual = F.embedding(input_ids, self.embed_weight), None
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, batch, kv_cache)
+        return self.norm(x, residual)[0]  # the last layer's MLP output joins the stream here
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] float32"""

@@ -1,0 +1,63 @@
+"""SiLU-and-multiply of a gated MLP (Triton) and its torch twin: [T, 2I] gate || up -> silu(gate) * up,
+one read of the fused gate/up product instead of the two kernels and the temporary of the torch form."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    gate_up_ptr,
+    out_ptr,
+    stride_in,
+    stride_out,
+    inter,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + inter + offs, mask=mask, other=0.0)
+    # silu rounded to the dtype before the product, as F.silu(gate) * up rounds it.
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(
+        out_ptr + row * stride_out + offs, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=mask
+    )
+
+
+# 1024 columns per program at 4 warps: 8 elements per thread, one 16-byte bf16 load each of gate and
+# up; Llama-3-8B's I = 14336 then spreads a single decode row over 14 programs.
+_BLOCK = 1024
+_NUM_WARPS = 4
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] fp16/bf16/fp32, gate columns first (any row stride). Returns a new [T, I]."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise ValueError(
+            f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)} {gate_up.stride()}"
+        )
+    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    if tokens:
+        _silu_and_mul_kernel[(tokens, triton.cdiv(inter, _BLOCK))](
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def reference_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `silu_and_mul`. gate_up: [..., 2I] -> [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,190 @@
+"""Rotary embedding and KV-cache write in one launch (Triton), and its torch twin: the q and k heads of
+a fused qkv projection are rotated in place (HF "rotate_half" layout) with cos/sin looked up by
+position, then every token's rotated k and its v are stored at its slot of the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate(
+    ptr, cos, sin, offs_h, offs_d, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr
+):
+    """Rotate heads [0, NUM_HEADS) of one token at `ptr` in place; returns the rotated halves (fp32)."""
+    mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
+    first = ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    # x * [cos, cos] + rotate_half(x) * [sin, sin], with rotate_half(x) = [-x2, x1].
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    tl.store(first, out1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(first + HALF, out2.to(ptr.dtype.element_ty), mask=mask)
+    return out1, out2
+
+
+@triton.jit
+def _rope_and_cache_kernel(
+    qkv_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_qkv,
+    stride_pos,  # cos_sin: one position's [2, D] rows
+    stride_sin,  # cos_sin: from the cos row to the sin row
+    stride_slot,  # caches: [num_blocks * block_size, Hkv, D] as flat slots
+    stride_head,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    row = qkv_ptr + token * stride_qkv
+    offs_half = tl.arange(0, BLOCK_HALF)
+    half_mask = offs_half < HALF
+    # The table holds [cos, cos] and [-sin, sin] over the whole head dim: one half of each is enough.
+    table = cos_sin_ptr + tl.load(positions_ptr + token) * stride_pos
+    cos = tl.load(table + offs_half, mask=half_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(table + stride_sin + HALF + offs_half, mask=half_mask, other=0.0).to(tl.float32)[None, :]
+
+    _rotate(row, cos, sin, tl.arange(0, BLOCK_HQ), offs_half, NUM_Q_HEADS, HEAD_DIM, HALF)
+    offs_kv = tl.arange(0, BLOCK_HKV)
+    k1, k2 = _rotate(row + NUM_Q_HEADS * HEAD_DIM, cos, sin, offs_kv, offs_half, NUM_KV_HEADS, HEAD_DIM, HALF)
+
+    slot = tl.load(slot_mapping_ptr + token)
+    cache_row = slot * stride_slot
+    k_dst = k_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_half[None, :]
+    k_mask = (offs_kv[:, None] < NUM_KV_HEADS) & half_mask[None, :]
+    tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    v_mask = (offs_kv[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    v_src = row + (NUM_Q_HEADS + NUM_KV_HEADS) * HEAD_DIM + offs_kv[:, None] * HEAD_DIM + offs_d[None, :]
+    v = tl.load(v_src, mask=v_mask, other=0.0)
+    tl.store(v_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_d[None, :], v, mask=v_mask)
+
+
+# One program per token holds all its heads (Llama-3-8B: 40 rotated heads of 64 pairs, 8 V heads of
+# 128) in 4 warps: about 20 fp32 values per thread and operand, no spills; decode batches are small, so
+# more programs per token would only add launch-wide overhead.
+_NUM_WARPS = 4
+
+
+def _split_heads(
+    qkv: torch.Tensor, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of qkv [T, (Hq + 2 Hkv) * D]: q and k together [T, Hq + Hkv, D], q [T, Hq, D], k and v
+    [T, Hkv, D]."""
+    heads = qkv.view(qkv.shape[0], qkv.shape[1] // head_dim, head_dim)
+    num_q_heads = heads.shape[1] - 2 * num_kv_heads
+    qk, v = heads[:, : num_q_heads + num_kv_heads], heads[:, num_q_heads + num_kv_heads :]
+    return qk, qk[:, :num_q_heads], qk[:, num_q_heads:], v
+
+
+def _check(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(
+            "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] of one shape and strides, got "
+            f"{tuple(k_cache.shape)} {k_cache.stride()} and {tuple(v_cache.shape)} {v_cache.stride()}"
+        )
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if k_cache.stride(3) != 1 or head_dim % 2:
+        raise ValueError(f"the caches need an even head dim of unit stride, got D={head_dim}")
+    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
+        raise ValueError(f"flat slots need the cache blocks laid end to end, got strides {k_cache.stride()}")
+    width = (qkv.shape[1] // head_dim) * head_dim if qkv.dim() == 2 else -1
+    if width != qkv.shape[-1] or width <= 2 * num_kv_heads * head_dim or qkv.stride(-1) != 1:
+        raise ValueError(
+            f"qkv must be [T, (Hq + 2 * {num_kv_heads}) * {head_dim}] with unit column stride, "
+            f"got {tuple(qkv.shape)} {qkv.stride()}"
+        )
+    dtypes = {qkv.dtype, cos_sin.dtype, k_cache.dtype, v_cache.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(f"qkv, cos_sin and the caches must share a dtype, got {sorted(map(str, dtypes))}")
+    if cos_sin.dim() != 3 or cos_sin.shape[1:] != (2, head_dim) or cos_sin.stride(2) != 1:
+        raise ValueError(f"cos_sin must be [max_pos, 2, {head_dim}], got {tuple(cos_sin.shape)}")
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.dtype != torch.int64 or t.shape != qkv.shape[:1] or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous int64 [{qkv.shape[0]}], got {t.dtype} {tuple(t.shape)}"
+            )
+    devices = {t.device for t in (qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q and k of qkv in place and write k and v to the cache, in one launch.
+
+    qkv: [T, (Hq + 2 Hkv) * D] fp16/bf16/fp32, q heads then k then v (any row stride); positions: [T]
+    int64; cos_sin: [max_pos, 2, D] in qkv's dtype ([cos, cos] and [-sin, sin] per position, see
+    models.layers.RotaryEmbedding); k_cache, v_cache: [num_blocks, block_size, Hkv, D] in qkv's dtype;
+    slot_mapping: [T] int64 flat slots (block * block_size + offset). Returns the views q [T, Hq, D],
+    k, v [T, Hkv, D] of qkv. No host synchronisation (CUDA-graph capturable); positions and slots are
+    not bounds-checked."""
+    _check(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    _, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
+    if qkv.shape[0]:
+        _rope_and_cache_kernel[(qkv.shape[0],)](
+            qkv,
+            positions,
+            cos_sin,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            qkv.stride(0),
+            cos_sin.stride(0),
+            cos_sin.stride(1),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            NUM_Q_HEADS=q.shape[1],
+            NUM_KV_HEADS=num_kv_heads,
+            HEAD_DIM=head_dim,
+            HALF=head_dim // 2,
+            BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+            BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+            num_warps=_NUM_WARPS,
+        )
+    return q, k, v
+
+
+def reference_rope_and_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch twin of `rope_and_cache`, with the same in-place effects: q and k rotated together with the
+    full-width tables (3 ops), then k and v copied into the caches."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    qk, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
+    cos, sin = cos_sin.index_select(0, positions).unsqueeze(1).unbind(2)  # [T, 1, D] each
+    half = head_dim // 2
+    swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+    qk.mul_(cos).addcmul_(swapped, sin)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    return q, k, v
