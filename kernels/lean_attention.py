@@ -141,7 +141,9 @@ def _lean_decode_kernel(
     # boundary: the next unit's location, page ids and K/V loads never wait for the current epilogue.
     b, h, out_begin, n_tiles, seq_len = _locate(start, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
     tile = start - out_begin
-    q = _load_q(q_ptr, b, h, GROUP, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
+    # A program with no units (start == end) locates b one past the batch: it must read nothing there.
+    q_rows = tl.where(start < end, GROUP, 0)
+    q = _load_q(q_ptr, b, h, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
     tok = tile * TILE + offs_t
     next_page = tl.load(block_tables_ptr + b.to(tl.int64) * stride_btb + tok // PAGE_SIZE, mask=tok < seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
