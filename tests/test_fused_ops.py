@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from greedy_runner import GreedyRunner
+from guard_page import against_guard_page
 
 import models.layers
 from kernels import (
@@ -227,6 +228,29 @@ def test_rope_padded_rows_write_only_the_scratch_block():
     torch.testing.assert_close(k_cache[:scratch], expected[3][:scratch], **tol)
     torch.testing.assert_close(v_cache[:scratch], expected[4][:scratch], atol=0, rtol=0)
     assert (k_cache[scratch, 0] != 0).any() and (k_cache[scratch, 1:] == 0).all()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="guard pages catch accesses of the interpreted kernels on CPU")
+def test_kernels_touch_nothing_past_their_inputs():
+    """Every input and output buffer ends at an inaccessible page: a read or write one element past any
+    of them crashes. The results still match the twins."""
+    case = RopeCase(7, (8, 2), 64, 16, 0, torch.float16)
+    inputs = _rope_inputs(case, "cpu")
+    expected = _clone(inputs)
+    reference_rope_and_cache(*expected)
+    guarded = tuple(against_guard_page(t) for t in inputs)
+    rope_and_cache(*guarded)
+    for got, want in zip(guarded, expected, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCES[case.dtype])
+    x, residual, weight = (against_guard_page(_randn(*shape, dtype=torch.float16, device="cpu", seed=i))
+                           for i, shape in enumerate([(5, 200), (5, 200), (200,)]))  # fmt: skip
+    x_ref, residual_ref = reference_fused_add_rms_norm(x.clone(), residual.clone(), weight, EPS)
+    fused_add_rms_norm(x, residual, weight, EPS)
+    torch.testing.assert_close((x, residual), (x_ref, residual_ref), **TOLERANCES[torch.float16])
+    gate_up = against_guard_page(_randn(5, 400, dtype=torch.float16, device="cpu", seed=9))
+    torch.testing.assert_close(
+        silu_and_mul(gate_up), reference_silu_and_mul(gate_up), **TOLERANCES[torch.float16]
+    )
 
 
 def test_rope_twin_matches_fp32_reference():

@@ -4,13 +4,12 @@ many programs and repeated launches, and CUDA graph replay with new lengths and 
 
 from __future__ import annotations
 
-import ctypes
 import math
-import mmap
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from guard_page import against_guard_page
 
 from kernels import lean_attention_decode, reference_decode_attention
 from kernels.lean_attention import _CONFIGS, LeanConfig, _launch, red_chunk
@@ -160,28 +159,12 @@ def test_default_launch_and_out_buffer():
     )
 
 
-_GUARDED: list[mmap.mmap] = []  # keeps the guarded buffers mapped for the whole session
-
-
-def _against_guard_page(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of t that ends exactly where an inaccessible page begins: an interpreted kernel that
-    reads one element past it crashes (a failed test) instead of reading a neighbour's memory."""
-    page, nbytes = mmap.PAGESIZE, t.numel() * t.element_size()
-    data_pages = -(-nbytes // page)
-    buf = mmap.mmap(-1, (data_pages + 1) * page)
-    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + data_pages * page), page, 0) == 0  # PROT_NONE
-    _GUARDED.append(buf)
-    flat = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=data_pages * page - nbytes)
-    return flat.copy_(t.flatten()).view(t.shape)
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="guard pages catch reads of the interpreted kernel on CPU")
 def test_idle_programs_read_nothing_past_the_inputs():
     """More programs than tiles: the idle ones locate one past the batch and must not touch q, the block
     tables or the lengths there (an unmasked q load did, and crashed CUDA-graph decode on a GPU)."""
     q, k, v, bt, sl = _make_inputs(1, 8, 2, 64, 16, [100], torch.float16, "cpu")
-    q, bt, sl = (_against_guard_page(t) for t in (q, bt, sl))
+    q, bt, sl = (against_guard_page(t) for t in (q, bt, sl))
     out = _launch(q, k, v, bt, sl, None, None, _CONFIGS[64], num_programs=9)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
 
