@@ -30,7 +30,7 @@ def _merge_partials(
     RED_CHUNK: tl.constexpr,
 ):
     """Merge the published partials of programs first..last (the caller's own included) into one
-    (max, denominator, accumulator) over GROUP_RED rows. A chunk of RED_CHUNK contributors is one 3-D
+    (denominator, accumulator) pair over GROUP_RED rows. A chunk of RED_CHUNK contributors is one 3-D
     load, so it costs one L2 round trip (merging one contributor at a time cost ~0.5 us each). No
     per-contributor divisions here: the vectors below are replicated across threads, and a 64-bit
     division is a ~100-instruction routine per element (it made a merge take 4-10 us on an H100)."""
@@ -65,7 +65,7 @@ def _merge_partials(
         l_run = l_run * alpha + tl.sum(w * l_c, axis=0)
         acc_run = acc_run * alpha[:, None] + tl.sum(w[:, :, None] * acc_c, axis=0)
         m_run = m_new
-    return m_run, l_run, acc_run
+    return l_run, acc_run
 
 
 # batch and min_tiles are plain runtime values: Triton would otherwise compile a variant for value 1.
@@ -323,7 +323,7 @@ def _count_in(
     counter = counters_ptr + first_slot
     done = tl.atomic_add(counter, count, sem="acq_rel", scope="gpu") + count
     if done == n_tiles:
-        _, l_out, acc_out = _merge_partials(
+        l_out, acc_out = _merge_partials(
             part_acc_ptr, part_ml_ptr, first, last, first_slot,
             GROUP, GROUP_RED, GROUP_PAD, BLOCK_D, RED_CHUNK,
         )  # fmt: skip
