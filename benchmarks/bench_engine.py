@@ -3,7 +3,8 @@
 GPU: Llama-3-8B shapes with random bf16 weights (`load_format="dummy"`), token-id prompts, ignore_eos:
 TPOT at batch 1 with a 1k context and decode throughput of 64 concurrent 1k-prompt / 1k-output requests,
 each beside the floor = (weight + KV bytes read per step) / HBM read bandwidth measured in the same run;
-then the per-request attention timing on vs off. CPU: SmolLM2 single-stream tokens/s.
+then the per-request attention timing on vs off, and asynchronous scheduling on vs off. CPU: SmolLM2
+single-stream tokens/s.
 Prints a table and writes JSON + a plot (per-step time vs floor) to --out."""
 
 from __future__ import annotations
@@ -105,7 +106,12 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         "triton": __import__("triton").__version__,
         "read_bandwidth_GBps": bandwidth / 1e9,
     }
-    for timing in (True, False):
+    # (result key, attention timing, async scheduling): the last two are compared with the first.
+    for key, timing, async_scheduling in (
+        ("timing_on", True, True),
+        ("timing_off", False, True),
+        ("sync", True, False),
+    ):
         config = EngineConfig(
             model=args.model,
             tokenizer=args.tokenizer,
@@ -115,22 +121,22 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
             max_num_seqs=args.concurrency,
             max_num_batched_tokens=8192,
             max_model_len=4096,
+            async_scheduling=async_scheduling,
         )
         engine = LLMEngine.from_config(config, time_attention=timing)
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
         vocab = len(engine.tokenizer)
         run_decode(engine, make_prompts(2, 64, vocab, seed=9), 16)  # warm-up (caches, allocator)
         tpot = run_decode(engine, make_prompts(1, args.context, vocab), args.tpot_tokens)
-        # With timing off, a shorter concurrent run suffices for the on/off comparison.
-        out_len = args.output_len if timing else args.overhead_output_len
+        # For the comparisons a shorter concurrent run suffices.
+        out_len = args.output_len if key == "timing_on" else args.overhead_output_len
         concurrent = run_decode(engine, make_prompts(args.concurrency, args.context, vocab, 1), out_len)
-        key = "timing_on" if timing else "timing_off"
         tpot_floor = statistics.median(tpot.floor_s(weights, kv_token, bandwidth))
         conc_floor = concurrent.floor_s(weights, kv_token, bandwidth)
         steps = concurrent.step_s
-        if not timing:  # compare the same steps: the first overhead_output_len of the timed run
+        if key != "timing_on":  # compare the same steps: the first overhead_output_len of the full run
             on = results["timing_on"]["concurrent_step_ms_list"][: len(steps)]
-            results["timing_overhead_concurrent_pct"] = 100 * (sum(on) / sum(x * 1e3 for x in steps) - 1)
+            results[f"{key}_vs_on_concurrent_pct"] = 100 * (sum(x * 1e3 for x in steps) / sum(on) - 1)
         results[key] = {
             "weight_GB": weights / 1e9,
             "kv_cache_blocks": engine.block_manager.pool.num_blocks,
@@ -154,6 +160,9 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
     on, off = results["timing_on"], results["timing_off"]
     results["timing_overhead_tpot_pct"] = 100 * (on["tpot_ms"] / off["tpot_ms"] - 1)
+    results["timing_overhead_concurrent_pct"] = 100 * (
+        1 / (1 + results["timing_off_vs_on_concurrent_pct"] / 100) - 1
+    )
     return results
 
 
@@ -236,6 +245,12 @@ def main() -> None:
         print(
             f"attention timing overhead: TPOT {results['timing_overhead_tpot_pct']:+.2f}% "
             f"({off['tpot_ms']:.2f} ms off), 64-way {results['timing_overhead_concurrent_pct']:+.2f}%"
+        )
+        sync = results["sync"]
+        print(
+            f"without async scheduling: TPOT {sync['tpot_ms']:.2f} ms (host {sync['tpot_host_ms']:.2f} ms), "
+            f"64-way steps {results['sync_vs_on_concurrent_pct']:+.1f}% longer "
+            f"(host {sync['concurrent_host_ms']:.2f} ms)"
         )
         plot(results, args.out / "bench_engine.png")
     (args.out / f"bench_engine_{args.device}.json").write_text(json.dumps(results, indent=1))

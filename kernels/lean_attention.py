@@ -80,6 +80,7 @@ def _lean_decode_kernel(
     part_acc_ptr,  # [2 * programs, GROUP_PAD, BLOCK_D] fp32: slot 2p = program p's first, 2p+1 its last
     part_ml_ptr,  # [2 * programs, 2, GROUP_PAD] fp32: running max (log2 units) and softmax denominator
     counters_ptr,  # [2 * programs] int32: tiles merged so far per split output, indexed by its first slot
+    stamps_ptr,  # [2] int64 (TIMED): the launch's first start and last end in ns, folded in by atomics
     batch,
     min_tiles,  # fewest tiles per active program
     qk_scale,  # sm_scale * log2(e): scores come out in log2 units for exp2
@@ -106,7 +107,10 @@ def _lean_decode_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     RED_CHUNK: tl.constexpr,
+    TIMED: tl.constexpr,
 ):
+    if TIMED:
+        tl.atomic_min(stamps_ptr + tl.arange(0, 1), _global_time_ns(), sem="relaxed")
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
 
@@ -253,6 +257,18 @@ def _lean_decode_kernel(
             last_tiles, total, active, stride_ob, stride_oh,
             GROUP, GROUP_RED, GROUP_PAD, HEAD_DIM, BLOCK_D, RED_CHUNK,
         )  # fmt: skip
+    if TIMED:
+        tl.atomic_max(stamps_ptr + 1 + tl.arange(0, 1), _global_time_ns(), sem="relaxed")
+
+
+@triton.jit
+def _global_time_ns():
+    """[1] int64: the GPU's global timer in ns (%globaltimer; it ticks every 32 ns on an H100, measured).
+    The dummy operand gives the result its shape; is_pure=False keeps each read where it is written."""
+    zero = tl.zeros([1], tl.int32)
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -456,6 +472,21 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
         raise ValueError("out must be contiguous in head_dim")
 
 
+def _validate_timestamps(timestamps: torch.Tensor | None, device: torch.device) -> None:
+    if timestamps is None:
+        return
+    if _interpreted() or device.type != "cuda":
+        raise ValueError(
+            "timestamps read the GPU's global timer: they need a CUDA device (not the interpreter)"
+        )
+    if timestamps.dtype != torch.int64 or tuple(timestamps.shape) != (2,) or not timestamps.is_contiguous():
+        raise ValueError(
+            f"timestamps must be a contiguous int64 [2], got {timestamps.dtype} {tuple(timestamps.shape)}"
+        )
+    if timestamps.device != device:
+        raise ValueError(f"timestamps must be on {device}, got {timestamps.device}")
+
+
 def _launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -466,10 +497,12 @@ def _launch(
     out: torch.Tensor | None,
     config: LeanConfig,
     num_programs: int | None = None,
+    timestamps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The launcher behind `lean_attention_decode` with explicit launch parameters; `num_programs`
     overrides the grid (tests force a few programs so outputs split across 3+ of them; tuning sweeps)."""
     _validate(q, k_cache, v_cache, block_tables, seq_lens, out)
+    _validate_timestamps(timestamps, q.device)
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -492,6 +525,7 @@ def _launch(
         ws.part_acc,
         ws.part_ml,
         ws.counters,
+        timestamps,
         batch,
         config.min_tiles,
         scale * _LOG2E,
@@ -519,6 +553,7 @@ def _launch(
         UPCAST=_interpreted(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RED_CHUNK=red_chunk(group, head_dim),
+        TIMED=timestamps is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -533,6 +568,7 @@ def lean_attention_decode(
     seq_lens: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence against its paged cache, in one persistent launch.
 
@@ -541,8 +577,13 @@ def lean_attention_decode(
     to 1/sqrt(D); out: optional [B, Hq, D] buffer. Returns [B, Hq, D] in q's dtype. No host
     synchronisation: after one warm-up call (which allocates the workspace) it can be captured in a
     CUDA graph and replayed with new seq_lens and block tables.
+
+    timestamps (CUDA only): an int64 [2] tensor the launch folds its GPU-side span into, in ns of the
+    global timer: [0] = min(itself, first program start), [1] = max(itself, last program end). Fill it
+    with (int64 max, 0) before the launch; end - start is then the kernel's own duration, measured
+    without timing events (which cost ~3.5 us each inside a CUDA graph).
     """
     config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
     if config is None:
         _validate(q, k_cache, v_cache, block_tables, seq_lens, out)  # raises the precise error
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, config)
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, config, timestamps=timestamps)

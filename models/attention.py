@@ -37,58 +37,88 @@ class AttentionBatch:
     timer: AttentionTimer | None = None  # accumulates attention time of all layers in this step
 
 
+_NO_LAUNCH = (torch.iinfo(torch.int64).max, 0)  # a stamps row no kernel has folded a span into
+
+
+@dataclass
+class AttentionReading:
+    """What one step's timer recorded, read after the step's own synchronisation (no extra sync):
+    `seconds()` is (prefill, decode). Each step gets its own reading, so a step launched while the host
+    still reads the previous one never overwrites it."""
+
+    prefill_events: list[tuple[torch.cuda.Event, torch.cuda.Event]]
+    decode_stamps: torch.Tensor | None  # [calls, 2] int64 ns in pinned host memory (CUDA)
+    host_seconds: tuple[float, float]  # CPU: perf_counter sums
+
+    def seconds(self) -> tuple[float, float]:
+        prefill, decode = self.host_seconds
+        prefill += sum(start.elapsed_time(end) for start, end in self.prefill_events) / 1e3
+        if self.decode_stamps is not None:
+            spans = self.decode_stamps[:, 1] - self.decode_stamps[:, 0]
+            decode += spans.clamp(min=0).sum().item() / 1e9  # rows no kernel ran for count 0
+        return prefill, decode
+
+
 class AttentionTimer:
     """Attention time of one step, summed over layers, split into prefill and decode.
 
-    CUDA: a pair of timing events around each attention call, read by `result()` after the step's own
-    synchronisation (no extra sync). The events are created with `external=True`, so recording them
-    while a CUDA graph is captured adds event-record nodes to the graph, and each replay re-records
-    them: a timer used while capturing a graph keeps its events and reports the latest replay (do not
-    `reset()` it between replays; PyTorch's own graph-timing test uses this pattern). `result()` costs
-    one `elapsed_time` per layer and kind (prefill, decode) on the host. CPU: `perf_counter` around
-    each call (the ops are synchronous)."""
+    CUDA decode: the LeanAttention kernel folds its own GPU-side span (global-timer ns) into one row of
+    a device buffer per call; `start()` queues the rows' reset, so a timer used while a CUDA graph is
+    captured puts one small copy into the graph, and each replay re-stamps the same rows (call
+    `finish()` after each replay, never `start()`). Events would cost ~3.5 us of device time each inside
+    a graph (64 per Llama-3-8B step). CUDA prefill (eager steps only): a pair of events per call. CPU:
+    `perf_counter` around each call (the ops are synchronous)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, max_decode_calls: int) -> None:
         self._cuda = device.type == "cuda"
-        self._pool: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.reset()
+        if self._cuda:
+            blank = torch.tensor([_NO_LAUNCH], dtype=torch.int64)
+            self._blank = blank.expand(max_decode_calls, 2).contiguous().to(device)
+            self._stamps = torch.empty_like(self._blank)
+        self.start()
 
-    def reset(self) -> None:
-        """Forget the spans of the previous step (the CUDA events are kept for reuse)."""
-        self._spans: tuple[list, list] = ([], [])  # event pairs of (prefill, decode)
+    def start(self) -> None:
+        """Begin a step: forget the last step's calls and (CUDA) queue the stamps' reset."""
+        self._prefill_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._decode_calls = 0
         self._seconds = [0.0, 0.0]
+        if self._cuda:
+            self._stamps.copy_(self._blank)
 
     @contextmanager
     def prefill(self) -> Iterator[None]:
-        yield from self._span(0)
-
-    @contextmanager
-    def decode(self) -> Iterator[None]:
-        yield from self._span(1)
-
-    def _span(self, kind: int) -> Iterator[None]:
         if not self._cuda:
-            start = time.perf_counter()
-            yield
-            self._seconds[kind] += time.perf_counter() - start
+            yield from self._host_span(0)
             return
-        used = len(self._spans[0]) + len(self._spans[1])
-        if used == len(self._pool):
-            self._pool.append(tuple(torch.cuda.Event(enable_timing=True, external=True) for _ in range(2)))
-        pair = self._pool[used]
+        pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         pair[0].record()
         yield
         pair[1].record()
-        self._spans[kind].append(pair)
+        self._prefill_events.append(pair)
 
-    def result(self) -> tuple[float, float]:
-        """(prefill_seconds, decode_seconds) of the step; on CUDA call it after the step's sync."""
+    @contextmanager
+    def decode(self) -> Iterator[torch.Tensor | None]:
+        """Yields the stamps row for the kernel's `timestamps` argument on CUDA, None on CPU."""
         if not self._cuda:
-            return self._seconds[0], self._seconds[1]
-        prefill, decode = (
-            sum(start.elapsed_time(end) for start, end in spans) / 1e3 for spans in self._spans
-        )
-        return prefill, decode
+            yield from self._host_span(1)
+            return
+        if self._decode_calls == len(self._stamps):
+            raise RuntimeError(f"more than {len(self._stamps)} decode attention calls in one step")
+        self._decode_calls += 1
+        yield self._stamps[self._decode_calls - 1]
+
+    def _host_span(self, kind: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield None
+        self._seconds[kind] += time.perf_counter() - start
+
+    def finish(self) -> AttentionReading:
+        """End a step (or a graph replay): queue the copy of the stamps to the host, non-blocking."""
+        stamps = None
+        if self._cuda:
+            stamps = torch.empty((self._decode_calls, 2), dtype=torch.int64, pin_memory=True)
+            stamps.copy_(self._stamps[: self._decode_calls], non_blocking=True)
+        return AttentionReading(list(self._prefill_events), stamps, (self._seconds[0], self._seconds[1]))
 
 
 def paged_attention(
@@ -111,17 +141,12 @@ def paged_attention(
         with timer.prefill() if timer else nullcontext():
             _prefill(q, k, v, k_cache, v_cache, batch, scale, out)
     if num_prefill < q.shape[0]:
-        decode = lean_attention_decode if q.is_cuda else reference_decode_attention
-        with timer.decode() if timer else nullcontext():
-            decode(
-                q[num_prefill:],
-                k_cache,
-                v_cache,
-                batch.decode_block_tables,
-                batch.decode_seq_lens,
-                sm_scale=scale,
-                out=out[num_prefill:],
-            )
+        args = (q[num_prefill:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens)
+        with timer.decode() if timer else nullcontext() as stamps:
+            if q.is_cuda:
+                lean_attention_decode(*args, sm_scale=scale, out=out[num_prefill:], timestamps=stamps)
+            else:
+                reference_decode_attention(*args, sm_scale=scale, out=out[num_prefill:])
     return out
 
 

@@ -26,6 +26,9 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV cache size on CPU
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs for decode
+    # Launch step N+1 before step N's tokens reach the host (None: on for CUDA, where it hides the host
+    # work of a step behind the device; on CPU nothing overlaps and it would only waste the last step).
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # ranks (one per GPU) sharing every layer's heads; > 1 runs eager
     seed: int = 0
 

@@ -122,7 +122,7 @@ class AsyncEngine:
             except Exception as e:  # a bug outside the model step: fail everything in flight, live on
                 logger.exception("engine loop error")
                 self.last_error = f"{type(e).__name__}: {e}"
-                outputs = self._fail_all(self.last_error)
+                outputs = self.engine.fail_all(self.last_error)
             self._deliver(outputs)
 
     def _drain_inbox(self) -> None:
@@ -151,13 +151,6 @@ class AsyncEngine:
                     with self._streams_lock:
                         self._streams.pop(command[1], None)
         self._deliver(outputs)
-
-    def _fail_all(self, error: str) -> list[RequestOutput]:
-        outputs = []
-        for request in list(self.engine.requests.values()):
-            self.engine._finish_request(request, "error", error)
-            outputs.append(self.engine._drain_output(request))
-        return outputs
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}

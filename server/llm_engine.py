@@ -1,12 +1,17 @@
 """The synchronous engine core: `LLMEngine.step()` is one iteration; server/engine.py loops it.
 
-How a step flows (host = engine thread, device = GPU or CPU):
-  host:   Scheduler.schedule() picks decodes + prefill chunks under the token budget (may preempt)
+How a step flows (host = engine thread, device = GPU or CPU), with asynchronous scheduling:
+  host:   Scheduler.schedule() picks decodes + prefill chunks under the token budget (may preempt); the
+          sequences of the step still in flight carry a placeholder for the token it is sampling
   host:   ModelRunner builds ids / positions / slots / block tables (numpy, pinned, one copy each)
-  device: model forward (eager, or a CUDA-graph replay for pure-decode steps) -> logits of the rows that
-          sample -> Sampler (penalties, top-k/p, seeds) -> token ids, all queued without a sync
-  host:   one device->host copy of the ids (the step's only sync), attention time read from the timer
-          events, then per sequence: detokenize, stop checks, fork n>1 siblings, build RequestOutput deltas"""
+  device: placeholders resolved from the in-flight step's sampled ids, model forward (eager, or a
+          CUDA-graph replay for pure-decode steps) -> logits of the rows that sample -> Sampler
+          (penalties, top-k/p, seeds) -> token ids, all queued without a sync
+  host:   one device->host copy of the previous step's ids (its only sync; the device is busy with the
+          new step meanwhile), attention time from its timer reading, then per sequence: fill the
+          placeholder, stop checks, fork n>1 siblings; then detokenize and build RequestOutput deltas
+Without it (CPU default, or a step whose successor needs its tokens on the host) the previous step is
+finished before the new one is scheduled."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
+from models.attention import AttentionReading
 from models.block_manager import BlockManager
 from models.kv_cache import KVCache
 from models.layers import prepack_linear_weights
@@ -29,7 +35,7 @@ from server.detokenizer import IncrementalDetokenizer
 from server.model_runner import ModelRunner
 from server.outputs import FinishReason, RequestOutput, RequestTimings, SampleDelta, TokenLogprob
 from server.request import Request, SeqStatus, Sequence
-from server.sampler import Sampler, SamplerOutput, SamplingRow
+from server.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.tp_worker import TPWorkers, WorkerSpec
@@ -43,6 +49,30 @@ logger = logging.getLogger(__name__)
 _ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
 _LOGIT_COPIES = 4
 _GRAPH_RESERVE_BYTES = 1 << 30
+
+
+def _placeholder(row: int) -> int:
+    """The token id standing for row `row` of the in-flight step's sampled ids (ModelRunner resolves it)."""
+    return -1 - row
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    step: SchedulerOutput
+    row_seqs: list[Sequence]  # the sequence of each sampled row
+    positions: list[int]  # where each row's token goes in its sequence's token_ids (a placeholder now)
+    forked: list[Sequence]  # n > 1 siblings created by this step (they fork when it completes)
+    rows: list[SamplingRow]
+    sampled: SamplerOutput  # on the device: the next step's placeholders resolve from it
+    host_sampled: SamplerOutput  # its host copy, complete once `ready` is
+    ready: torch.cuda.Event | None  # None on CPU
+    attention: AttentionReading | None
+    decode_shares: list[tuple[Request, float]]  # (request, KV tokens) per decode
+    prefill_work: list[tuple[Request, float]]  # (request, attention work) per prefill chunk
+    computed: list[tuple[Sequence, int]]  # for Scheduler.step_done
+    needs_host_tokens: bool  # the next step must not be scheduled before this one's tokens are known
 
 
 @dataclass
@@ -80,6 +110,10 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
         self._pending: list[tuple[Sequence, int]] = []  # tokens appended but not yet detokenized
+        self._inflight: _InFlight | None = None  # the launched step whose tokens the host has not read
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        )
         # Wall time of the last step and the part of it spent waiting for the device (benchmarks: the
         # difference is host work that the device does not overlap).
         self.step_seconds = 0.0
@@ -185,72 +219,86 @@ class LLMEngine:
             self._new_sequence(request, len(request.sequences)).status = SeqStatus.FINISHED
         for seq in request.sequences:
             if not seq.finished:
-                self.scheduler.finish(seq)
-                seq.finish_reason = reason
+                self._end(seq, reason)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self._pending)
+        return self.scheduler.has_work or bool(self._pending) or self._inflight is not None
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and launch one step; while the device runs it, detokenize the previous step's tokens
-        and build their outputs (returned here, one step late); then wait for this step's token ids and
-        apply the token-level stop checks. A stop string found late finishes its sequence one step after
-        its token: the token computed meanwhile is dropped."""
+        """Schedule and launch one step, then finish the step before it and return outputs.
+
+        With asynchronous scheduling (the default on CUDA) step N+1 is scheduled and launched before the
+        host has read step N's tokens: its sequences carry placeholders that the device resolves from
+        step N's sampled ids. The host then waits for step N, applies its tokens and stop checks, and
+        detokenizes them while the device runs step N+1, so the device never waits for host work. A
+        sequence that step N finishes has a wasted row in step N+1, whose token is dropped. The engine
+        finishes step N within its own call when step N+1 will need its tokens on the host (penalties
+        read the output tokens; n > 1 siblings fork after their first token); then step N's text comes
+        with the next call's outputs, as the detokenization overlaps the next step."""
         started = time.perf_counter()
+        self.sync_seconds = 0.0
+        outputs: list[RequestOutput] = []
         step = self.scheduler.schedule()
         if step.preempted:
             metrics.num_preemptions.inc(len(step.preempted))
-        if step.is_empty:
-            outputs = self._finish_pending()
-        else:
+        launched = None
+        if not step.is_empty:
             now = time.monotonic()
             for seq in self._step_seqs(step):
                 if seq.request.timings.first_scheduled is None:
                     seq.request.timings.first_scheduled = now
-            error: Exception | None = None
             try:
                 launched = self._launch(step)
-            except Exception as e:
-                launched, error = None, e
-            outputs = self._finish_pending()  # overlaps with the device
-            if launched is not None:
-                try:
-                    sampled = self._collect(*launched)
-                except Exception as e:
-                    error = e
-            if error is not None:  # a failing step fails its own requests; the engine goes on
-                logger.error("engine step failed", exc_info=error)
-                outputs += self._fail(step, f"{type(error).__name__}: {error}")
-            else:
-                self.scheduler.step_done(step)
-                self._attribute_attention(step)
-                self._append_tokens(sampled)
-                if not self.scheduler.has_work:
-                    outputs += self._finish_pending()
+            except Exception as e:  # a failing step fails its own requests; the engine goes on
+                outputs += self._fail(self._step_seqs(step), e)
+        if self._inflight is not None:
+            outputs += self._complete()  # the device runs `launched` meanwhile
+        outputs += self._finish_pending()  # detokenization overlaps `launched` too
+        self._inflight = launched
+        if launched is not None and not self._may_run_ahead(launched):
+            outputs += self._complete()  # its text follows with the next step's outputs
+            if not self.scheduler.has_work:
+                outputs += self._finish_pending()
         self._observe_gauges()
         self.step_seconds = time.perf_counter() - started
         return outputs
 
-    def _fail(self, step: SchedulerOutput, error: str) -> list[RequestOutput]:
-        failed = {seq.request for seq in self._step_seqs(step)}
+    def _may_run_ahead(self, flight: _InFlight) -> bool:
+        return self.async_scheduling and not flight.needs_host_tokens
+
+    def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
+        logger.error("engine step failed", exc_info=error)
+        failed = {seq.request for seq in seqs}
         for request in failed:
-            self._finish_request(request, "error", error)
+            self._finish_request(request, "error", f"{type(error).__name__}: {error}")
         return [self._drain_output(r) for r in failed]
 
-    def _launch(self, step: SchedulerOutput) -> tuple[list[Sequence], list[SamplingRow], SamplerOutput]:
-        """Queue forward + sampling on the device (no sync). The n-1 siblings of a sequence 0 that
-        completes its prompt are created here (status WAITING, not yet scheduled) and sample their first
-        token from its logits row."""
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with an error (the engine loop hit a bug outside a step)."""
+        self._inflight, self._pending = None, []
+        requests = list(self.requests.values())
+        for request in requests:
+            self._finish_request(request, "error", error)
+        return [self._drain_output(r) for r in requests]
+
+    def _launch(self, step: SchedulerOutput) -> _InFlight:
+        """Queue forward + sampling on the device (no sync) and do the step's host bookkeeping: computed
+        counts advance and every sampling sequence gets a placeholder for its token. The n-1 siblings of
+        a sequence 0 that completes its prompt are created here (status WAITING, not yet scheduled) and
+        sample their first token from its logits row."""
         tables = {seq.seq_id: self.block_manager.block_table(seq.seq_id) for seq in self._step_seqs(step)}
-        logits = self.runner.execute(step, tables)
+        pending = self._inflight.sampled.token_ids if self._inflight is not None else None
+        logits, attention = self.runner.execute(step, tables, pending)
         row_seqs = [c.seq for c in step.prefills if c.completes_prompt] + step.decodes
         row_index = list(range(len(row_seqs)))
+        forked = []
         for i, seq in enumerate(list(row_seqs)):
             if seq.needs_fork:
                 for index in range(len(seq.request.sequences), seq.request.params.n):
-                    row_seqs.append(self._new_sequence(seq.request, index))
+                    forked.append(self._new_sequence(seq.request, index))
+                    row_seqs.append(forked[-1])
                     row_index.append(i)
         if len(row_index) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_index, device=logits.device))
@@ -258,19 +306,49 @@ class LLMEngine:
             SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids, s.generator)
             for s in row_seqs
         ]
-        return row_seqs, rows, self.sampler(logits, rows)
+        sampled = self.sampler(logits, rows)
+        host_sampled, ready = sampled.to_host()
+        # Attention shares are fixed now: decode by KV tokens, prefill by the keys each query sees.
+        shares = [(seq.request, len(seq.token_ids)) for seq in step.decodes]
+        prefill_work = []
+        for chunk in step.prefills:
+            q, ctx = chunk.num_tokens, chunk.seq.num_computed_tokens + chunk.num_tokens
+            prefill_work.append((chunk.seq.request, q * ctx - q * (q - 1) / 2))
+        computed = self.scheduler.step_launched(step)
+        positions = []
+        for row, seq in enumerate(row_seqs):
+            positions.append(len(seq.token_ids))
+            seq.token_ids.append(_placeholder(row))
+        needs_host_tokens = bool(forked) or any(has_penalty(r.params) for r in rows)
+        return _InFlight(
+            step, row_seqs, positions, forked, rows, sampled, host_sampled, ready, attention, shares,
+            prefill_work, computed, needs_host_tokens,
+        )  # fmt: skip
 
-    def _collect(
-        self, row_seqs: list[Sequence], rows: list[SamplingRow], out: SamplerOutput
-    ) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """(sequence, new token, logprob entry) per sampled row."""
+    def _complete(self) -> list[RequestOutput]:
+        """Wait for the in-flight step's tokens and apply them (text is left to `_finish_pending`)."""
+        flight, self._inflight = self._inflight, None
+        try:
+            sampled = self._collect(flight)
+        except Exception as e:
+            return self._fail(self._step_seqs(flight.step) + flight.forked, e)
+        self.scheduler.step_done(flight.computed)
+        self._attribute_attention(flight)
+        self._append_tokens(flight, sampled)
+        return []
+
+    def _collect(self, flight: _InFlight) -> list[tuple[int, TokenLogprob | None]]:
+        """(new token, logprob entry) per sampled row."""
+        out, rows = flight.host_sampled, flight.rows
         waited = time.perf_counter()
-        token_ids = out.token_ids.tolist()  # the step's one device -> host synchronisation
-        self.sync_seconds = time.perf_counter() - waited
+        if flight.ready is not None:
+            flight.ready.synchronize()  # the step's one wait for the device
+        self.sync_seconds += time.perf_counter() - waited
+        token_ids = out.token_ids.tolist()
         entries: list[TokenLogprob | None] = [None] * len(rows)
         if out.logprobs is not None:
             entries = self._logprob_entries(rows, token_ids, out)
-        return list(zip(row_seqs, token_ids, entries, strict=True))
+        return list(zip(token_ids, entries, strict=True))
 
     @staticmethod
     def _step_seqs(step: SchedulerOutput) -> list[Sequence]:
@@ -301,60 +379,59 @@ class LLMEngine:
         tokenizer does not know (random-weight benchmarks) decode to ""."""
         return self.tokenizer.batch_decode([[i] for i in token_ids])
 
-    def _attribute_attention(self, step: SchedulerOutput) -> None:
+    def _attribute_attention(self, flight: _InFlight) -> None:
         """Split the step's measured attention time over its sequences' requests: decode time by KV
         tokens (each sequence's share of the lean tiles), prefill time by attention work (query tokens
         times the keys each sees under the causal mask)."""
-        prefill_s, decode_s = self.runner.attention_seconds()
-        if step.decodes:
+        prefill_s, decode_s = flight.attention.seconds() if flight.attention is not None else (0.0, 0.0)
+        for seconds, shares in ((decode_s, flight.decode_shares), (prefill_s, flight.prefill_work)):
+            if shares and seconds:
+                total = sum(w for _, w in shares)
+                for request, w in shares:
+                    request.attention_seconds += seconds * w / total
+        if flight.decode_shares:
             metrics.step_attention.observe(decode_s)
-            total = sum(len(s.token_ids) for s in step.decodes)
-            for seq in step.decodes:
-                seq.request.attention_seconds += decode_s * len(seq.token_ids) / total
-        if step.prefills and prefill_s:
-            work = []
-            for chunk in step.prefills:
-                ctx, q = chunk.seq.num_computed_tokens, chunk.num_tokens  # already advanced by step_done
-                work.append(q * ctx - q * (q - 1) / 2)
-            total = sum(work)
-            for chunk, w in zip(step.prefills, work, strict=True):
-                chunk.seq.request.attention_seconds += prefill_s * w / total
 
-    def _append_tokens(self, sampled: list[tuple[Sequence, int, TokenLogprob | None]]) -> None:
-        """Token-level bookkeeping right after the sync: append, stop token / EOS / length checks (they
-        decide what the next step schedules). Text is left to `_finish_pending`."""
+    def _append_tokens(self, flight: _InFlight, sampled: list[tuple[int, TokenLogprob | None]]) -> None:
+        """Token-level bookkeeping right after the sync: fill the placeholders, stop token / EOS / length
+        checks (they decide what the next step schedules). Text is left to `_finish_pending`."""
         now = time.monotonic()
-        for seq, _, _ in sampled:
-            if seq.index > 0 and not seq.output_token_ids and seq.num_computed_tokens == 0:
-                # A sibling created by this step: share the parent's prompt blocks (before the parent
-                # can finish and release them below).
+        for seq in flight.forked:
+            if not seq.finished:  # share the parent's prompt blocks (before the parent can finish below)
                 self.runner.copy_blocks(self.scheduler.fork(seq.request.sequences[0], seq))
-        for seq, token_id, entry in sampled:
-            if seq.finished:  # ended by a stop string found after this step was launched
+        appended = 0
+        for seq, position, (token_id, entry) in zip(flight.row_seqs, flight.positions, sampled, strict=True):
+            if seq.finished:  # ended (stop string, abort) after this step was launched: token dropped
                 continue
             request, params = seq.request, seq.request.params
             if request.timings.first_token is None:
                 request.timings.first_token = now
                 metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-            seq.token_ids.append(token_id)
+            seq.token_ids[position] = token_id
             seq.new_token_ids.append(token_id)
             if entry is not None:
                 seq.new_logprobs.append(entry)
             self._pending.append((seq, token_id))
-            reason: FinishReason | None = None
+            appended += 1
             if token_id in params.stop_token_ids:
-                reason, seq.stop_reason = "stop", token_id
+                self._end(seq, "stop", token_id)
             elif not params.ignore_eos and token_id in self.eos_token_ids:
-                reason = "stop"
-            elif len(seq.output_token_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-                reason = "length"
-            if reason is not None:
-                self.scheduler.finish(seq)
-                seq.finish_reason = reason
-        metrics.generation_tokens.inc(len(sampled))
+                self._end(seq, "stop")
+            elif position + 1 >= min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len):
+                self._end(seq, "length")
+        metrics.generation_tokens.inc(appended)
+
+    def _end(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        """Finish a sequence: release its blocks; a token a later in-flight step is still sampling for it
+        (a placeholder at the end of its tokens) is dropped."""
+        self.scheduler.finish(seq)
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        while seq.token_ids[-1] < 0:
+            seq.token_ids.pop()
 
     def _finish_pending(self) -> list[RequestOutput]:
-        """Detokenize the tokens appended by the last step, apply stop strings, build the outputs."""
+        """Detokenize the tokens appended by the last completed step, apply stop strings, build the
+        outputs."""
         touched: dict[str, Request] = {}
         for seq, token_id in self._pending:
             touched[seq.request.request_id] = seq.request
@@ -362,7 +439,7 @@ class LLMEngine:
             seq.new_text += delta.text
             if delta.stop_reason is not None:
                 if not seq.finished:
-                    self.scheduler.finish(seq)
+                    self._end(seq, "stop", delta.stop_reason)
                 seq.finish_reason, seq.stop_reason = "stop", delta.stop_reason
             elif seq.finished:  # finished by its last token: release the text held back
                 seq.new_text += seq.detokenizer.flush()

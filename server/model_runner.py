@@ -1,6 +1,10 @@
 """Model runner: turns a scheduled step into device tensors, runs the model and returns the logits of
 the sequences that sample this step. Pure-decode steps on CUDA replay a graph captured per batch-size
-bucket (attention kernel, timer events and LM head inside); everything else runs eagerly."""
+bucket (attention kernel with its timer stamps and LM head inside); everything else runs eagerly.
+
+Input token ids may be placeholders for tokens the device is still sampling (asynchronous scheduling:
+the engine launches step N+1 before the host has seen step N's tokens): -(r + 1) stands for row r of the
+in-flight step's sampled ids, which `execute` receives as `pending_tokens` and gathers on the device."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.attention import AttentionBatch, AttentionTimer
+from models.attention import AttentionBatch, AttentionReading, AttentionTimer
 from models.kv_cache import KVCache
 from models.llama import CausalLM
 from server.scheduler import SchedulerOutput
@@ -27,6 +31,14 @@ class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     timer: AttentionTimer | None
     logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
+
+
+def resolve_placeholders(ids: torch.Tensor, pending_tokens: torch.Tensor | None) -> torch.Tensor:
+    """In place: every placeholder -(r + 1) in `ids` becomes pending_tokens[r] (device ops, no sync)."""
+    if pending_tokens is not None and pending_tokens.numel():
+        rows = (-1 - ids).clamp_(min=0)
+        ids.copy_(torch.where(ids < 0, pending_tokens[rows], ids))
+    return ids
 
 
 class ModelRunner:
@@ -57,8 +69,8 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.time_attention = time_attention
-        self._timer = AttentionTimer(device) if time_attention else None
-        self._last_timer: AttentionTimer | None = None
+        self._num_layers = model.config.num_layers
+        self._timer = AttentionTimer(device, self._num_layers) if time_attention else None
         self._pin = device.type == "cuda"
         self._graphs: dict[int, _DecodeGraph] = {}
         self._buckets: list[int] = []
@@ -87,13 +99,18 @@ class ModelRunner:
         )
 
     # -- execution ----------------------------------------------------------------------------------
-    def execute(self, step: SchedulerOutput, tables: dict[int, list[int]]) -> torch.Tensor:
-        """Run one step. `tables` maps seq_id -> block table for every sequence in the step."""
+    def execute(
+        self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, AttentionReading | None]:
+        """Queue one step; returns its logits and its attention timer's reading (None when timing is
+        off). `tables` maps seq_id -> block table for every sequence in the step."""
         if not step.prefills and len(step.decodes) <= (self._buckets[-1] if self._buckets else 0):
-            return self._replay_decode(step, tables)
-        return self._run_eager(step, tables)
+            return self._replay_decode(step, tables, pending_tokens)
+        return self._run_eager(step, tables, pending_tokens)
 
-    def _run_eager(self, step: SchedulerOutput, tables: dict[int, list[int]]) -> torch.Tensor:
+    def _run_eager(
+        self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, AttentionReading | None]:
         ids, positions, slots, logit_rows = [], [], [], []
         cu, query_lens, context_lens = [0], [], []
         for chunk in step.prefills:
@@ -132,15 +149,15 @@ class ModelRunner:
             timer=self._timer,
         )
         if self._timer is not None:
-            self._timer.reset()
-        self._last_timer = self._timer
-        input_ids = self._to_device(np.concatenate(ids))
+            self._timer.start()
+        input_ids = resolve_placeholders(self._to_device(np.concatenate(ids)), pending_tokens)
         input_positions = self._to_device(np.concatenate(positions))
         if self.workers is not None:
             self.workers.broadcast_step(input_ids, input_positions, batch)
         hidden = self.model(input_ids, input_positions, batch, self.kv_cache)
         rows = self._to_device(np.asarray(logit_rows, dtype=np.int64))
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return logits, self._timer.finish() if self._timer is not None else None
 
     # -- CUDA graphs for pure-decode steps ---------------------------------------------------------
     def _capture_decode_graphs(self, max_batch: int) -> None:
@@ -151,13 +168,16 @@ class ModelRunner:
         self._in_slots = torch.full((n,), self.scratch_block * self.block_size, dtype=torch.int64, device=dev)
         self._in_tables = torch.full((n, width), self.scratch_block, dtype=torch.int32, device=dev)
         self._in_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self._stage64 = torch.empty(3 * n, dtype=torch.int64).pin_memory()  # ids, positions, slots
-        self._stage32 = torch.empty(n * (width + 1), dtype=torch.int32).pin_memory()  # lens, block tables
+        # Two sets of pinned staging buffers, used in turn (see _replay_decode): ids, positions and slots;
+        # lens and block tables.
+        self._stage64 = [torch.empty(3 * n, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._stage32 = [torch.empty(n * (width + 1), dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._replays = 0
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
         self._buckets = graph_buckets(max_batch)
         for bucket in reversed(self._buckets):  # largest first: later graphs reuse its pool memory
-            timer = AttentionTimer(dev) if self.time_attention else None
+            timer = AttentionTimer(dev, self._num_layers) if self.time_attention else None
             batch = AttentionBatch(
                 slot_mapping=self._in_slots[:bucket],
                 num_prefill_tokens=0,
@@ -172,6 +192,8 @@ class ModelRunner:
             )
 
             def run(batch=batch, n=bucket) -> torch.Tensor:
+                if batch.timer is not None:
+                    batch.timer.start()  # captured: each replay resets the stamps it fills
                 hidden = self.model(self._in_ids[:n], self._in_pos[:n], batch, self.kv_cache)
                 return self.model.compute_logits(hidden)
 
@@ -184,17 +206,21 @@ class ModelRunner:
             self._graphs[bucket] = _DecodeGraph(graph, timer, logits)
         torch.cuda.synchronize()
 
-    def _replay_decode(self, step: SchedulerOutput, tables: dict[int, list[int]]) -> torch.Tensor:
+    def _replay_decode(
+        self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, AttentionReading | None]:
         num = len(step.decodes)
         bucket = next(b for b in self._buckets if b >= num)
         bs = self.block_size
         decode_tables = [tables[seq.seq_id] for seq in step.decodes]
         width = max(len(t) for t in decode_tables)
         # Inputs are written into persistent pinned buffers and copied from there straight into the
-        # graph's static inputs. Reusing them is safe: the previous step's copies were queued before its
-        # sampled ids, which the host has already received.
-        ids, pos, slots = self._stage64[: 3 * bucket].numpy().reshape(3, bucket)
-        stage32 = self._stage32[: bucket * (width + 1)]
+        # graph's static inputs. The two sets alternate: the previous step may still be in flight with its
+        # copies not yet run, while the one before it has returned its sampled ids to the host.
+        stage64 = self._stage64[self._replays % 2][: 3 * bucket].view(3, bucket)
+        stage32 = self._stage32[self._replays % 2][: bucket * (width + 1)]
+        self._replays += 1
+        ids, pos, slots = stage64.numpy()
         lens, block_tables = stage32[:bucket].numpy(), stage32[bucket:].numpy().reshape(bucket, width)
         lens.fill(1)
         lens[:num] = [len(seq.token_ids) for seq in step.decodes]
@@ -208,19 +234,14 @@ class ModelRunner:
         block_tables.fill(self.scratch_block)
         for i, table in enumerate(decode_tables):
             block_tables[i, : len(table)] = table
-        stage64 = self._stage64[: 3 * bucket].view(3, bucket)
         for dst, src in zip((self._in_ids, self._in_pos, self._in_slots), stage64, strict=True):
             dst[:bucket].copy_(src, non_blocking=True)
         self._in_lens[:bucket].copy_(stage32[:bucket], non_blocking=True)
         self._in_tables[:bucket, :width].copy_(stage32[bucket:].view(bucket, width), non_blocking=True)
+        resolve_placeholders(self._in_ids[:bucket], pending_tokens)
         entry = self._graphs[bucket]
         entry.graph.replay()
-        self._last_timer = entry.timer
-        return entry.logits[:num]
-
-    def attention_seconds(self) -> tuple[float, float]:
-        """(prefill, decode) attention seconds of the last step; call after the step's sync."""
-        return self._last_timer.result() if self._last_timer is not None else (0.0, 0.0)
+        return entry.logits[:num], entry.timer.finish() if entry.timer is not None else None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V), for forked sequences' private last blocks."""

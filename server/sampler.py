@@ -33,6 +33,25 @@ class SamplerOutput:
     top_ids: torch.Tensor | None  # [B, K] int64, K = max requested top logprobs (None if K == 0)
     top_logprobs: torch.Tensor | None  # [B, K] float32, sorted descending
 
+    def to_host(self) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+        """Queue non-blocking copies of every tensor into pinned host memory. Returns the host copy and,
+        on CUDA, an event to wait on before reading it: `.tolist()` on the device tensors would instead
+        wait for everything queued after them, such as the next step."""
+        if self.token_ids.device.type != "cuda":
+            return self, None
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+        host = SamplerOutput(
+            *(copy(t) for t in (self.token_ids, self.logprobs, self.top_ids, self.top_logprobs))
+        )
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
 
 # Rows of the per-step float parameter table (one host->device copy for all of them).
 _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ = range(7)
@@ -56,7 +75,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         params = [row.params for row in rows]
-        needs_penalties = any(_has_penalty(p) for p in params)
+        needs_penalties = any(has_penalty(p) for p in params)
         needs_sampling = not all(p.greedy for p in params)
         # A plain greedy batch needs no per-row parameters on the device at all.
         table = self._param_table(params) if needs_penalties or needs_sampling else None
@@ -125,7 +144,7 @@ class Sampler:
         """Builds the token counts (rows without penalties contribute no tokens, so nothing changes for
         them) and returns the penalised logits [B, V]."""
         output_counts = self._token_counts(
-            [r.output_token_ids if _has_penalty(r.params) else [] for r in rows]
+            [r.output_token_ids if has_penalty(r.params) else [] for r in rows]
         )
         if any(r.params.repetition_penalty != 1.0 for r in rows):
             prompt = [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else [] for r in rows]
@@ -204,5 +223,6 @@ def apply_penalties(
     return logits - presence[:, None] * (output_counts > 0).float()
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
+    """The row needs its output tokens on the host (penalties count them)."""
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

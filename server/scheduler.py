@@ -105,16 +105,22 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
-    def step_done(self, out: SchedulerOutput) -> None:
-        """The step's forward pass succeeded: advance computed counts and publish full blocks to the
-        prefix cache."""
+    def step_launched(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """The step is queued on the device: advance computed counts, which the next schedule builds on
+        (it may run before this step's results are back). Returns (sequence, computed tokens) pairs for
+        `step_done`."""
         for chunk in out.prefills:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         for seq in out.decodes:
             seq.num_computed_tokens += 1
-        for seq in [c.seq for c in out.prefills] + out.decodes:
-            if seq.status is SeqStatus.RUNNING:  # not ended by a stop string while the step ran
-                self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        return [(seq, seq.num_computed_tokens) for seq in [c.seq for c in out.prefills] + out.decodes]
+
+    def step_done(self, computed: list[tuple[Sequence, int]]) -> None:
+        """The step succeeded and its tokens are known: publish the full blocks it computed to the prefix
+        cache (never earlier, so a failed step leaves nothing findable)."""
+        for seq, num_computed in computed:
+            if seq.status is SeqStatus.RUNNING:  # not ended or preempted since the step was launched
+                self.block_manager.mark_computed(seq.seq_id, seq.token_ids, num_computed)
 
     def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
         """Start `child` from the parent's computed prompt, sharing its full blocks. Returns the block

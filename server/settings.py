@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(_E.kv_cache_tokens, description="KV cache size in tokens on CPU")
     enable_prefix_caching: bool = Field(_E.enable_prefix_caching, description="reuse cached prompt blocks")
     enforce_eager: bool = Field(_E.enforce_eager, description="no CUDA graphs for decode")
+    async_scheduling: bool | None = Field(
+        None, description="launch step N+1 before step N's tokens reach the host; unset: on for CUDA"
+    )
     tensor_parallel_size: int = Field(
         _E.tensor_parallel_size, ge=1, description="GPUs sharing each layer's heads (worker processes)"
     )

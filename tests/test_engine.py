@@ -11,6 +11,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from models.attention import AttentionReading
 from server import llm_engine as engine_module
 from server.config import EngineConfig
 from server.engine import AsyncEngine
@@ -90,8 +91,19 @@ def reference(make_engine) -> list[list[int]]:
         dict(max_num_batched_tokens=16),  # chunked prefill beside decodes
         dict(kv_cache_tokens=96, block_size=8, max_num_batched_tokens=32),  # 12 blocks: preemption
         dict(enforce_eager=True, enable_prefix_caching=False),
+        dict(async_scheduling=False),
+        dict(async_scheduling=True, max_num_batched_tokens=16),
+        dict(async_scheduling=True, kv_cache_tokens=96, block_size=8, max_num_batched_tokens=32),
     ],
-    ids=["batched", "chunked", "preempting", "eager-no-prefix-cache"],
+    ids=[
+        "batched",
+        "chunked",
+        "preempting",
+        "eager-no-prefix-cache",
+        "sync",
+        "async-chunked",
+        "async-preempting",
+    ],
 )
 def test_batched_decoding_matches_one_at_a_time(make_engine, reference, settings):
     engine = make_engine(**settings)
@@ -164,11 +176,79 @@ def test_attention_time_is_split_by_kv_tokens(make_engine, monkeypatch):
     before = {rid: r.attention_seconds for rid, r in requests.items()}
     kv_tokens = {rid: len(r.sequences[0].token_ids) for rid, r in requests.items()}
     with monkeypatch.context() as patch:
-        patch.setattr(engine.runner, "attention_seconds", lambda: (0.0, 1.0))  # 1 s of decode attention
+        patch.setattr(AttentionReading, "seconds", lambda self: (0.0, 1.0))  # 1 s of decode attention
         engine.step()  # one decode each
     got = {rid: r.attention_seconds - before[rid] for rid, r in requests.items()}
     assert got["short"] + got["long"] == pytest.approx(1.0)
     assert got["short"] / got["long"] == pytest.approx(kv_tokens["short"] / kv_tokens["long"])
+    while engine.has_work:
+        engine.step()
+    assert_pool_free(engine)
+
+
+def test_async_scheduling_gives_the_same_outputs(make_engine, monkeypatch):
+    """Running a step ahead changes nothing a client sees: tokens, text, finish reasons, logprobs and
+    token counts equal the synchronous engine's for stop tokens and strings, EOS, n > 1, penalties
+    (which make the engine wait for the tokens) and seeded sampling."""
+    base = prompts(seed=3)
+    sync_out = run_all(make_engine(async_scheduling=False), {"probe": (base[2], greedy(max_tokens=12))})
+    probe = sync_out["probe"][1][0]
+    text = make_engine().tokenizer.decode(probe)
+    requests = {
+        "stop-id": (base[2], greedy(max_tokens=12, stop_token_ids=[probe[5]])),
+        "stop-str": (base[2], greedy(max_tokens=12, stop=[text[len(text) // 2 : len(text) // 2 + 2]])),
+        "eos": (base[2], SamplingParams(temperature=0.0, max_tokens=12)),
+        "n2": (base[3], greedy(n=2, max_tokens=7)),
+        "penalty": (base[4], greedy(frequency_penalty=0.5, presence_penalty=0.3, max_tokens=3)),
+        "seeded": (base[5], SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=8, logprobs=2)),
+        "short": (base[0], greedy(max_tokens=1)),
+    }
+    sync_engine, async_engine = make_engine(async_scheduling=False), make_engine(async_scheduling=True)
+    for engine in (sync_engine, async_engine):
+        monkeypatch.setattr(engine, "eos_token_ids", frozenset({probe[3]}))
+
+    def summary(results):
+        return {
+            rid: (
+                tokens,
+                [s.finish_reason for s in out.samples],
+                out.completion_tokens,
+                [(e.token_id, round(e.logprob, 4)) for s in out.samples for e in s.logprobs or []],
+            )
+            for rid, (out, tokens) in results.items()
+        }
+
+    def run_with_text(engine):
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(rid, prompt, params)
+        texts: dict[str, str] = {}
+        ran_ahead = 0
+        while engine.has_work:
+            for out in engine.step():
+                texts[out.request_id] = texts.get(out.request_id, "") + "".join(s.text for s in out.samples)
+            ran_ahead += engine._inflight is not None
+        assert_pool_free(engine)
+        return texts, ran_ahead
+
+    expected = summary(run_all(sync_engine, requests))
+    assert summary(run_all(async_engine, requests)) == expected
+    assert expected["eos"][:2] == ([probe[:4]], ["stop"]) and expected["stop-id"][1] == ["stop"]
+    assert expected["stop-str"][1] == ["stop"] and expected["n2"][2] == 14
+    (async_texts, ran_ahead), (sync_texts, never) = run_with_text(async_engine), run_with_text(sync_engine)
+    assert async_texts == sync_texts and ran_ahead > 3 and never == 0
+
+
+def test_abort_while_a_step_is_in_flight(make_engine):
+    engine = make_engine(async_scheduling=True)
+    for i, prompt in enumerate(prompts()[2:]):
+        engine.add_request(f"a{i}", prompt, greedy(max_tokens=40))
+    for _ in range(4):
+        engine.step()
+    assert engine._inflight is not None
+    out = engine.abort("a1")[-1]
+    assert out.finished and out.samples[-1].finish_reason == "abort"
+    assert all(t >= 0 for s in out.samples for t in s.token_ids)
+    assert out.completion_tokens == 3  # three steps' tokens arrived; the in-flight one is dropped
     while engine.has_work:
         engine.step()
     assert_pool_free(engine)

@@ -242,8 +242,22 @@ def _valid_inputs():
         (lambda a: a.update(block_tables=a["block_tables"].long()), "block_tables must be int32"),
         (lambda a: a.update(seq_lens=a["seq_lens"][:1]), "seq_lens must be"),
         (lambda a: a.update(out=torch.empty(2, 8, 64, dtype=torch.float32, device=DEVICE)), "out must be"),
+        # (on CPU any timestamps are refused: the interpreter has no GPU timer)
+        (lambda a: a.update(timestamps=torch.zeros(2, dtype=torch.int32, device=DEVICE)), "timestamps"),
     ],
-    ids=["q-rank", "cache-rank", "dtype", "mixed-dtype", "head-dim", "gqa", "stride", "table", "lens", "out"],
+    ids=[
+        "q-rank",
+        "cache-rank",
+        "dtype",
+        "mixed-dtype",
+        "head-dim",
+        "gqa",
+        "stride",
+        "table",
+        "lens",
+        "out",
+        "timestamps",
+    ],
 )
 def test_validation_errors(mutate, message):
     q, k, v, bt, sl = _valid_inputs()
@@ -306,3 +320,34 @@ def test_gpu_cuda_graph_replay_with_new_lengths_and_tables():
         q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
         graph.replay()
         torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=1e-2, rtol=1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_timestamps_give_the_kernel_span_inside_a_graph():
+    """The kernel folds its first start and last end into `timestamps`; replayed in a CUDA graph with a
+    reset copy before it, each replay's span is positive, within the events around the replay, and grows
+    with the context."""
+    q, k, v, bt, sl = _make_inputs(4, 32, 8, 128, 16, [32768] * 4, torch.bfloat16, "cuda")
+    blank = torch.tensor([torch.iinfo(torch.int64).max, 0], device="cuda")
+    stamps = torch.empty_like(blank)
+    out = torch.empty_like(q)
+    lean_attention_decode(q, k, v, bt, sl, out=out, timestamps=stamps.copy_(blank))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stamps.copy_(blank)
+        lean_attention_decode(q, k, v, bt, sl, out=out, timestamps=stamps)
+    spans = []
+    for length in (32768, 1024):
+        sl.fill_(length)
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events[0].record()
+        graph.replay()
+        events[1].record()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=1e-2, rtol=1e-2)
+        start, end = stamps.tolist()
+        spans.append(end - start)
+        assert 0 < spans[-1] <= events[0].elapsed_time(events[1]) * 1e6, length
+    assert spans[0] > 4 * spans[1]

@@ -222,16 +222,16 @@ def test_kv_cache_layout(tiny_model_factory):
 
 def test_cpu_timer_splits_prefill_and_decode(loaded):
     _, model, prompts, _ = loaded("llama")
-    timer = AttentionTimer(torch.device("cpu"))
+    timer = AttentionTimer(torch.device("cpu"), model.config.num_layers)
     runner = GreedyRunner(model, timer=timer)
     seq = Seq(list(prompts[0]), len(prompts[0]))
     runner.step([(seq, seq.prompt_len)], [])
-    prefill, decode = timer.result()
+    prefill, decode = timer.finish().seconds()
     assert prefill > 0 and decode == 0
-    timer.reset()
+    timer.start()
     seq.tokens.append(7)
     runner.step([], [seq])
-    prefill, decode = timer.result()
+    prefill, decode = timer.finish().seconds()
     assert prefill == 0 and decode > 0
 
 
@@ -251,8 +251,9 @@ def test_gpu_fp32_greedy_matches_hf(loaded, kind):
 @gpu
 def test_gpu_decode_step_replays_in_cuda_graph_with_timer(tiny_model_factory):
     """The decode forward (Triton kernel included) captured once with AttentionBatch tensors as static
-    buffers gives the eager result on every replay with new lengths, and its timer (events recorded
-    during capture) reports the replay's attention time."""
+    buffers gives the eager result on every replay with new lengths, and its timer (the kernel's own
+    stamps, reset inside the graph) reports each replay's attention time, close to what events around
+    the same replay measure."""
     model = load_model(tiny_model_factory("llama3"), torch.bfloat16, "cuda")
     runner = GreedyRunner(model)
     seqs = [Seq(list(range(3, 3 + n)), n) for n in (5, 17, 30)]
@@ -267,7 +268,7 @@ def test_gpu_decode_step_replays_in_cuda_graph_with_timer(tiny_model_factory):
         "tables": torch.zeros(len(seqs), width, dtype=torch.int32, device="cuda"),
         "lens": torch.ones(len(seqs), dtype=torch.int32, device="cuda"),
     }
-    timer = AttentionTimer(torch.device("cuda"))
+    timer = AttentionTimer(torch.device("cuda"), model.config.num_layers)
 
     def fill() -> None:
         slots = [runner._slots(s, 1)[0] for s in seqs]
@@ -300,17 +301,24 @@ def test_gpu_decode_step_replays_in_cuda_graph_with_timer(tiny_model_factory):
         graph = torch.cuda.CUDAGraph()
         batch.timer = timer
         with torch.cuda.graph(graph):
+            timer.start()
             hidden = forward()
         batch.timer = None
         for step in range(5):
             fill()
             eager = forward()
+            replay = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            replay[0].record()
             graph.replay()
+            replay[1].record()
+            reading = timer.finish()
             torch.cuda.synchronize()
             # bf16 default tolerances: cuBLAS may pick other algorithms under capture.
             torch.testing.assert_close(hidden, eager)
-            prefill_s, decode_s = timer.result()
-            assert prefill_s == 0 and 0 < decode_s < 0.1, step
+            prefill_s, decode_s = reading.seconds()
+            assert reading.decode_stamps.shape == (model.config.num_layers, 2)
+            assert (reading.decode_stamps[:, 1] > reading.decode_stamps[:, 0]).all(), step
+            assert prefill_s == 0 and 0 < decode_s < replay[0].elapsed_time(replay[1]) / 1e3, step
             for seq in seqs:
                 seq.num_cached += 1
                 seq.tokens.append(11 + step)

@@ -27,9 +27,10 @@ def run_step(scheduler: Scheduler) -> SchedulerOutput:
     """Schedule, pretend the forward ran, append one sampled token to each sequence that sampled."""
     out = scheduler.schedule()
     sampling = [c.seq for c in out.prefills if c.completes_prompt] + out.decodes
-    scheduler.step_done(out)
+    computed = scheduler.step_launched(out)
     for seq in sampling:
         seq.token_ids.append(7)
+    scheduler.step_done(computed)
     return out
 
 
