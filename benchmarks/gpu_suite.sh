@@ -36,7 +36,7 @@ run)
             tests/test_fused_ops.py tests/test_models.py tests/test_engine.py tests/test_sampler.py ;;
         kernel) timeout 300 python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$out" ;;
-        engine) timeout 300 python3 benchmarks/bench_engine.py --out "$out" ;;
+        engine) timeout 540 python3 benchmarks/bench_engine.py --out "$out" ;;
         tp) timeout 300 python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         *) echo "unknown part $part" >&2 ;;
         esac 2>&1 | tee "$out/$part.log"

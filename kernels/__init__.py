@@ -1,6 +1,7 @@
 """Triton kernels, each with its plain-torch twin (the CPU path and the tests' reference): decode
 attention over a paged KV cache (LeanAttention, stream-K), RMSNorm fused with the residual add, rotary
-embedding fused with the KV-cache write, and SiLU-and-multiply.
+embedding fused with the KV-cache write, SiLU-and-multiply, and the skinny matrix product of decode
+batches.
 
 Note: a PyPI distribution named `kernels` (Hugging Face's kernel hub) exists and transformers probes
 for it by import name. Ours is found under the `leanserve` distribution (version 0.x, outside the
@@ -12,6 +13,7 @@ from kernels.lean_attention import lean_attention_decode
 from kernels.reference import reference_decode_attention
 from kernels.rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
 from kernels.rotary import reference_rope_and_cache, rope_and_cache
+from kernels.skinny_linear import reference_skinny_linear, skinny_linear
 
 __all__ = [
     "fused_add_rms_norm",
@@ -21,7 +23,9 @@ __all__ = [
     "reference_rms_norm",
     "reference_rope_and_cache",
     "reference_silu_and_mul",
+    "reference_skinny_linear",
     "rms_norm",
     "rope_and_cache",
     "silu_and_mul",
+    "skinny_linear",
 ]

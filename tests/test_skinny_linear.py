@@ -1,0 +1,134 @@
+"""The skinny decode matrix product against its twin F.linear (interpreted on CPU, compiled on GPU):
+ragged N and K, 1..16 rows with any leading shape, bias, guard pages, validation, the model with the
+kernel in its linear layers (CPU, interpreted), and on GPU: Llama-3-8B's projections in bf16 and a
+CUDA-graph replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from greedy_runner import GreedyRunner
+from guard_page import against_guard_page
+
+import models.layers
+from kernels import reference_skinny_linear, skinny_linear
+from models.loader import load_model
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _inputs(rows: int, n: int, k: int, dtype: torch.dtype, device: str, bias: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    return (t.to(dtype=dtype, device=device) if t is not None else None for t in (x, w, b))
+
+
+def _expected(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """fp32 product, rounded once to the inputs' dtype (as the kernel's fp32 accumulator is)."""
+    return F.linear(x.float(), w.float(), b.float() if b is not None else None).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "bias", "dtype"),
+    [
+        (1, 64, 512, False, torch.float32),  # K a multiple of the K tile: the unmasked loop
+        (3, 50, 200, True, torch.float16),  # ragged N and K, bias
+        (16, 33, 300, False, torch.bfloat16),  # the most rows; K over one tile and a ragged rest
+    ],
+)
+def test_matches_fp32_product(rows, n, k, bias, dtype):
+    x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=tol, rtol=tol)
+
+
+def test_leading_dims_and_strided_rows():
+    x, w, b = _inputs(6, 40, 96, torch.float32, DEVICE, bias=True)
+    x3 = x.view(2, 3, 96)
+    got = skinny_linear(x3, w, b)
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got, reference_skinny_linear(x3, w, b))
+    wide = torch.zeros(6, 128, device=DEVICE)
+    wide[:, :96] = x
+    torch.testing.assert_close(skinny_linear(wide[:, :96], w), F.linear(x, w))  # row stride 128
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="guard pages catch accesses of the interpreted kernels on CPU")
+def test_touches_nothing_past_its_inputs():
+    x, w, b = (against_guard_page(t) for t in _inputs(5, 45, 280, torch.float16, "cpu", bias=True))
+    torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.update(x=a["x"].repeat(6, 1)), "at most 16 rows"),
+        (lambda a: a.update(x=a["x"][:, :-1]), "to match weight"),
+        (lambda a: a.update(weight=a["weight"].t()), "contiguous"),
+        (lambda a: a.update(weight=a["weight"].double()), "share a float dtype"),
+        (lambda a: a.update(bias=a["weight"][0]), "bias must be"),
+    ],
+    ids=["rows", "k", "weight", "dtype", "bias"],
+)
+def test_validation_errors(mutate, message):
+    x, w, b = _inputs(3, 32, 64, torch.float32, DEVICE, bias=True)
+    args = {"x": x, "weight": w, "bias": b}
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        skinny_linear(**args)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests of test_models.py run the model's kernels natively")
+def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
+    """The CPU model with the (interpreted) kernel in every linear layer of decode-sized steps: same
+    greedy tokens and logits through chunked prefill and batched decode, so the kernel is wired in."""
+    model = load_model(tiny_model_factory("qwen2"), torch.float32, "cpu")  # qwen2: the qkv bias
+    prompts = [[5, 300, 41, 9000, 12, 7], [77, 8, 1200]]
+
+    def run() -> tuple[list[list[int]], torch.Tensor]:
+        runner = GreedyRunner(model)
+        return runner.generate(prompts, new_tokens=2, chunk=4, stagger=1), runner.last_logits
+
+    expected, expected_logits = run()
+    calls = []
+    monkeypatch.setattr(
+        models.layers, "use_skinny_linear", lambda x: calls.append(x.shape) or x.shape[0] <= 16
+    )
+    got, logits = run()
+    assert calls and got == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+
+
+# -- GPU: Llama-3-8B's projections and LM head in bf16 ----------------------------------------------
+LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("name", list(LLAMA3_8B))
+def test_gpu_llama3_8b_projections(name, rows):
+    n, k = LLAMA3_8B[name]
+    x, w, _ = _inputs(rows, n, k, torch.bfloat16, "cuda", bias=False)
+    torch.testing.assert_close(skinny_linear(x, w), _expected(x, w, None), atol=1.6e-2, rtol=1.6e-2)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_replays_in_cuda_graph():
+    x, w, b = _inputs(8, 4096, 4096, torch.bfloat16, "cuda", bias=True)
+    skinny_linear(x, w, b)  # warm-up: compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = skinny_linear(x, w, b)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.testing.assert_close(y, _expected(x, w, b), atol=1.6e-2, rtol=1.6e-2)
