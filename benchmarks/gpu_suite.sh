@@ -4,7 +4,7 @@
 #                                     (git-ignored): the default model's config + tokenizer files (no
 #                                     weights) and the Llama-3-8B benchmark config
 #   benchmarks/gpu_suite.sh run [PART...]  there (device tool: carry [".cache"]); PART is tests (GPU tests
-#                                     of kernels, models, engine, sampler), kernel, fused, engine, tp
+#                                     of kernels, models, engine, sampler), kernel, fused, linear, engine, tp
 #                                     (benchmarks); default all. Logs and results under $OUT. A device
 #                                     call is limited to 10 minutes: all parts together take about that,
 #                                     so split when tuning.
@@ -29,13 +29,15 @@ run)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     parts=("${@:2}")
-    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused engine tp)
+    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused linear engine tp)
     for part in "${parts[@]}"; do
         case $part in
         tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lean_attention.py \
-            tests/test_fused_ops.py tests/test_models.py tests/test_engine.py tests/test_sampler.py ;;
+            tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
+            tests/test_sampler.py ;;
         kernel) timeout 300 python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$out" ;;
+        linear) timeout 300 python3 benchmarks/bench_skinny_linear.py --out "$out" ;;
         engine) timeout 540 python3 benchmarks/bench_engine.py --out "$out" ;;
         tp) timeout 300 python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         *) echo "unknown part $part" >&2 ;;
