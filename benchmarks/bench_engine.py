@@ -4,7 +4,7 @@ GPU: Llama-3-8B shapes with random bf16 weights (`load_format="dummy"`), token-i
 TPOT at batch 1 with a 1k context and decode throughput of 64 concurrent 1k-prompt / 1k-output requests,
 each beside the floor = (weight + KV bytes read per step) / HBM read bandwidth measured in the same run;
 then the per-request attention timing on vs off, and asynchronous scheduling on vs off. CPU: SmolLM2
-single-stream tokens/s.
+single-stream tokens/s. `--profile`: kernel time per decode step by kernel (GPU).
 Prints a table and writes JSON + a plot (per-step time vs floor) to --out."""
 
 from __future__ import annotations
@@ -166,6 +166,43 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     return results
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Kernel time per decode step by kernel name (torch profiler over 10 steps after 20 warm-up steps),
+    at batch 1 and at --concurrency, with --context tokens of prompt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    config = EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, load_format="dummy", dtype="bfloat16", device="cuda",
+        max_num_seqs=args.concurrency, max_num_batched_tokens=8192, max_model_len=4096,
+    )  # fmt: skip
+    engine = LLMEngine.from_config(config)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    for batch in (1, args.concurrency):
+        for i, prompt in enumerate(make_prompts(batch, args.context, len(engine.tokenizer), seed=batch)):
+            engine.add_request(f"p{batch}-{i}", prompt, params)
+        for _ in range(20):
+            engine.step()
+        torch.cuda.synchronize()
+        steps = 10
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        per_name: dict[str, list[float]] = {}
+        for e in kernels:
+            per_name.setdefault(e.name[:80], []).append(e.device_time)
+        total = sum(map(sum, per_name.values())) / steps
+        print(f"batch {batch}: {total / 1e3:.2f} ms of kernels per step, {len(kernels) / steps:.0f} kernels")
+        for name, times in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:15]:
+            print(f"  {sum(times) / steps:8.1f} us  x{len(times) / steps:4.0f}  {name}")
+        while engine.has_work:
+            for request_id in list(engine.requests):
+                engine.abort(request_id)
+            engine.step()
+
+
 def cpu_benchmark(args: argparse.Namespace) -> dict:
     engine = LLMEngine.from_config(EngineConfig(device="cpu", kv_cache_tokens=8192))
     tok = engine.tokenizer
@@ -216,8 +253,12 @@ def main() -> None:
     parser.add_argument("--overhead-output-len", type=int, default=256)
     parser.add_argument("--cpu-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("out/bench_engine"))
+    parser.add_argument("--profile", action="store_true", help="kernel time per step instead (GPU)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile(args)
+        return
     if args.device == "cpu":
         results = cpu_benchmark(args)
         print(
