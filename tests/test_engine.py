@@ -310,8 +310,9 @@ def test_too_long_request_is_rejected(make_engine):
         engine.add_request("empty", [], greedy())
 
 
-def test_async_engine_streams_deltas_and_aborts(make_engine, reference):
-    engine = make_engine()
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_async_engine_streams_deltas_and_aborts(make_engine, reference, async_scheduling):
+    engine = make_engine(async_scheduling=async_scheduling)
     async_engine = AsyncEngine(engine, "tiny")
     async_engine.start()
 
