@@ -2,7 +2,7 @@
 is rank 1): greedy tokens and logits of TP=2 equal TP=1 for the tiny Llama-3 and Qwen3 models, through
 the greedy loop of tests/greedy_runner.py (chunked prefill, batched decode); each rank loads exactly its
 slices; indivisible head counts fail clearly; tp=1 is the plain model; the engine with
-tensor_parallel_size=2 gives the same tokens as with 1."""
+tensor_parallel_size=2 gives the same tokens as with 1 (also on 2 GPUs with NCCL when they exist)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from models.kv_cache import KVCache
 from models.llama import CausalLM
 from models.loader import load_model
 from models.parallel import TensorParallel, check_divisible
+from server import llm_engine
 from server.config import EngineConfig
 from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
@@ -136,10 +137,28 @@ def _engine_tokens(engine: LLMEngine) -> dict[str, list[list[int]]]:
     return tokens
 
 
-def test_engine_tp2_matches_tp1(tiny_model_factory):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+            ],
+        ),
+    ],
+)
+def test_engine_tp2_matches_tp1(tiny_model_factory, device, monkeypatch):
+    """On CUDA: NCCL between the ranks, asynchronous scheduling on, eager decode (no graphs under TP)."""
+    # Both engines live in one process: size the pools by kv_cache_tokens on a GPU too.
+    monkeypatch.setattr(
+        llm_engine, "_num_kv_blocks", lambda config, *_: config.kv_cache_tokens // config.block_size
+    )
     settings = dict(
         model=str(tiny_model_factory("llama3")),
-        device="cpu",
+        device=device,
         dtype="float32",
         block_size=8,
         kv_cache_tokens=1024,
