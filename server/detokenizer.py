@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers.decoders import DecodeStream
+
 # Prompt tokens decoded with the first output tokens so that tokenizers that treat the start of a
 # text specially (SentencePiece drops a leading space) decode the output as it reads in context.
 _PROMPT_CONTEXT_TOKENS = 5
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 @dataclass
@@ -18,12 +19,11 @@ class DetokenizedDelta:
 
 
 class IncrementalDetokenizer:
-    """Decodes a growing token sequence a small window at a time.
-
-    Two offsets into the token ids delimit the window: tokens [prefix, read) were already turned into
-    text and are decoded again only as context; tokens [read, end) are new. The text of the new tokens
-    is the decode of [prefix, end) minus the decode of [prefix, read). While it ends in U+FFFD (bytes of
-    a character still incomplete, or pieces that merge on decode) it is held back and the offsets stay.
+    """Decodes a growing token sequence with the tokenizers library's `DecodeStream`, which re-decodes a
+    small window of recent tokens per step and returns text only once it is made of complete characters
+    (it holds back a window that decodes to a trailing U+FFFD: bytes of a character still incomplete).
+    The last few prompt tokens prime the stream, so that tokenizers that treat the start of a text
+    specially (SentencePiece drops a leading space) decode the output as it reads in context.
 
     Decoded text then passes the stop-string filter: a match truncates the text there (the stop string
     is never returned) and the text that ends in a prefix of some stop string is held back until the
@@ -33,13 +33,13 @@ class IncrementalDetokenizer:
     def __init__(
         self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True
     ):
-        self._tokenizer = tokenizer
+        self._backend = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers one
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(stop)
-        self._token_ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._token_ids)
-        self._prefix_text = self._decode(self._token_ids)
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
+        # For flush: the tokens of the last decoded chunk (context) and those the stream holds back.
+        self._context_ids, self._held_ids = context, []
         self._text = ""  # decoded output text made of complete characters, cut at a stop string
         self._emitted = 0  # characters of _text returned to the caller so far
         self._stop_reason: str | None = None
@@ -53,12 +53,11 @@ class IncrementalDetokenizer:
         if self._stop_reason is not None:
             return DetokenizedDelta("", self._stop_reason)
         for token_id in token_ids:
-            self._token_ids.append(token_id)
-            new_text = self._decode(self._token_ids[self._prefix_offset :])
-            if len(new_text) > len(self._prefix_text) and not new_text.endswith(_REPLACEMENT_CHAR):
-                self._text += new_text[len(self._prefix_text) :]
-                self._prefix_offset, self._read_offset = self._read_offset, len(self._token_ids)
-                self._prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+            self._held_ids.append(token_id)
+            chunk = self._stream.step(self._backend, token_id)
+            if chunk is not None:
+                self._text += chunk
+                self._context_ids, self._held_ids = self._held_ids, []
         if self._cut_at_stop():
             return DetokenizedDelta(self._take(len(self._text)), self._stop_reason)
         return DetokenizedDelta(self._take(len(self._text) - self._stop_prefix_len()), None)
@@ -68,19 +67,15 @@ class IncrementalDetokenizer:
         an incomplete character at the very end (as U+FFFD), still cut before any stop string."""
         if self._stop_reason is not None:
             return ""
-        if self._read_offset < len(self._token_ids):
-            new_text = self._decode(self._token_ids[self._prefix_offset :])
-            self._text += new_text[len(self._prefix_text) :]
-            self._prefix_offset = self._read_offset = len(self._token_ids)
-            self._prefix_text = ""
+        if self._held_ids:
+            context = self._decode(self._context_ids)
+            self._text += self._decode(self._context_ids + self._held_ids)[len(context) :]
+            self._context_ids, self._held_ids = self._held_ids, []
         self._cut_at_stop()
         return self._take(len(self._text))
 
     def _decode(self, token_ids: list[int]) -> str:
-        # No clean-up of spaces: it would make the decode of a window differ from the full decode.
-        return self._tokenizer.decode(
-            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        return self._backend.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
     def _take(self, end: int) -> str:
         """Returns the not yet emitted text up to `end` and marks it emitted."""
