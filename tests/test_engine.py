@@ -338,6 +338,40 @@ def test_async_engine_streams_deltas_and_aborts(make_engine, reference, async_sc
     assert_pool_free(engine)
 
 
+def test_engine_loop_survives_a_bug_outside_a_step(make_engine, reference, monkeypatch):
+    """An exception escaping LLMEngine.step() (with a step in flight) fails the requests then in the
+    engine with an error, frees their blocks, and the loop serves the next request normally."""
+    engine = make_engine(async_scheduling=True)
+    async_engine = AsyncEngine(engine, "tiny")
+    real_step = engine.step
+    calls = 0
+
+    def flaky_step():
+        nonlocal calls
+        calls += 1
+        outputs = real_step()
+        if calls == 3:  # after launching a step whose tokens are not read yet
+            assert engine._inflight is not None
+            raise RuntimeError("bug in the loop")
+        return outputs
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    async_engine.start()
+
+    async def main():
+        failed = [out async for out in async_engine.add_request("x", prompts()[2], greedy(max_tokens=40))]
+        ok = [out async for out in async_engine.add_request("y", prompts()[3], greedy())]
+        await async_engine.shutdown(grace_seconds=1.0)
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert failed[-1].finished and failed[-1].error == "RuntimeError: bug in the loop"
+    assert failed[-1].samples[-1].finish_reason == "error"
+    assert [t for d in ok for s in d.samples for t in s.token_ids] == reference[3]
+    assert async_engine.last_error == "RuntimeError: bug in the loop"
+    assert_pool_free(engine)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_matches_eager(make_engine):
