@@ -28,7 +28,8 @@ MAX_MODEL_LEN = 256
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path):
-    with real_engine(tiny_model_path, max_model_len=MAX_MODEL_LEN) as engine:
+    # Asynchronous scheduling as on a GPU: disconnects and failures land while a step is in flight.
+    with real_engine(tiny_model_path, max_model_len=MAX_MODEL_LEN, async_scheduling=True) as engine:
         yield engine
 
 
