@@ -138,12 +138,15 @@ def test_n_samples_share_prompt_blocks(make_engine, reference, prefix_caching):
     assert samples == [reference[4]] * 3 and out.completion_tokens == 3 * MAX_TOKENS
 
 
-def test_seeded_sampling_and_logprobs_do_not_depend_on_the_batch(make_engine):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_seeded_sampling_and_logprobs_do_not_depend_on_the_batch(make_engine, async_scheduling):
     seeded = SamplingParams(
         temperature=1.0, top_k=50, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=3
     )
     alone = run_all(make_engine(), {"s": (prompts()[3], seeded)})["s"]
-    crowded = make_engine(kv_cache_tokens=96, block_size=8, max_num_batched_tokens=32)  # preempts
+    crowded = make_engine(  # preempts
+        kv_cache_tokens=96, block_size=8, max_num_batched_tokens=32, async_scheduling=async_scheduling
+    )
     others = {f"o{i}": (p, greedy()) for i, p in enumerate(prompts())}
     batched = run_all(crowded, {"s": (prompts()[3], seeded), **others})["s"]
     assert alone[1] == batched[1]

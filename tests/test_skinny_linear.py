@@ -1,7 +1,7 @@
 """The skinny decode matrix product against its twin F.linear (interpreted on CPU, compiled on GPU):
 ragged N and K, 1..16 rows with any leading shape, bias, guard pages, validation, the model with the
-kernel in its linear layers (CPU, interpreted), and on GPU: Llama-3-8B's projections in bf16 and a
-CUDA-graph replay."""
+kernel in its linear layers (CPU, interpreted), and on GPU: Llama-3-8B's and the default model's
+projections in bf16 and a CUDA-graph replay."""
 
 from __future__ import annotations
 
@@ -105,16 +105,23 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
-# -- GPU: Llama-3-8B's projections and LM head in bf16 ----------------------------------------------
-LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# -- GPU: Llama-3-8B's projections, and the default model's (K = 576: the masked K loop), in bf16 -----
+GPU_SHAPES = {
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "smollm2-qkv": (960, 576),
+    "smollm2-gate-up": (3072, 576),
+}
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16])
-@pytest.mark.parametrize("name", list(LLAMA3_8B))
-def test_gpu_llama3_8b_projections(name, rows):
-    n, k = LLAMA3_8B[name]
+@pytest.mark.parametrize("name", list(GPU_SHAPES))
+def test_gpu_projections(name, rows):
+    n, k = GPU_SHAPES[name]
     x, w, _ = _inputs(rows, n, k, torch.bfloat16, "cuda", bias=False)
     torch.testing.assert_close(skinny_linear(x, w), _expected(x, w, None), atol=1.6e-2, rtol=1.6e-2)
 
