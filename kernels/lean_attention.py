@@ -412,7 +412,9 @@ def red_chunk(group: int, head_dim: int) -> int:
     return max(1, _RED_ELEMENTS // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim)))
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
+    """Kernels run under TRITON_INTERPRET (CPU). Its bf16 tl.dot is wrong (triton issue 11584), so kernels
+    that use tl.dot upcast their operands there."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -475,7 +477,7 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
 def _validate_timestamps(timestamps: torch.Tensor | None, device: torch.device) -> None:
     if timestamps is None:
         return
-    if _interpreted() or device.type != "cuda":
+    if interpreted() or device.type != "cuda":
         raise ValueError(
             "timestamps read the GPU's global timer: they need a CUDA device (not the interpreter)"
         )
@@ -550,7 +552,7 @@ def _launch(
         TILE=config.tile,
         BLOCK_B=max(2, triton.next_power_of_2(batch)),
         # The interpreter computes bf16 tl.dot wrongly (triton issue 11584): upcast its operands there.
-        UPCAST=_interpreted(),
+        UPCAST=interpreted(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RED_CHUNK=red_chunk(group, head_dim),
         TIMED=timestamps is not None,

@@ -9,12 +9,12 @@ Its torch twin is `torch.nn.functional.linear`."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels.lean_attention import interpreted
 
 # Rows of x the kernel takes (tl.dot tiles have at least 16 rows): decode batches up to this size.
 SKINNY_MAX_ROWS = 16
@@ -100,8 +100,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             BLOCK_K=_BLOCK_K,
             EVEN_K=k % _BLOCK_K == 0,
             HAS_BIAS=bias is not None,
-            # The interpreter computes bf16 tl.dot wrongly (triton issue 11584): upcast there.
-            UPCAST=os.environ.get("TRITON_INTERPRET", "0") == "1",
+            UPCAST=interpreted(),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_stages=_STAGES,
             num_warps=_WARPS,
