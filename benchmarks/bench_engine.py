@@ -97,6 +97,21 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(num)]
 
 
+def gpu_config(args: argparse.Namespace, async_scheduling: bool | None = None) -> EngineConfig:
+    """The engine the GPU runs measure: Llama-3-8B shapes with dummy bf16 weights."""
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        max_num_seqs=args.concurrency,
+        max_num_batched_tokens=8192,
+        max_model_len=4096,
+        async_scheduling=async_scheduling,
+    )
+
+
 def gpu_benchmark(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     bandwidth = read_bandwidth(device)
@@ -112,18 +127,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         ("timing_off", False, True),
         ("sync", True, False),
     ):
-        config = EngineConfig(
-            model=args.model,
-            tokenizer=args.tokenizer,
-            load_format="dummy",
-            dtype="bfloat16",
-            device="cuda",
-            max_num_seqs=args.concurrency,
-            max_num_batched_tokens=8192,
-            max_model_len=4096,
-            async_scheduling=async_scheduling,
-        )
-        engine = LLMEngine.from_config(config, time_attention=timing)
+        engine = LLMEngine.from_config(gpu_config(args, async_scheduling), time_attention=timing)
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
         vocab = len(engine.tokenizer)
         run_decode(engine, make_prompts(2, 64, vocab, seed=9), 16)  # warm-up (caches, allocator)
@@ -172,11 +176,7 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    config = EngineConfig(
-        model=args.model, tokenizer=args.tokenizer, load_format="dummy", dtype="bfloat16", device="cuda",
-        max_num_seqs=args.concurrency, max_num_batched_tokens=8192, max_model_len=4096,
-    )  # fmt: skip
-    engine = LLMEngine.from_config(config)
+    engine = LLMEngine.from_config(gpu_config(args))
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for batch in (1, args.concurrency):
         for i, prompt in enumerate(make_prompts(batch, args.context, len(engine.tokenizer), seed=batch)):
