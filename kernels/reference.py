@@ -46,7 +46,9 @@ def reference_decode_attention(
     mask = None if int(seq_lens.min()) == max_len else valid[:, None, None, :]
     result = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     # A sequence with no tokens has an all-masked row (SDPA gives NaN): its output is defined as 0.
-    result = torch.where((seq_lens > 0)[:, None, None, None], result, 0.0).view(batch, num_q_heads, head_dim)
+    # (reshape: CUDA's SDPA returns a transposed view that .view cannot flatten)
+    result = torch.where((seq_lens > 0)[:, None, None, None], result, 0.0)
+    result = result.reshape(batch, num_q_heads, head_dim)
     if out is None:
         return result.to(q.dtype)
     out.copy_(result)
