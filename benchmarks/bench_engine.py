@@ -3,8 +3,9 @@
 GPU: Llama-3-8B shapes with random bf16 weights (`load_format="dummy"`), token-id prompts, ignore_eos:
 TPOT at batch 1 with a 1k context and decode throughput of 64 concurrent 1k-prompt / 1k-output requests,
 each beside the floor = (weight + KV bytes read per step) / HBM read bandwidth measured in the same run;
-then the per-request attention timing on vs off, and asynchronous scheduling on vs off. CPU: SmolLM2
-single-stream tokens/s. `--profile`: kernel time per decode step by kernel (GPU).
+then the per-request attention timing on vs off, asynchronous scheduling on vs off and programmatic
+dependent launch on vs off. CPU: SmolLM2 single-stream tokens/s. `--profile`: kernel time per decode
+step by kernel (GPU).
 Prints a table and writes JSON + a plot (per-step time vs floor) to --out."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import launch
 from server.config import EngineConfig
 from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
@@ -121,12 +123,15 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         "triton": __import__("triton").__version__,
         "read_bandwidth_GBps": bandwidth / 1e9,
     }
-    # (result key, attention timing, async scheduling): the last two are compared with the first.
-    for key, timing, async_scheduling in (
-        ("timing_on", True, True),
-        ("timing_off", False, True),
-        ("sync", True, False),
+    # (result key, attention timing, async scheduling, programmatic dependent launch): the others are
+    # compared with the first. The decode graphs are captured when the engine is built.
+    for key, timing, async_scheduling, pdl in (
+        ("timing_on", True, True, True),
+        ("timing_off", False, True, True),
+        ("sync", True, False, True),
+        ("pdl_off", True, True, False),
     ):
+        launch.PDL_ENABLED = pdl
         engine = LLMEngine.from_config(gpu_config(args, async_scheduling), time_attention=timing)
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
         vocab = len(engine.tokenizer)
@@ -162,6 +167,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+    launch.PDL_ENABLED = True
     on, off = results["timing_on"], results["timing_off"]
     results["timing_overhead_tpot_pct"] = 100 * (on["tpot_ms"] / off["tpot_ms"] - 1)
     results["timing_overhead_concurrent_pct"] = 100 * (
@@ -292,6 +298,11 @@ def main() -> None:
             f"without async scheduling: TPOT {sync['tpot_ms']:.2f} ms (host {sync['tpot_host_ms']:.2f} ms), "
             f"64-way steps {results['sync_vs_on_concurrent_pct']:+.1f}% longer "
             f"(host {sync['concurrent_host_ms']:.2f} ms)"
+        )
+        pdl_off = results["pdl_off"]
+        print(
+            f"without programmatic dependent launch: TPOT {pdl_off['tpot_ms']:.2f} ms, "
+            f"64-way steps {results['pdl_off_vs_on_concurrent_pct']:+.1f}% longer"
         )
         plot(results, args.out / "bench_engine.png")
     (args.out / f"bench_engine_{args.device}.json").write_text(json.dumps(results, indent=1))

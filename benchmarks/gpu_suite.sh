@@ -34,7 +34,7 @@ run)
         case $part in
         tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lean_attention.py \
             tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
-            tests/test_sampler.py ;;
+            tests/test_sampler.py tests/test_launch.py ;;
         kernel) timeout 300 python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$out" ;;
         linear) timeout 300 python3 benchmarks/bench_skinny_linear.py --out "$out" ;;

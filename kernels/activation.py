@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.launch import use_pdl
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -17,7 +19,11 @@ def _silu_and_mul_kernel(
     stride_out,
     inter,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready (kernels/launch.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -45,6 +51,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
     if tokens:
+        pdl = use_pdl(gate_up.device)
         _silu_and_mul_kernel[(tokens, triton.cdiv(inter, _BLOCK))](
             gate_up,
             out,
@@ -52,7 +59,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
             out.stride(0),
             inter,
             BLOCK=_BLOCK,
+            PDL=pdl,
             num_warps=_NUM_WARPS,
+            launch_pdl=pdl,
         )
     return out
 

@@ -6,12 +6,13 @@ shared/design/lean_attention.md for the algorithm and the fix-up protocol."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import interpreted
 
 _LOG2E = 1.4426950408889634
 
@@ -410,12 +411,6 @@ def red_chunk(group: int, head_dim: int) -> int:
     """Contributors a reducer merges per round: as many [group, head_dim] fp32 partials as fit
     _RED_ELEMENTS (B=1 with 8 KV heads has ~33 per output on an H100: 3 rounds at D=128, GQA 4)."""
     return max(1, _RED_ELEMENTS // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim)))
-
-
-def interpreted() -> bool:
-    """Kernels run under TRITON_INTERPRET (CPU). Its bf16 tl.dot is wrong (triton issue 11584), so kernels
-    that use tl.dot upcast their operands there."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _default_programs(device: torch.device, config: LeanConfig) -> int:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.launch import use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -23,7 +25,11 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready (kernels/launch.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -75,6 +81,7 @@ def _launch(
     x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> None:
     block = triton.next_power_of_2(x.shape[1])
+    pdl = use_pdl(x.device)
     _rms_norm_kernel[(x.shape[0],)](
         x,
         x if residual is None else residual,  # unused without a residual
@@ -87,7 +94,9 @@ def _launch(
         eps,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
+        PDL=pdl,
         num_warps=_num_warps(block),
+        launch_pdl=pdl,
     )
 
 

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import use_pdl
+
 
 @triton.jit
 def _rotate(
@@ -47,7 +49,11 @@ def _rope_and_cache_kernel(
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready (kernels/launch.py)
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + token * stride_qkv
     offs_half = tl.arange(0, BLOCK_HALF)
@@ -144,6 +150,7 @@ def rope_and_cache(
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     _, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
     if qkv.shape[0]:
+        pdl = use_pdl(qkv.device)
         _rope_and_cache_kernel[(qkv.shape[0],)](
             qkv,
             positions,
@@ -164,7 +171,9 @@ def rope_and_cache(
             BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             BLOCK_D=triton.next_power_of_2(head_dim),
+            PDL=pdl,
             num_warps=_NUM_WARPS,
+            launch_pdl=pdl,
         )
     return q, k, v
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.lean_attention import interpreted
+from kernels.launch import interpreted, use_pdl
 
 # Rows of x the kernel takes (tl.dot tiles have at least 16 rows): decode batches up to this size.
 SKINNY_MAX_ROWS = 16
@@ -43,7 +43,11 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready (kernels/launch.py)
+        tl.extra.cuda.gdc_launch_dependents()
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -82,6 +86,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
+    pdl = use_pdl(x.device)
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows:
         _skinny_linear_kernel[(triton.cdiv(n, _BLOCK_N),)](
@@ -102,8 +107,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             HAS_BIAS=bias is not None,
             UPCAST=interpreted(),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            PDL=pdl,
             num_stages=_STAGES,
             num_warps=_WARPS,
+            launch_pdl=pdl,
         )
     return y.view(*x.shape[:-1], n)
 

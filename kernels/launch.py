@@ -1,0 +1,40 @@
+"""How our Triton kernels are launched: interpreted on CPU (TRITON_INTERPRET=1) or compiled for a GPU,
+and on Hopper and later with programmatic dependent launch (PDL).
+
+A decode step at batch 1 is a chain of ~300 short kernels inside a CUDA graph, and every kernel boundary
+costs the launch of the next grid after the previous one has drained. With PDL the next grid is
+scheduled while the previous one still runs. Our elementwise kernels and the skinny matrix product
+(the whole chain of a decoder layer except attention) follow one protocol, so any two of them can
+follow each other: a kernel first waits (`gdc_wait`: the previous grid has finished and its writes are
+visible; since that grid waited in turn, so has everything before it in the stream), then lets its
+successor be scheduled (`gdc_launch_dependents`), then works. At most one grid is ever waiting ahead of
+the running one. Measured on an H100 (docs/kernel_notes.md, session 4): Llama-3-8B's layer chain at
+batch 1 6.15 -> 5.96 ms. Letting the successor in before the wait (two grids ahead), prefetching the
+next product's weights into L2 while waiting, and PDL for LeanAttention were each measured and lost.
+Kernels launched without PDL (torch's, LeanAttention) keep full stream order."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Benchmarks switch this off to measure what PDL buys; serving leaves it on.
+PDL_ENABLED = True
+
+
+def interpreted() -> bool:
+    """Kernels run under TRITON_INTERPRET (CPU). Its bf16 tl.dot is wrong (triton issue 11584), so kernels
+    that use tl.dot upcast their operands there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch with PDL: a compiled kernel on a CUDA device of compute capability 9.0 or later."""
+    return PDL_ENABLED and device.type == "cuda" and not interpreted() and _hopper_or_later(device)
