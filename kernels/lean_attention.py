@@ -31,41 +31,42 @@ def _merge_partials(
     RED_CHUNK: tl.constexpr,
 ):
     """Merge the published partials of programs first..last (the caller's own included) into one
-    (denominator, accumulator) pair over GROUP_RED rows. A chunk of RED_CHUNK contributors is one 3-D
-    load, so it costs one L2 round trip (merging one contributor at a time cost ~0.5 us each). No
-    per-contributor divisions here: the vectors below are replicated across threads, and a 64-bit
-    division is a ~100-instruction routine per element (it made a merge take 4-10 us on an H100)."""
-    offs_c = tl.arange(0, RED_CHUNK)
+    (denominator, accumulator) pair over GROUP_RED rows. Contributors are folded in one at a time with
+    the online-softmax update, which is elementwise per row: no reduction across threads. The loop is
+    unrolled RED_CHUNK contributors deep with masked loads whose addresses depend on nothing loaded, so a
+    chunk's loads are in flight together (one L2 round trip per chunk; merging one contributor per round
+    trip cost ~0.5 us each). No per-contributor divisions here: a 64-bit division is a ~100-instruction
+    routine per element (it made a merge take 4-10 us on an H100)."""
     offs_r = tl.arange(0, GROUP_RED)
     offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_r < GROUP
     m_run = tl.full([GROUP_RED], float("-inf"), tl.float32)
     l_run = tl.zeros([GROUP_RED], tl.float32)
     acc_run = tl.zeros([GROUP_RED, BLOCK_D], tl.float32)
     for c0 in range(first, last + 1, RED_CHUNK):
-        p = c0 + offs_c
-        # Every contributor after the first starts inside this output: its partial is in its first slot.
-        slot = tl.where(p == first, first_slot, 2 * p)
-        ok = (p <= last)[:, None] & (offs_r < GROUP)[None, :]  # [C, R]
-        ml = part_ml_ptr + slot[:, None] * (2 * GROUP_PAD) + offs_r[None, :]
-        # .cg: these lines were written by other SMs; never serve them from a stale L1.
-        m_c = tl.load(ml, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l_c = tl.load(ml + GROUP_PAD, mask=ok, other=0.0, cache_modifier=".cg")
-        acc_c = tl.load(
-            part_acc_ptr
-            + slot[:, None, None] * (GROUP_PAD * BLOCK_D)
-            + offs_r[None, :, None] * BLOCK_D
-            + offs_d[None, None, :],
-            mask=ok[:, :, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        m_new = tl.maximum(m_run, tl.max(m_c, axis=0))
-        # Rows past GROUP stay -inf throughout (NaN weights there are never stored).
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(m_c - m_new[None, :])  # 0 for masked contributors
-        l_run = l_run * alpha + tl.sum(w * l_c, axis=0)
-        acc_run = acc_run * alpha[:, None] + tl.sum(w[:, :, None] * acc_c, axis=0)
-        m_run = m_new
+        for i in tl.static_range(RED_CHUNK):
+            p = c0 + i
+            # Every contributor after the first starts inside this output: its partial is in its first slot.
+            slot = tl.where(p == first, first_slot, 2 * p)
+            ok = row_ok & (tl.zeros_like(offs_r) + p <= last)  # a [R] mask (the interpreter wants one)
+            ml = part_ml_ptr + slot * (2 * GROUP_PAD) + offs_r
+            # .cg: these lines were written by other SMs; never serve them from a stale L1.
+            m_p = tl.load(ml, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            l_p = tl.load(ml + GROUP_PAD, mask=ok, other=0.0, cache_modifier=".cg")
+            acc_p = tl.load(
+                part_acc_ptr + slot * (GROUP_PAD * BLOCK_D) + offs_r[:, None] * BLOCK_D + offs_d[None, :],
+                mask=ok[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            # Rows past GROUP stay -inf and turn NaN here; they are never stored. A masked contributor of
+            # a real row has weight exp2(-inf) = 0 and scale 1.
+            m_new = tl.maximum(m_run, m_p)
+            alpha = tl.exp2(m_run - m_new)
+            w = tl.exp2(m_p - m_new)
+            l_run = l_run * alpha + w * l_p
+            acc_run = acc_run * alpha[:, None] + w[:, None] * acc_p
+            m_run = m_new
     return l_run, acc_run
 
 
@@ -378,6 +379,9 @@ _CONFIGS: dict[int, LeanConfig] = {
     256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
 }
 _RED_ELEMENTS = 8192  # fp32 partial elements a reducer loads per round trip (64 registers a thread)
+# Contributors unrolled per round at most: each costs its address and mask arithmetic even when masked
+# (MHA at D=128 would otherwise unroll 64, and 32/32 heads at 4k has ~8 contributors an output).
+_MAX_RED_CHUNK = 16
 _MAX_GROUP = 64  # query heads per KV head accepted: the [GROUP_PAD, D] fp32 accumulator grows with it
 _INTERPRETER_PROGRAMS = 4  # programs when run under TRITON_INTERPRET (no SMs to fill; programs run serially)
 
@@ -408,9 +412,11 @@ def _workspace(device: torch.device, num_programs: int, group_pad: int, block_d:
 
 
 def red_chunk(group: int, head_dim: int) -> int:
-    """Contributors a reducer merges per round: as many [group, head_dim] fp32 partials as fit
-    _RED_ELEMENTS (B=1 with 8 KV heads has ~33 per output on an H100: 3 rounds at D=128, GQA 4)."""
-    return max(1, _RED_ELEMENTS // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim)))
+    """Contributors a reducer loads per round: as many [group, head_dim] fp32 partials as fit
+    _RED_ELEMENTS, at most _MAX_RED_CHUNK (B=1 with 8 KV heads has ~33 per output on an H100: 3 rounds
+    at D=128, GQA 4)."""
+    fit = _RED_ELEMENTS // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim))
+    return max(1, min(_MAX_RED_CHUNK, fit))
 
 
 def _default_programs(device: torch.device, config: LeanConfig) -> int:
