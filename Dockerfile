@@ -28,8 +28,12 @@ RUN /opt/leanserve/venv/bin/python -c "from models.weights_source import default
     && chmod -R a+rX /opt/leanserve/cache
 
 FROM ${BASE_IMAGE} AS runtime
+# Triton compiles the kernels for the GPU at first use (LeanAttention: several seconds a variant) and caches
+# them in TRITON_CACHE_DIR: owned by the runtime user, so a volume mounted there keeps them across restarts.
 RUN groupadd --gid 10001 leanserve \
-    && useradd --create-home --no-log-init --uid 10001 --gid 10001 --shell /usr/sbin/nologin leanserve
+    && useradd --create-home --no-log-init --uid 10001 --gid 10001 --shell /usr/sbin/nologin leanserve \
+    && mkdir -p /home/leanserve/.triton/cache \
+    && chown -R 10001:10001 /home/leanserve/.triton
 # The model rarely changes, the code often: the model layer comes first.
 COPY --from=builder /opt/leanserve/cache /opt/leanserve/cache
 COPY --from=builder /opt/leanserve/venv /opt/leanserve/venv
@@ -39,6 +43,7 @@ ENV PATH=/opt/leanserve/venv/bin:${PATH} \
     LEANSERVE_CACHE=/opt/leanserve/cache \
     LEANSERVE_HOST=0.0.0.0 \
     LEANSERVE_PORT=8000 \
+    TRITON_CACHE_DIR=/home/leanserve/.triton/cache \
     PYTHONUNBUFFERED=1
 # Numeric, so Kubernetes can check runAsNonRoot without reading /etc/passwd.
 USER 10001:10001

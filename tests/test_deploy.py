@@ -82,6 +82,9 @@ def test_runtime_stage_serves_the_baked_model_as_non_root():
     assert any(args.split()[-2:] == [cache[1]] * 2 for args in _args(runtime, "COPY")), "model not copied"
     user = _args(runtime, "USER")[-1].split(":")[0]
     assert user not in ("root", "0")
+    # Triton's kernel cache is a folder the runtime user owns (a volume mounted there inherits it).
+    triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", " ".join(_args(runtime, "ENV")))[1]
+    assert any(f"mkdir -p {triton_cache}" in run and f"chown -R {user}:" in run for run in _args(runtime, "RUN"))
     assert _args(runtime, "EXPOSE") == ["8000"]
     healthcheck = _args(runtime, "HEALTHCHECK")[-1]
     assert "/health" in healthcheck and "python" in healthcheck and "curl" not in healthcheck
@@ -185,6 +188,12 @@ def test_compose_services_gpu_and_model_volume(compose):
     devices = leanserve["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "/models" in _mounts(leanserve)
+    # Compiled kernels persist in a named volume over the image's TRITON_CACHE_DIR (or a folder above it).
+    triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text())[1]
+    assert any(
+        triton_cache.startswith(target) and source in compose["volumes"]
+        for target, source in _mounts(leanserve).items()
+    )
     assert leanserve["environment"]["LEANSERVE_DEVICE"] == "cuda"
     # The default model is the one baked into the image under LEANSERVE_CACHE.
     cache = re.search(r"LEANSERVE_CACHE=(\S+)", (ROOT / "Dockerfile").read_text())[1]
