@@ -84,7 +84,8 @@ def test_runtime_stage_serves_the_baked_model_as_non_root():
     assert user not in ("root", "0")
     # Triton's kernel cache is a folder the runtime user owns (a volume mounted there inherits it).
     triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", " ".join(_args(runtime, "ENV")))[1]
-    assert any(f"mkdir -p {triton_cache}" in run and f"chown -R {user}:" in run for run in _args(runtime, "RUN"))
+    runs = _args(runtime, "RUN")
+    assert any(f"mkdir -p {triton_cache}" in run and f"chown -R {user}:" in run for run in runs)
     assert _args(runtime, "EXPOSE") == ["8000"]
     healthcheck = _args(runtime, "HEALTHCHECK")[-1]
     assert "/health" in healthcheck and "python" in healthcheck and "curl" not in healthcheck
