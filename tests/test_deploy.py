@@ -376,6 +376,10 @@ def test_deployment_requests_a_gpu_and_probes_health(deployment):
     dockerfile_user = _args(_dockerfile_stages()[-1], "USER")[-1].split(":")[0]
     assert pod["spec"]["securityContext"]["runAsUser"] == int(dockerfile_user)
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Triton's kernel cache outlives a container restart.
+    triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text())[1]
+    (mount,) = (m for m in container["volumeMounts"] if triton_cache.startswith(m["mountPath"]))
+    assert {"name": mount["name"], "emptyDir": {}} in pod["spec"]["volumes"]
 
 
 def test_service_and_servicemonitor_select_the_pods(deployment):
