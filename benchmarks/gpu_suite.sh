@@ -32,7 +32,7 @@ run)
     [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused linear engine tp)
     for part in "${parts[@]}"; do
         case $part in
-        tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lean_attention.py \
+        tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lean_attention.py \
             tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
             tests/test_sampler.py tests/test_launch.py ;;
         kernel) timeout 300 python3 benchmarks/bench_decode_attention.py --out "$out" ;;
