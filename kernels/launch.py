@@ -19,6 +19,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 # Benchmarks switch this off to measure what PDL buys; serving leaves it on.
 PDL_ENABLED = True
@@ -38,3 +40,12 @@ def _hopper_or_later(device: torch.device) -> bool:
 def use_pdl(device: torch.device) -> bool:
     """Launch with PDL: a compiled kernel on a CUDA device of compute capability 9.0 or later."""
     return PDL_ENABLED and device.type == "cuda" and not interpreted() and _hopper_or_later(device)
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """The protocol above, at the top of a kernel launched with `launch_pdl=PDL`: wait for the previous
+    grid, then let the next one be scheduled. A no-op when PDL is off."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

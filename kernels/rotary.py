@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import use_pdl
+from kernels.launch import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
@@ -51,9 +51,7 @@ def _rope_and_cache_kernel(
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready (kernels/launch.py)
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + token * stride_qkv
     offs_half = tl.arange(0, BLOCK_HALF)

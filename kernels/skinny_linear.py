@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted, use_pdl
+from kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 
 # Rows of x the kernel takes (tl.dot tiles have at least 16 rows): decode batches up to this size.
 SKINNY_MAX_ROWS = 16
@@ -45,9 +45,7 @@ def _skinny_linear_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready (kernels/launch.py)
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
