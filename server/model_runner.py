@@ -8,6 +8,8 @@ in-flight step's sampled ids, which `execute` receives as `pending_tokens` and g
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,8 @@ from models.kv_cache import KVCache
 from models.llama import CausalLM
 from server.scheduler import SchedulerOutput
 from server.tp_worker import TPWorkers
+
+logger = logging.getLogger(__name__)
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -176,6 +180,7 @@ class ModelRunner:
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
         self._buckets = graph_buckets(max_batch)
+        started = time.perf_counter()
         for bucket in reversed(self._buckets):  # largest first: later graphs reuse its pool memory
             timer = AttentionTimer(dev, self._num_layers) if self.time_attention else None
             batch = AttentionBatch(
@@ -205,6 +210,13 @@ class ModelRunner:
                 logits = run()
             self._graphs[bucket] = _DecodeGraph(graph, timer, logits)
         torch.cuda.synchronize()
+        # Most of this is Triton compiling kernel variants on the first start; later starts find them in
+        # Triton's cache (TRITON_CACHE_DIR, ~/.triton/cache by default; docs/deployment.md).
+        logger.info(
+            "decode CUDA graphs for batch sizes %s captured in %.1f s",
+            self._buckets,
+            time.perf_counter() - started,
+        )
 
     def _replay_decode(
         self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None
