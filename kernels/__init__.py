@@ -1,7 +1,8 @@
 """Triton kernels, each with its plain-torch twin (the CPU path and the tests' reference): decode
 attention over a paged KV cache (LeanAttention, stream-K), RMSNorm fused with the residual add, rotary
 embedding fused with the KV-cache write, SiLU-and-multiply, and the skinny matrix product of decode
-batches.
+batches. `kernels.launch` says how they are launched (interpreted on CPU; programmatic dependent launch
+on Hopper).
 
 Note: a PyPI distribution named `kernels` (Hugging Face's kernel hub) exists and transformers probes
 for it by import name. Ours is found under the `leanserve` distribution (version 0.x, outside the
