@@ -137,14 +137,16 @@ def test_matches_reference(case):
     _check_case(case, num_programs, DEVICE)
 
 
-def test_output_merged_from_many_programs():
-    """One long output spread over more programs than a reducer merges per round (several rounds)."""
-    config = replace(_CONFIGS[64], min_tiles=1)
-    chunk = red_chunk(3, 64)  # (3, 1) heads: GQA 3
+@pytest.mark.parametrize(("group", "head_dim"), [(3, 64), (16, 128)])
+def test_output_merged_from_many_programs(group, head_dim):
+    """One long output spread over more programs than a reducer merges per round: several full rounds
+    and a partly masked last one (GQA 3 pads the rows to 4; GQA 16 at D=128 merges 4 per round)."""
+    config = replace(_CONFIGS[head_dim], min_tiles=1)
+    chunk = red_chunk(group, head_dim)
     lens = [(2 * chunk + 8) * config.tile + 7, 5]
     num_programs = 2 * chunk + 5
     assert _max_contributors(lens, 1, config, num_programs) > 2 * chunk
-    q, k, v, bt, sl = _make_inputs(2, 3, 1, 64, 16, lens, torch.float16, DEVICE)
+    q, k, v, bt, sl = _make_inputs(2, group, 1, head_dim, 16, lens, torch.float16, DEVICE)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
 
