@@ -44,6 +44,11 @@ def _args(stage: list[tuple[str, str]], instruction: str) -> list[str]:
     return [args for name, args in stage if name == instruction]
 
 
+def _runtime_env(name: str) -> str:
+    """The value the runtime (last) stage's ENV gives `name`."""
+    return re.search(rf"\b{name}=(\S+)", " ".join(_args(_dockerfile_stages()[-1], "ENV")))[1]
+
+
 def test_hadolint_passes():
     hadolint = Path(sys.executable).with_name("hadolint")
     hadolint = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
@@ -83,7 +88,7 @@ def test_runtime_stage_serves_the_baked_model_as_non_root():
     user = _args(runtime, "USER")[-1].split(":")[0]
     assert user not in ("root", "0")
     # Triton's kernel cache is a folder the runtime user owns (a volume mounted there inherits it).
-    triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", " ".join(_args(runtime, "ENV")))[1]
+    triton_cache = _runtime_env("TRITON_CACHE_DIR")
     runs = _args(runtime, "RUN")
     assert any(f"mkdir -p {triton_cache}" in run and f"chown -R {user}:" in run for run in runs)
     assert _args(runtime, "EXPOSE") == ["8000"]
@@ -190,7 +195,7 @@ def test_compose_services_gpu_and_model_volume(compose):
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "/models" in _mounts(leanserve)
     # Compiled kernels persist in a named volume over the image's TRITON_CACHE_DIR (or a folder above it).
-    triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text())[1]
+    triton_cache = _runtime_env("TRITON_CACHE_DIR")
     assert any(
         triton_cache.startswith(target) and source in compose["volumes"]
         for target, source in _mounts(leanserve).items()
@@ -377,7 +382,7 @@ def test_deployment_requests_a_gpu_and_probes_health(deployment):
     assert pod["spec"]["securityContext"]["runAsUser"] == int(dockerfile_user)
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     # Triton's kernel cache outlives a container restart.
-    triton_cache = re.search(r"TRITON_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text())[1]
+    triton_cache = _runtime_env("TRITON_CACHE_DIR")
     (mount,) = (m for m in container["volumeMounts"] if triton_cache.startswith(m["mountPath"]))
     assert {"name": mount["name"], "emptyDir": {}} in pod["spec"]["volumes"]
 
