@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted
+from kernels.launch import interpreted, use_pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -110,9 +110,8 @@ def _lean_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     RED_CHUNK: tl.constexpr,
     TIMED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    if TIMED:
-        tl.atomic_min(stamps_ptr + tl.arange(0, 1), _global_time_ns(), sem="relaxed")
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
 
@@ -134,6 +133,19 @@ def _lean_decode_kernel(
     gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     td_mask_d = offs_d[None, :] < HEAD_DIM
 
+    # One flat loop over the program's units, so the software pipeline never restarts at an output
+    # boundary: the next unit's location, page ids and K/V loads never wait for the current epilogue.
+    b, h, out_begin, n_tiles, seq_len = _locate(start, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
+    tile = start - out_begin
+    tok = tile * TILE + offs_t
+    next_page = tl.load(block_tables_ptr + b.to(tl.int64) * stride_btb + tok // PAGE_SIZE, mask=tok < seq_len)
+    # With PDL the grid is scheduled while the previous kernel (RoPE + cache write) still runs: lengths,
+    # partition and first page ids above are done by then; q, K/V and every write wait for it here.
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if TIMED:
+        tl.atomic_min(stamps_ptr + tl.arange(0, 1), _global_time_ns(), sem="relaxed")
+
     # Sequences with no tokens own no units: spread their zero outputs over the programs.
     for zb in range(pid, batch, num_progs):
         if tl.load(seq_lens_ptr + zb) <= 0:
@@ -143,15 +155,9 @@ def _lean_decode_kernel(
                 )
                 tl.store(o_ptrs, tl.zeros([GROUP_PAD, BLOCK_D], tl.float32), mask=gd_mask)
 
-    # One flat loop over the program's units, so the software pipeline never restarts at an output
-    # boundary: the next unit's location, page ids and K/V loads never wait for the current epilogue.
-    b, h, out_begin, n_tiles, seq_len = _locate(start, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
-    tile = start - out_begin
     # A program with no units (start == end) locates b one past the batch: it must read nothing there.
     q_rows = tl.where(start < end, GROUP, 0)
     q = _load_q(q_ptr, b, h, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
-    tok = tile * TILE + offs_t
-    next_page = tl.load(block_tables_ptr + b.to(tl.int64) * stride_btb + tok // PAGE_SIZE, mask=tok < seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -518,6 +524,7 @@ def _launch(
     programs = num_programs or _default_programs(q.device, config)
     ws = _workspace(q.device, programs, group_pad, block_d)
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    pdl = use_pdl(q.device)
     _lean_decode_kernel[(programs,)](
         q,
         k_cache,
@@ -557,8 +564,10 @@ def _launch(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RED_CHUNK=red_chunk(group, head_dim),
         TIMED=timestamps is not None,
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        launch_pdl=pdl,
     )
     return out
 
@@ -580,6 +589,11 @@ def lean_attention_decode(
     to 1/sqrt(D); out: optional [B, Hq, D] buffer. Returns [B, Hq, D] in q's dtype. No host
     synchronisation: after one warm-up call (which allocates the workspace) it can be captured in a
     CUDA graph and replayed with new seq_lens and block tables.
+
+    On Hopper it is launched with programmatic dependent launch: it reads seq_lens and block_tables
+    (and partitions the work) while the kernel before it may still run, and waits for that kernel only
+    before reading q and K/V and writing anything. So the kernel launched right before it must not be
+    one of ours (kernels.launch) that writes seq_lens or block_tables; torch's kernels never let it in early.
 
     timestamps (CUDA only): an int64 [2] tensor the launch folds its GPU-side span into, in ns of the
     global timer: [0] = min(itself, first program start), [1] = max(itself, last program end). Fill it

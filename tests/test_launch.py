@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fused_add_rms_norm, launch, rms_norm, silu_and_mul, skinny_linear
+from kernels import (
+    fused_add_rms_norm,
+    launch,
+    lean_attention_decode,
+    rms_norm,
+    rope_and_cache,
+    silu_and_mul,
+    skinny_linear,
+)
 from kernels.launch import use_pdl
 
 HAS_CUDA = torch.cuda.is_available()
@@ -57,3 +65,64 @@ def test_gpu_dependent_pdl_chain_in_a_graph_matches_stream_order(monkeypatch):
         expected = chain()  # eager, PDL off: full stream order
         torch.testing.assert_close(out, expected, atol=0, rtol=0)
         assert out.abs().max() > 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(monkeypatch):
+    """LeanAttention reads lengths and block tables before waiting for the RoPE + cache-write kernel
+    ahead of it: in a graph replayed with new lengths, tables and inputs it must still see the K/V that
+    kernel wrote for the new token, and the output projection after it must see its output."""
+    hidden, heads, kv_heads, head_dim, page, layers, batch = 1024, 8, 2, 128, 16, 3, 3
+    gen = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    qkv_width = (heads + 2 * kv_heads) * head_dim
+    weights = [
+        (randn(qkv_width, hidden, scale=hidden**-0.5), randn(hidden, heads * head_dim, scale=0.05))
+        for _ in range(layers)
+    ]
+    blocks = 64
+    caches = [
+        (randn(blocks, page, kv_heads, head_dim), randn(blocks, page, kv_heads, head_dim))
+        for _ in range(layers)
+    ]
+    cos_sin = randn(blocks * page, 2, head_dim)
+    x = randn(batch, hidden)
+    seq_lens = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    tables = torch.zeros(batch, blocks // batch, dtype=torch.int32, device="cuda")
+    positions = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    slots = torch.zeros(batch, dtype=torch.int64, device="cuda")
+
+    def set_lengths(lengths: list[int], seed: int) -> None:
+        perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))[: tables.numel()]
+        tables.copy_(perm.view(batch, -1))
+        seq_lens.copy_(torch.tensor(lengths))
+        positions.copy_(seq_lens - 1)
+        slots.copy_(
+            tables.cpu().gather(1, (positions.cpu() // page)[:, None])[:, 0] * page + positions.cpu() % page
+        )
+
+    def chain() -> torch.Tensor:
+        h = x
+        for (qkv_w, o_w), (k_cache, v_cache) in zip(weights, caches, strict=True):
+            q, _, _ = rope_and_cache(skinny_linear(h, qkv_w), positions, cos_sin, k_cache, v_cache, slots)
+            attn = lean_attention_decode(q, k_cache, v_cache, tables, seq_lens)
+            h = h + skinny_linear(attn.reshape(batch, -1), o_w)
+        return h
+
+    set_lengths([5, 300, 17], seed=0)
+    chain()  # compile, allocate the workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    monkeypatch.setattr(launch, "PDL_ENABLED", False)
+    for seed, lengths in enumerate(([300, 1, 64], [17, 250, 333], [1, 2, 3])):
+        set_lengths(lengths, seed)
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        expected = chain()  # eager, PDL off: full stream order (rewrites the same cache slots)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
