@@ -23,6 +23,16 @@ HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def _bf16_randn(seed: int):
+    """randn(*shape, scale=1.0): seeded normal bf16 CUDA tensors, drawn on the CPU (reproducible)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    return randn
+
+
 def test_no_pdl_off_the_gpu_or_under_the_interpreter(monkeypatch):
     assert not use_pdl(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -33,11 +43,7 @@ def test_no_pdl_off_the_gpu_or_under_the_interpreter(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_dependent_pdl_chain_in_a_graph_matches_stream_order(monkeypatch):
     hidden, inter, layers = 2048, 8192, 6
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
-
+    randn = _bf16_randn(seed=0)
     weights = [
         (randn(hidden), randn(2 * inter, hidden, scale=hidden**-0.5), randn(hidden, inter, scale=inter**-0.5))
         for _ in range(layers)
@@ -74,11 +80,7 @@ def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(monkeypatch
     ahead of it: in a graph replayed with new lengths, tables and inputs it must still see the K/V that
     kernel wrote for the new token, and the output projection after it must see its output."""
     hidden, heads, kv_heads, head_dim, page, layers, batch = 1024, 8, 2, 128, 16, 3, 3
-    gen = torch.Generator().manual_seed(1)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
-
+    randn = _bf16_randn(seed=1)
     qkv_width = (heads + 2 * kv_heads) * head_dim
     weights = [
         (randn(qkv_width, hidden, scale=hidden**-0.5), randn(hidden, heads * head_dim, scale=0.05))
