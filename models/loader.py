@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from models.config import ModelConfig
+from models.layers import prefer_cublaslt
 from models.llama import CausalLM
 from models.parallel import TensorParallel
 
@@ -46,6 +47,7 @@ def load_model(
     with `tp`, this rank's shard of it."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    prefer_cublaslt(torch.device(device))
     with torch.device(device):
         model = CausalLM(config, dtype, tp)
     if load_format == "dummy":
