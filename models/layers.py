@@ -57,7 +57,7 @@ def prefer_cublaslt(device: torch.device) -> None:
 
 def use_skinny_linear(x: torch.Tensor) -> bool:
     """Half-precision CUDA inputs of at most SKINNY_MAX_ROWS rows: where the kernel was tuned and beats
-    cuBLAS (fp32 keeps cuBLAS, so the fp32 checks against Hugging Face compare like with like)."""
+    cuBLAS (fp32 keeps torch's products, so the fp32 checks against Hugging Face compare like with like)."""
     return x.is_cuda and x.dtype != torch.float32 and x.numel() <= SKINNY_MAX_ROWS * x.shape[-1]
 
 

@@ -242,7 +242,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_gpu_fp32_greedy_matches_hf(loaded, kind):
-    """Prefill products (cuBLAS past the skinny kernel) run on cuBLASLt once a model is on a GPU."""
+    """fp32 greedy output on a GPU equals HF's, with torch's products on cuBLASLt (set by load_model)."""
     path, _, prompts, expected = loaded(kind)
     model = load_model(path, torch.float32, "cuda")
     assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
