@@ -1,8 +1,9 @@
 """Decode-sized matrix products on a CUDA GPU, Llama-3-8B's projections and LM head in bf16: the skinny
-Triton kernel (kernels/skinny_linear.py) against cuBLAS (F.linear), in microseconds per call beside the
-floor = weight bytes / HBM read bandwidth measured in the same run. Each call reads its own weight copy
-(enough copies to pass the 50 MB L2), all captured in one CUDA graph. Rows 32 and 64 show cuBLAS, which
-the engine keeps there. Writes JSON. Usage: python benchmarks/bench_skinny_linear.py [--out DIR]"""
+Triton kernel (kernels/skinny_linear.py) against cuBLASLt (F.linear, the engine's BLAS choice), in
+microseconds per call beside the floor = weight bytes / HBM read bandwidth measured in the same run. Each
+call reads its own weight copy (enough copies to pass the 50 MB L2), all captured in one CUDA graph.
+128 rows (past SKINNY_MAX_ROWS) show cuBLASLt alone, which the engine keeps there. Writes JSON.
+Usage: python benchmarks/bench_skinny_linear.py [--out DIR]"""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
 from kernels import skinny_linear
 from kernels.skinny_linear import SKINNY_MAX_ROWS
+from models.layers import prefer_cublaslt
 
 DTYPE = torch.bfloat16
 SHAPES = {  # name: (N, K), Llama-3-8B
@@ -30,7 +32,7 @@ SHAPES = {  # name: (N, K), Llama-3-8B
     "lm_head": (128256, 4096),
 }
 PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "lm_head": 1}
-ROWS = (1, 4, 16, 32, 64)
+ROWS = (1, 4, 16, 24, 32, 64, 128)
 ROTATE_BYTES = 512 << 20
 
 
@@ -54,11 +56,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    prefer_cublaslt(torch.device("cuda"))
     bandwidth = read_bandwidth()
     env = gpu_env(bandwidth)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, read {bandwidth / 1e9:.0f} GB/s")
-    header = ("rows", "matrix", "floor us", "cuBLAS us", "% floor", "triton us", "% floor", "speed-up")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 9, 10, 8, 10, 8, 9), strict=True)))
+    header = ("rows", "matrix", "floor us", "cuBLASLt us", "% floor", "triton us", "% floor", "speed-up")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 9, 11, 8, 10, 8, 9), strict=True)))
     results = []
     for rows in ROWS:
         step = {"cublas_us": 0.0, "triton_us": 0.0, "floor_us": 0.0}
@@ -71,10 +74,10 @@ def main() -> None:
             ours = r.get("triton_us")
             tail = f"{ours:10.1f} {floor / ours:8.1%} {r['cublas_us'] / ours:8.2f}x" if ours else f"{'-':>10}"
             cublas = r["cublas_us"]
-            print(f"{rows:4d} {name:>8} {floor:9.1f} {cublas:10.1f} {floor / cublas:8.1%} {tail}")
+            print(f"{rows:4d} {name:>8} {floor:9.1f} {cublas:11.1f} {floor / cublas:8.1%} {tail}")
         if rows <= SKINNY_MAX_ROWS:
             print(
-                f"{rows:4d} {'step':>8} {step['floor_us']:9.0f} {step['cublas_us']:10.0f} "
+                f"{rows:4d} {'step':>8} {step['floor_us']:9.0f} {step['cublas_us']:11.0f} "
                 f"{step['floor_us'] / step['cublas_us']:8.1%} {step['triton_us']:10.0f} "
                 f"{step['floor_us'] / step['triton_us']:8.1%} {step['cublas_us'] / step['triton_us']:8.2f}x"
             )

@@ -1,13 +1,17 @@
-"""Skinny matrix product for decode (Triton): y = x @ W.T (+ bias) for a handful of rows of x.
+"""Skinny matrix product for decode (Triton): y = x @ W.T (+ bias) for up to 64 rows of x.
 
 At decode batch sizes a linear layer is a pure weight stream: each weight byte is read once and used for
 a few multiply-adds. cuBLAS's choices for these shapes on an H100 leave bandwidth unused on the small
 matrices (attention's output projection at 71% of the read floor) and split K with a separate reduction
-kernel for others. Here each program streams BLOCK_N whole rows of W through a 4-stage pipeline and
-keeps the (at most 16) rows of x against them in one tensor-core tile; no split K, no second kernel.
+kernel for others. Here each program streams BLOCK_N whole rows of W through a multi-stage pipeline and
+keeps the rows of x against them in one tensor-core tile; no split K, no second kernel. It also takes
+part in programmatic dependent launch (kernels.launch), which torch's products cannot.
 Its torch twin is `torch.nn.functional.linear`."""
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +20,53 @@ import triton.language as tl
 
 from kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 
-# Rows of x the kernel takes (tl.dot tiles have at least 16 rows): decode batches up to this size.
-SKINNY_MAX_ROWS = 16
-# Tuned on an H100 (bf16, Llama-3-8B's projections and LM head at 1 row; docs/kernel_notes.md): 32 rows of
-# W x 256 columns per stage (16 KB), 4 stages in flight. Geometric mean 88.0% of the read floor against
-# cuBLAS's 84.3%; at 32 and 64 rows no single choice beat cuBLAS, so larger batches keep it.
-_BLOCK_N, _BLOCK_K, _STAGES, _WARPS = 32, 256, 4, 4
+# Rows of x the kernel takes: decode batches up to this size (where it pays: skinny_beats_cublas).
+SKINNY_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Rows of x per tile (a tl.dot tile has at least 16), rows of W per program, K per pipeline stage,
+    stages in flight, and whether W's rows are the tensor-core tile's M side (`swap`: W x x.T, so 64 or
+    128 weight rows fill the 64-row MMA instead of a handful of x rows)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    swap: bool
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def skinny_config(rows: int, n: int, device: torch.device) -> SkinnyConfig:
+    """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
+    32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
+    84.3%). 17-64 rows: W's rows on the MMA's M side, 128 of them per program where that still gives
+    every SM a program (gate/up, LM head), else 64; 128 columns per stage and as many stages as fit
+    two programs' worth of the pipeline in flight per SM. At 64 rows, best of the sweep vs cuBLASLt (us):
+    q/k/v 20.8 vs 21.0, o 14.2 vs 15.6, gate/up 85.7 vs 89.6, LM head 362.7 vs 391.9."""
+    if rows <= 16:
+        return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, swap=False)
+    block_m = triton.next_power_of_2(rows)
+    if triton.cdiv(n, 128) >= _sm_count(device):
+        return SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, swap=True)
+    return SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, swap=True)
+
+
+def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
+    """Where the kernel is faster than cuBLASLt on an H100 (bf16): up to 16 rows always; 17-64 rows
+    unless K > N (the down projection: a program streams few, long rows of W there, and cuBLASLt's
+    split K wins: 45.1 vs 44.2 us alone at 64 rows, and a 32-row Llama-3-8B layer chain took 8776 us
+    with it in the kernel against 8419 us on cuBLASLt); never past 64 rows (cuBLASLt faster on every
+    projection at 128)."""
+    return rows <= 16 or (rows <= SKINNY_MAX_ROWS and k <= n)
+
+
+_WARPS = 4  # 8 warps lost on every shape of both sweeps
 
 
 @triton.jit
@@ -40,6 +85,7 @@ def _skinny_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SWAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -53,7 +99,8 @@ def _skinny_linear_kernel(
     n_mask = offs_n[:, None] < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # With SWAP the tile is y.T's: W's rows fill the MMA's M side.
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_mask, other=0.0)
@@ -65,13 +112,24 @@ def _skinny_linear_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask & (offs_n[None, :] < N))
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if SWAP:
+        if HAS_BIAS:
+            acc += bias[:, None]
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & n_mask)
+    else:
+        if HAS_BIAS:
+            acc += bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask & (offs_n[None, :] < N))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,7 +145,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     pdl = use_pdl(x.device)
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows:
-        _skinny_linear_kernel[(triton.cdiv(n, _BLOCK_N),)](
+        config = skinny_config(rows, n, x.device)
+        _skinny_linear_kernel[(triton.cdiv(n, config.block_n),)](
             x2,
             weight,
             bias,
@@ -98,15 +157,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             x2.stride(0),
             weight.stride(0),
             y.stride(0),
-            BLOCK_M=SKINNY_MAX_ROWS,
-            BLOCK_N=_BLOCK_N,
-            BLOCK_K=_BLOCK_K,
-            EVEN_K=k % _BLOCK_K == 0,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            EVEN_K=k % config.block_k == 0,
+            SWAP=config.swap,
             HAS_BIAS=bias is not None,
             UPCAST=interpreted(),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             PDL=pdl,
-            num_stages=_STAGES,
+            num_stages=config.num_stages,
             num_warps=_WARPS,
             launch_pdl=pdl,
         )

@@ -22,7 +22,7 @@ from kernels import (
     silu_and_mul,
     skinny_linear,
 )
-from kernels.skinny_linear import SKINNY_MAX_ROWS
+from kernels.skinny_linear import skinny_beats_cublas
 from models.config import ModelConfig
 
 
@@ -40,25 +40,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if use_skinny_linear(x):
+    if use_skinny_linear(x, weight):
         return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def prefer_cublaslt(device: torch.device) -> None:
-    """On CUDA, route torch's matrix products (those past the skinny kernel: decode batches over
-    SKINNY_MAX_ROWS rows, prefill) to cuBLASLt. Process-wide. Measured on an H100 (bf16, Llama-3-8B,
-    docs/benchmarks.md): the down projection at 32 / 64 / 128 rows 45.7 / 47.1 / 53.2 -> 43.4 / 43.8 /
-    45.2 us (cuBLAS splits K there and adds a reduction kernel); the other products within 1% at 8-2048
-    rows; a 64-way decode step's kernels 10.99 -> 10.88 ms."""
+    """On CUDA, route torch's matrix products (those the skinny kernel does not take: larger decode
+    batches, prefill, the down projection past 16 rows) to cuBLASLt. Process-wide. Measured on an H100
+    (bf16, Llama-3-8B, docs/benchmarks.md): the down projection at 128 rows 53.2 -> 45.2 us (cuBLAS
+    splits K there and adds a reduction kernel); the other products within 1% at 8-2048 rows."""
     if device.type == "cuda":
         torch.backends.cuda.preferred_blas_library("cublaslt")
 
 
-def use_skinny_linear(x: torch.Tensor) -> bool:
-    """Half-precision CUDA inputs of at most SKINNY_MAX_ROWS rows: where the kernel was tuned and beats
-    cuBLAS (fp32 keeps torch's products, so the fp32 checks against Hugging Face compare like with like)."""
-    return x.is_cuda and x.dtype != torch.float32 and x.numel() <= SKINNY_MAX_ROWS * x.shape[-1]
+def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Half-precision CUDA inputs where the kernel was tuned and beats cuBLASLt (`skinny_beats_cublas`:
+    decode-sized batches); fp32 keeps torch's products, so the fp32 checks against Hugging Face compare
+    like with like."""
+    if not x.is_cuda or x.dtype == torch.float32:
+        return False
+    n, k = weight.shape
+    return skinny_beats_cublas(x.numel() // k, n, k)
 
 
 def prepack_linear_weights(model: nn.Module) -> None:

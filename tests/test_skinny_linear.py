@@ -1,9 +1,11 @@
 """The skinny decode matrix product against its twin F.linear (interpreted on CPU, compiled on GPU):
-ragged N and K, 1..16 rows with any leading shape, bias, guard pages, validation, the model with the
-kernel in its linear layers (CPU, interpreted), and on GPU: Llama-3-8B's and the default model's
-projections in bf16 and a CUDA-graph replay."""
+ragged N and K, 1..64 rows (every tile shape) with any leading shape, bias, guard pages, validation, the
+model with the kernel in its linear layers (CPU, interpreted), and on GPU: Llama-3-8B's and the default
+model's projections in bf16 and a CUDA-graph replay."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -13,7 +15,11 @@ from guard_page import against_guard_page
 
 import models.layers
 from kernels import reference_skinny_linear, skinny_linear
+from kernels.skinny_linear import SKINNY_MAX_ROWS, skinny_config
 from models.loader import load_model
+
+# The module itself: `kernels.skinny_linear` names the function that kernels/__init__ exports.
+skinny_module = importlib.import_module("kernels.skinny_linear")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -35,14 +41,20 @@ def _expected(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 
 
 @pytest.mark.parametrize(
-    ("rows", "n", "k", "bias", "dtype"),
+    ("rows", "n", "k", "bias", "dtype", "block_n"),
     [
-        (1, 64, 512, False, torch.float32),  # K a multiple of the K tile: the unmasked loop
-        (3, 50, 200, True, torch.float16),  # ragged N and K, bias
-        (16, 33, 300, False, torch.bfloat16),  # the most rows; K over one tile and a ragged rest
+        (1, 64, 512, False, torch.float32, 32),  # K a multiple of the K tile: the unmasked loop
+        (3, 50, 200, True, torch.float16, 32),  # ragged N and K, bias
+        (16, 33, 300, False, torch.bfloat16, 32),  # the 16-row tile full; K over one tile + a ragged rest
+        (17, 130, 200, True, torch.float16, 128),  # 32-row tile, W's rows on the MMA's M side, ragged N
+        (64, 40, 300, True, torch.float32, 64),  # the most rows
     ],
 )
-def test_matches_fp32_product(rows, n, k, bias, dtype):
+def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
+    # Past 16 rows the W tile depends on the SM count: pretend one SM (128 rows of W a program) or very
+    # many (64), so each tile shape runs on any device.
+    monkeypatch.setattr(skinny_module, "_sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
+    assert skinny_config(rows, n, torch.device(DEVICE)).block_n == block_n
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=tol, rtol=tol)
@@ -60,15 +72,16 @@ def test_leading_dims_and_strided_rows():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="guard pages catch accesses of the interpreted kernels on CPU")
-def test_touches_nothing_past_its_inputs():
-    x, w, b = (against_guard_page(t) for t in _inputs(5, 45, 280, torch.float16, "cpu", bias=True))
+@pytest.mark.parametrize("rows", [5, 40])  # a 16-row tile; a 64-row one with W's rows swapped in (1 CPU "SM")
+def test_touches_nothing_past_its_inputs(rows):
+    x, w, b = (against_guard_page(t) for t in _inputs(rows, 45, 280, torch.float16, "cpu", bias=True))
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda a: a.update(x=a["x"].repeat(6, 1)), "at most 16 rows"),
+        (lambda a: a.update(x=a["x"].repeat(22, 1)), "at most 64 rows"),
         (lambda a: a.update(x=a["x"][:, :-1]), "to match weight"),
         (lambda a: a.update(weight=a["weight"].t()), "contiguous"),
         (lambda a: a.update(weight=a["weight"].double()), "share a float dtype"),
@@ -98,7 +111,9 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     expected, expected_logits = run()
     calls = []
     monkeypatch.setattr(
-        models.layers, "use_skinny_linear", lambda x: calls.append(x.shape) or x.shape[0] <= 16
+        models.layers,
+        "use_skinny_linear",
+        lambda x, weight: calls.append(x.shape) or x.shape[0] <= SKINNY_MAX_ROWS,
     )
     got, logits = run()
     assert calls and got == expected
@@ -118,7 +133,7 @@ GPU_SHAPES = {
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, 24, 64])
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
 def test_gpu_projections(name, rows):
     n, k = GPU_SHAPES[name]
