@@ -27,13 +27,14 @@ SKINNY_MAX_ROWS = 64
 @dataclass(frozen=True)
 class SkinnyConfig:
     """Rows of x per tile (a tl.dot tile has at least 16), rows of W per program, K per pipeline stage,
-    stages in flight, and whether W's rows are the tensor-core tile's M side (`swap`: W x x.T, so 64 or
-    128 weight rows fill the 64-row MMA instead of a handful of x rows)."""
+    stages in flight, warps, and whether W's rows are the tensor-core tile's M side (`swap`: W x x.T, so
+    64 or 128 weight rows fill the 64-row MMA instead of a handful of x rows)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_stages: int
+    num_warps: int
     swap: bool
 
 
@@ -46,15 +47,15 @@ def skinny_config(rows: int, n: int, device: torch.device) -> SkinnyConfig:
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
     32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
     84.3%). 17-64 rows: W's rows on the MMA's M side, 128 of them per program where that still gives
-    every SM a program (gate/up, LM head), else 64; 128 columns per stage and as many stages as fit
-    two programs' worth of the pipeline in flight per SM. At 64 rows, best of the sweep vs cuBLASLt (us):
-    q/k/v 20.8 vs 21.0, o 14.2 vs 15.6, gate/up 85.7 vs 89.6, LM head 362.7 vs 391.9."""
+    every SM a program (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5 stages. Sweep
+    at 64 rows (tiles of W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v
+    20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0)."""
     if rows <= 16:
-        return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, swap=False)
+        return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, num_warps=4, swap=False)
     block_m = triton.next_power_of_2(rows)
     if triton.cdiv(n, 128) >= _sm_count(device):
-        return SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, swap=True)
-    return SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, swap=True)
+        return SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, num_warps=8, swap=True)
+    return SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, num_warps=4, swap=True)
 
 
 def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
@@ -64,9 +65,6 @@ def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
     with it in the kernel against 8419 us on cuBLASLt); never past 64 rows (cuBLASLt faster on every
     projection at 128)."""
     return rows <= 16 or (rows <= SKINNY_MAX_ROWS and k <= n)
-
-
-_WARPS = 4  # 8 warps lost on every shape of both sweeps
 
 
 @triton.jit
@@ -167,7 +165,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             PDL=pdl,
             num_stages=config.num_stages,
-            num_warps=_WARPS,
+            num_warps=config.num_warps,
             launch_pdl=pdl,
         )
     return y.view(*x.shape[:-1], n)
