@@ -2,7 +2,8 @@
 Triton kernel (kernels/skinny_linear.py) against cuBLASLt (F.linear, the engine's BLAS choice), in
 microseconds per call beside the floor = weight bytes / HBM read bandwidth measured in the same run. Each
 call reads its own weight copy (enough copies to pass the 50 MB L2), all captured in one CUDA graph.
-128 rows (past SKINNY_MAX_ROWS) show cuBLASLt alone, which the engine keeps there. Writes JSON.
+128 rows (past SKINNY_MAX_ROWS) show cuBLASLt alone, which the engine keeps there; * marks the other
+products the engine leaves to cuBLASLt (skinny_beats_cublas). Writes JSON.
 Usage: python benchmarks/bench_skinny_linear.py [--out DIR]"""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
 from kernels import skinny_linear
-from kernels.skinny_linear import SKINNY_MAX_ROWS
+from kernels.skinny_linear import SKINNY_MAX_ROWS, skinny_beats_cublas
 from models.layers import prefer_cublaslt
 
 DTYPE = torch.bfloat16
@@ -60,6 +61,7 @@ def main() -> None:
     bandwidth = read_bandwidth()
     env = gpu_env(bandwidth)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, read {bandwidth / 1e9:.0f} GB/s")
+    # The step line sums what the engine runs: the kernel where skinny_beats_cublas, else cuBLASLt (*).
     header = ("rows", "matrix", "floor us", "cuBLASLt us", "% floor", "triton us", "% floor", "speed-up")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 9, 11, 8, 10, 8, 9), strict=True)))
     results = []
@@ -68,12 +70,14 @@ def main() -> None:
         for name, (n, k) in SHAPES.items():
             floor = 1e6 * n * k * DTYPE.itemsize / bandwidth
             r = {"rows": rows, "matrix": name, "floor_us": floor} | measure(rows, n, k)
+            r["engine"] = "triton" if skinny_beats_cublas(rows, n, k) else "cublaslt"
             results.append(r)
-            for key in step:
-                step[key] += PER_STEP[name] * r.get(key, r["cublas_us"])
-            ours = r.get("triton_us")
-            tail = f"{ours:10.1f} {floor / ours:8.1%} {r['cublas_us'] / ours:8.2f}x" if ours else f"{'-':>10}"
-            cublas = r["cublas_us"]
+            cublas, ours = r["cublas_us"], r.get("triton_us")
+            step["floor_us"] += PER_STEP[name] * floor
+            step["cublas_us"] += PER_STEP[name] * cublas
+            step["triton_us"] += PER_STEP[name] * (ours if r["engine"] == "triton" else cublas)
+            tail = f"{ours:10.1f} {floor / ours:8.1%} {cublas / ours:8.2f}x" if ours else f"{'-':>10}"
+            tail += "" if r["engine"] == "triton" or not ours else " *"
             print(f"{rows:4d} {name:>8} {floor:9.1f} {cublas:11.1f} {floor / cublas:8.1%} {tail}")
         if rows <= SKINNY_MAX_ROWS:
             print(
