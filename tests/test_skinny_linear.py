@@ -120,6 +120,35 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_model_decode_matches_cublas(tiny_model_factory, monkeypatch):
+    """A bf16 decode step of 40 sequences (64-row tiles with W's rows swapped in, the qwen2 q/k/v bias):
+    the logits with the kernel in the linear layers match those with torch's products everywhere."""
+    model = load_model(tiny_model_factory("qwen2"), torch.bfloat16, "cuda")
+    prompts = [[5 + i, 300, 41 + 7 * i] for i in range(40)]
+
+    def decode_logits() -> torch.Tensor:
+        runner = GreedyRunner(model)
+        runner.generate(prompts, new_tokens=2)  # one prefill step (120 rows: cuBLASLt), one decode step
+        return runner.last_logits
+
+    kernel_rows = []
+    route = models.layers.use_skinny_linear
+
+    def recording_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        if route(x, weight):
+            kernel_rows.append(x.shape[0])
+            return True
+        return False
+
+    monkeypatch.setattr(models.layers, "use_skinny_linear", recording_route)
+    got = decode_logits()
+    assert 40 in kernel_rows
+    monkeypatch.setattr(models.layers, "use_skinny_linear", lambda x, w: False)
+    torch.testing.assert_close(got, decode_logits(), atol=3e-2, rtol=3e-2)
+
+
 # -- GPU: Llama-3-8B's projections, and the default model's (K = 576: the masked K loop), in bf16 -----
 GPU_SHAPES = {
     "qkv": (6144, 4096),
@@ -143,8 +172,9 @@ def test_gpu_projections(name, rows):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_replays_in_cuda_graph():
-    x, w, b = _inputs(8, 4096, 4096, torch.bfloat16, "cuda", bias=True)
+@pytest.mark.parametrize("rows", [8, 40])  # a 16-row tile; a 64-row one with W's rows swapped in; both biased
+def test_gpu_replays_in_cuda_graph(rows):
+    x, w, b = _inputs(rows, 4096, 4096, torch.bfloat16, "cuda", bias=True)
     skinny_linear(x, w, b)  # warm-up: compiles
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
