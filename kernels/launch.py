@@ -41,6 +41,13 @@ def _hopper_or_later(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grids are sized by it); 1 elsewhere (the interpreter
+    runs programs in turn)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def use_pdl(device: torch.device) -> bool:
     """Launch with PDL: a compiled kernel on a CUDA device of compute capability 9.0 or later."""
     return PDL_ENABLED and device.type == "cuda" and not interpreted() and _hopper_or_later(device)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted, use_pdl
+from kernels.launch import interpreted, sm_count, use_pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -428,7 +428,7 @@ def red_chunk(group: int, head_dim: int) -> int:
 def _default_programs(device: torch.device, config: LeanConfig) -> int:
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
-    return torch.cuda.get_device_properties(device).multi_processor_count * config.programs_per_sm
+    return sm_count(device) * config.programs_per_sm
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:

@@ -10,7 +10,6 @@ Its torch twin is `torch.nn.functional.linear`."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
+from kernels.launch import interpreted, sm_count, use_pdl, wait_for_previous_kernel
 
 # Rows of x the kernel takes: decode batches up to this size (where it pays: skinny_beats_cublas).
 SKINNY_MAX_ROWS = 64
@@ -38,12 +37,6 @@ class SkinnyConfig:
     swap: bool
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs in turn)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def skinny_config(rows: int, n: int, device: torch.device) -> SkinnyConfig:
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
     32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
@@ -54,7 +47,7 @@ def skinny_config(rows: int, n: int, device: torch.device) -> SkinnyConfig:
     if rows <= 16:
         return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, num_warps=4, swap=False)
     block_m = triton.next_power_of_2(rows)
-    if triton.cdiv(n, 128) >= _sm_count(device):
+    if triton.cdiv(n, 128) >= sm_count(device):
         return SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, num_warps=8, swap=True)
     return SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, num_warps=4, swap=True)
 

@@ -53,7 +53,7 @@ def _expected(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
     # Past 16 rows the W tile depends on the SM count: pretend one SM (128 rows of W a program) or very
     # many (64), so each tile shape runs on any device.
-    monkeypatch.setattr(skinny_module, "_sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
     assert skinny_config(rows, n, torch.device(DEVICE)).block_n == block_n
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
