@@ -101,6 +101,7 @@ def _sampling_params(
     stop_ids = request.stop_token_ids or []
     if any(not 0 <= t < vocab for t in stop_ids):
         raise bad_request(f"stop_token_ids must lie in [0, {vocab})", "stop_token_ids")
+    logit_bias = _logit_bias(request.logit_bias or {}, vocab)
     try:
         return SamplingParams(
             n=request.n,
@@ -109,12 +110,43 @@ def _sampling_params(
             stop_token_ids=stop_ids,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            logit_bias=logit_bias,
             **given,
         )
     except ValueError as e:
         match = _PARAM_IN_MESSAGE.search(str(e))
         param = match.group(1) if match else None
         raise bad_request(str(e), max_tokens_name if param == "max_tokens" else param) from e
+
+
+def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings."""
+    parsed = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab):
+            raise bad_request(f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
+        parsed[int(key)] = value
+    return parsed
+
+
+def _reject_unsupported(body: CompletionRequest | ChatRequest) -> None:
+    """OpenAI options this server does not implement are a 400 unless they ask for the default."""
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            raise bad_request("echo is not supported", "echo")
+        if body.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if body.best_of not in (None, body.n):
+            raise bad_request("best_of is not supported (only best_of equal to n)", "best_of")
+        return
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise bad_request("response_format is not supported (only {'type': 'text'})", "response_format")
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise bad_request(f"{name} are not supported (no tool calling)", name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none", "auto"):
+            raise bad_request(f"{name} is not supported (no tool calling)", name)
 
 
 def _check_context(
@@ -252,10 +284,7 @@ def _openapi_without_422(app: FastAPI):
 @router.post("/v1/completions", response_model=None, responses=_responses(CompletionResponse))
 async def completions(request: Request, body: CompletionRequest):
     engine = _ready_engine(request, body.model)
-    if body.echo:
-        raise bad_request("echo is not supported", "echo")
-    if body.suffix:
-        raise bad_request("suffix is not supported", "suffix")
+    _reject_unsupported(body)
     prompt_ids = _completion_prompt(body, engine)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     params = _sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer))
@@ -266,6 +295,7 @@ async def completions(request: Request, body: CompletionRequest):
 @router.post("/v1/chat/completions", response_model=None, responses=_responses(ChatResponse))
 async def chat_completions(request: Request, body: ChatRequest):
     engine = _ready_engine(request, body.model)
+    _reject_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     prompt_ids = _chat_prompt(body, engine)

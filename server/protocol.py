@@ -35,6 +35,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -46,6 +47,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
 
 class TextPart(_Request):
@@ -70,6 +72,13 @@ class ChatRequest(_SamplingFields):
     max_completion_tokens: int | None = None  # default: the rest of the context
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Accepted only where they ask for nothing (plain text, no tools): the server has no constrained
+    # decoding or tool calling, and ignoring a request for them would return what the client did not ask.
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
 
 # Responses (serialised by us; never validated against client input).

@@ -60,10 +60,11 @@ _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ = range(7)
 class Sampler:
     """Picks one token per row of a logits batch.
 
-    Order of operations (vLLM semantics): repetition penalty over prompt + output tokens, then frequency
-    and presence penalties over output tokens; greedy rows take the argmax of the penalised logits; the
-    others are divided by their temperature, truncated by top-k, top-p and min-p, and sampled. Logprobs
-    are the log-softmax of the raw logits (before penalties and temperature), as OpenAI and vLLM report.
+    Order of operations (vLLM semantics): logit bias, then repetition penalty over prompt + output
+    tokens, then frequency and presence penalties over output tokens; greedy rows take the argmax of the
+    biased and penalised logits; the others are divided by their temperature, truncated by top-k, top-p
+    and min-p, and sampled. Logprobs are the log-softmax of the raw logits (before bias, penalties and
+    temperature), as OpenAI and vLLM report.
     """
 
     def __init__(self, vocab_size: int, device: torch.device) -> None:
@@ -81,6 +82,8 @@ class Sampler:
         table = self._param_table(params) if needs_penalties or needs_sampling else None
 
         raw = logits
+        if any(p.logit_bias for p in params):
+            logits = self._apply_logit_bias(logits, params)
         if needs_penalties:
             logits = self._apply_penalties(logits, rows, table)
         token_ids = logits.argmax(dim=-1)
@@ -126,6 +129,17 @@ class Sampler:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
+
+    def _apply_logit_bias(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """A new [B, V] tensor with each row's biases added (the raw logits stay for logprobs): one flat
+        array of (row * V + token) indices and one of biases, two host->device copies."""
+        flat = np.fromiter(
+            (i * self.vocab_size + t for i, p in enumerate(params) for t in p.logit_bias), dtype=np.int64
+        )
+        bias = np.fromiter(chain.from_iterable(p.logit_bias.values() for p in params), dtype=np.float32)
+        biased = logits.clone()
+        biased.view(-1).index_add_(0, self._to_device(flat), self._to_device(bias))
+        return biased
 
     def _token_counts(self, token_lists: list[list[int]]) -> torch.Tensor:
         """[B, V] float32: how often each token occurs in each row's list, scattered on the device from

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# logit_bias limits as OpenAI's: a bias lies in [-100, 100] (-100 bans a token, +100 all but forces it),
+# for at most this many tokens (the sampler rebuilds the bias on the device every step).
+MAX_LOGIT_BIAS_TOKENS = 300
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +28,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus k top alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -40,6 +45,8 @@ class SamplingParams:
             "repetition_penalty": 0.0 < self.repetition_penalty <= 10.0,
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= 20,
             "stop": len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
+            "logit_bias": len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS
+            and all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
         }
         for name, ok in checks.items():
             if not ok:

@@ -107,6 +107,34 @@ def test_prompt_as_token_ids(client, model, engine):
     assert by_ids.usage.prompt_tokens == len(ids)
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_logit_bias_forces_and_bans_tokens(client, model, engine, endpoint):
+    forced = engine.tokenizer(" banana", add_special_tokens=False).input_ids[0]
+    greedy = _create(client, model, endpoint, max_tokens=4, temperature=0, extra_body=IGNORE_EOS)
+    always = _create(
+        client, model, endpoint, max_tokens=4, temperature=0.7, seed=1,
+        logit_bias={str(forced): 100}, extra_body=IGNORE_EOS,
+    )  # fmt: skip
+    assert _text(always.choices[0]) == engine.tokenizer.decode([forced] * 4)
+    first = engine.tokenizer(_text(greedy.choices[0]), add_special_tokens=False).input_ids[0]
+    banned = _create(
+        client, model, endpoint, max_tokens=4, temperature=0, logit_bias={str(first): -100},
+        extra_body=IGNORE_EOS,
+    )  # fmt: skip
+    assert not _text(banned.choices[0]).startswith(engine.tokenizer.decode([first]))
+
+
+def test_default_valued_options_we_do_not_implement_are_accepted(client, model):
+    """Clients often send these with their 'off' value; only asking for the feature is a 400."""
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=2,
+        response_format={"type": "text"}, tools=[], tool_choice="none",
+    )  # fmt: skip
+    assert chat.choices[0].message.content is not None
+    completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, best_of=1, n=1)
+    assert completion.choices[0].text is not None
+
+
 def test_chat_stream_with_n_choices(client, model):
     chunks = list(
         _create(client, model, "chat", n=2, max_tokens=5, stream=True, seed=1, extra_body=IGNORE_EOS)

@@ -78,7 +78,14 @@ COMPLETION_CASES = {  # id: (body fields besides the model, param the error must
     "stream-not-bool": ({"prompt": "x", "stream": "yes"}, "stream"),
     "echo": ({"prompt": "x", "echo": True}, "echo"),
     "suffix": ({"prompt": "x", "suffix": "y"}, "suffix"),
+    "best-of-above-n": ({"prompt": "x", "best_of": 3}, "best_of"),
+    "logit-bias-key-not-a-token-id": ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    "logit-bias-negative-token-id": ({"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
+    "logit-bias-token-out-of-vocab": ({"prompt": "x", "logit_bias": {"100000000": 1}}, "logit_bias"),
+    "logit-bias-above-100": ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    "logit-bias-string-value": ({"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias"),
 }
+HI = [{"role": "user", "content": "hi"}]
 
 CHAT_CASES = {
     "messages-empty": ({"messages": []}, "messages"),
@@ -100,6 +107,11 @@ CHAT_CASES = {
         {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6},
         "max_completion_tokens",
     ),
+    # No constrained decoding or tool calling: a request for them must not get plain text back.
+    "response-format-json": ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    "tools": ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "tool-choice-required": ({"messages": HI, "tool_choice": "required"}, "tool_choice"),
+    "functions": ({"messages": HI, "functions": [{"name": "f"}]}, "functions"),
 }
 
 

@@ -223,6 +223,38 @@ def test_rows_without_penalties_build_no_penalty_tensors(monkeypatch):
     assert sampler(torch.randn(5, 50), rows).token_ids.shape == (5,)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_bans_and_forces_tokens_per_row(temperature):
+    vocab = 7
+    logits = CRAFTED.repeat(4, 1)  # token 2 most likely, then 1, 4
+    banned = {2: -100.0, 1: -100.0}
+    rows = [
+        SamplingRow(SamplingParams(temperature=temperature, logit_bias=banned, logprobs=0), [], [], None),
+        SamplingRow(SamplingParams(temperature=temperature, logit_bias={6: 100.0}), [], [], None),
+        SamplingRow(SamplingParams(temperature=temperature), [], [], None),  # no bias: unaffected
+        SamplingRow(SamplingParams(temperature=temperature, logit_bias={3: 1.5}), [], [], None),
+    ]
+    sampler = Sampler(vocab, torch.device("cpu"))
+    for _ in range(50):
+        out = sampler(logits, rows)
+        assert out.token_ids[0] not in (1, 2) and out.token_ids[1] == 6
+        if temperature == 0.0:
+            assert out.token_ids[0] == 4 and out.token_ids[2] == 2
+            # logprobs stay those of the raw logits (OpenAI and vLLM report them before any bias)
+            torch.testing.assert_close(out.logprobs[0], torch.log_softmax(CRAFTED, dim=0)[4])
+    # A bias shifts one logit by exactly its value: 0.02 * e^1.5 (about 0.09) ranks token 3 fourth.
+    biased = sampler._apply_logit_bias(logits, [r.params for r in rows])
+    torch.testing.assert_close(biased[3], CRAFTED + torch.tensor([0, 0, 0, 1.5, 0, 0, 0]))
+    assert torch.equal(biased[2], CRAFTED)
+
+
+def test_logit_bias_limits():
+    SamplingParams(logit_bias={t: 100.0 for t in range(300)})
+    for bad in ({1: 100.5}, {1: -101.0}, {t: 1.0 for t in range(301)}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
 @pytest.mark.parametrize("requested", [[0], [3, None, 1], [None, 20], [None, None]])
 def test_logprobs_are_log_softmax_of_raw_logits(requested):
     vocab = 97
