@@ -123,7 +123,8 @@ def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
     """OpenAI's logit_bias keys are token ids written as JSON strings."""
     parsed = {}
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit() and int(key) < vocab):
+        # (the length check first: int() of a digit string thousands long raises, it does not answer)
+        if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab):
             raise bad_request(f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
         parsed[int(key)] = value
     return parsed

@@ -82,6 +82,7 @@ COMPLETION_CASES = {  # id: (body fields besides the model, param the error must
     "logit-bias-key-not-a-token-id": ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
     "logit-bias-negative-token-id": ({"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
     "logit-bias-token-out-of-vocab": ({"prompt": "x", "logit_bias": {"100000000": 1}}, "logit_bias"),
+    "logit-bias-token-id-of-5000-digits": ({"prompt": "x", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
     "logit-bias-above-100": ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     "logit-bias-string-value": ({"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias"),
 }
