@@ -293,7 +293,7 @@ def test_no_host_sync_on_gpu():
             [5, 5],
             torch.Generator(device).manual_seed(1),
         ),
-        SamplingRow(SamplingParams(frequency_penalty=0.5), [6], [7], None),
+        SamplingRow(SamplingParams(frequency_penalty=0.5, logit_bias={9: -100.0, 11: 2.0}), [6], [7], None),
     ]
     logits = torch.randn(3, vocab, device=device)
     sampler(logits, rows)  # warm-up: pinned host blocks, kernels
