@@ -131,23 +131,25 @@ class Sampler:
         return tensor.to(self.device)
 
     def _apply_logit_bias(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """A new [B, V] tensor with each row's biases added (the raw logits stay for logprobs): one flat
-        array of (row * V + token) indices and one of biases, two host->device copies."""
-        flat = np.fromiter(
-            (i * self.vocab_size + t for i, p in enumerate(params) for t in p.logit_bias), dtype=np.int64
-        )
+        """A new [B, V] tensor with each row's biases added (the raw logits stay for logprobs): the
+        (row, token) indices and the biases, one host->device copy each."""
+        index = self._flat_token_index([list(p.logit_bias) for p in params])
         bias = np.fromiter(chain.from_iterable(p.logit_bias.values() for p in params), dtype=np.float32)
         biased = logits.clone()
-        biased.view(-1).index_add_(0, self._to_device(flat), self._to_device(bias))
+        biased.view(-1).index_add_(0, index, self._to_device(bias))
         return biased
+
+    def _flat_token_index(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """[sum of lengths] int64 on the device: row * V + token for each token of each row's list."""
+        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        flat = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=int(lengths.sum()))
+        flat += np.repeat(np.arange(len(token_lists), dtype=np.int64) * self.vocab_size, lengths)
+        return self._to_device(flat)
 
     def _token_counts(self, token_lists: list[list[int]]) -> torch.Tensor:
         """[B, V] float32: how often each token occurs in each row's list, scattered on the device from
         one flat array of (row * V + token) indices."""
-        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-        flat = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=int(lengths.sum()))
-        flat += np.repeat(np.arange(len(token_lists), dtype=np.int64) * self.vocab_size, lengths)
-        index = self._to_device(flat)
+        index = self._flat_token_index(token_lists)
         counts = torch.zeros(len(token_lists) * self.vocab_size, dtype=torch.float32, device=self.device)
         counts.scatter_add_(0, index, torch.ones(index.shape, dtype=torch.float32, device=self.device))
         return counts.view(len(token_lists), self.vocab_size)

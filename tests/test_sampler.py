@@ -242,7 +242,7 @@ def test_logit_bias_bans_and_forces_tokens_per_row(temperature):
             assert out.token_ids[0] == 4 and out.token_ids[2] == 2
             # logprobs stay those of the raw logits (OpenAI and vLLM report them before any bias)
             torch.testing.assert_close(out.logprobs[0], torch.log_softmax(CRAFTED, dim=0)[4])
-    # A bias shifts one logit by exactly its value: 0.02 * e^1.5 (about 0.09) ranks token 3 fourth.
+    # A bias shifts its token's logit by exactly its value and leaves every other logit as it was.
     biased = sampler._apply_logit_bias(logits, [r.params for r in rows])
     torch.testing.assert_close(biased[3], CRAFTED + torch.tensor([0, 0, 0, 1.5, 0, 0, 0]))
     assert torch.equal(biased[2], CRAFTED)
