@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from server.engine import AsyncEngine
 
 _PARAM_IN_MESSAGE = re.compile(r"'(\w+)'")
+# Most choices (prompts x n) of one completion request: its prompts are tokenized and checked on the event
+# loop before any engine work, and each choice takes a sequence slot and KV blocks. 256, the default
+# --max-num-seqs, lets one request fill a batch but not flood the queue.
+MAX_CHOICES = 256
 
 
 @dataclass
@@ -156,33 +160,42 @@ def _check_context(
     max_model_len: int,
     prompt_param: str,
     max_tokens_name: str = "max_tokens",
+    which: str = "the prompt",
 ) -> None:
     if prompt_len >= max_model_len:
         raise bad_request(
-            f"the prompt is {prompt_len} tokens; the context holds {max_model_len} with the output",
+            f"{which} is {prompt_len} tokens; the context holds {max_model_len} with the output",
             prompt_param,
         )
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(
-            f"prompt ({prompt_len} tokens) + {max_tokens_name} ({max_tokens}) > context ({max_model_len})",
+            f"{which} ({prompt_len} tokens) + {max_tokens_name} ({max_tokens}) > context ({max_model_len})",
             max_tokens_name,
         )
 
 
-def _completion_prompt(request: CompletionRequest, engine: AsyncEngine) -> list[int]:
-    prompt = request.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise bad_request("batched prompts are not supported: send one prompt per request", "prompt")
-        prompt = prompt[0]
-    if not prompt:
-        raise bad_request("the prompt is empty", "prompt")
-    if isinstance(prompt, str):
-        return engine.tokenizer(prompt).input_ids
+def _completion_prompts(prompt: str | list, n: int, engine: AsyncEngine) -> list[list[int]]:
+    """The token ids of each prompt: OpenAI's `prompt` is one string or token-id list, or a list of
+    them (a batch, answered with `n` choices per prompt)."""
+    batch = prompt if prompt and isinstance(prompt, list) and isinstance(prompt[0], str | list) else [prompt]
+    if len(batch) * n > MAX_CHOICES:
+        raise bad_request(
+            f"{len(batch)} prompts x n={n} choices: at most {MAX_CHOICES} choices a request", "prompt"
+        )
     vocab = len(engine.tokenizer)
-    if any(not 0 <= t < vocab for t in prompt):
-        raise bad_request(f"prompt token ids must lie in [0, {vocab})", "prompt")
-    return list(prompt)
+    for i, one in enumerate(batch):
+        if not one:
+            raise bad_request(f"{_prompt_name(i, len(batch))} is empty", "prompt")
+        if isinstance(one, list) and any(not 0 <= t < vocab for t in one):
+            raise bad_request(f"{_prompt_name(i, len(batch))} has token ids outside [0, {vocab})", "prompt")
+    if isinstance(batch[0], str):  # the schema allows no mix of strings and token lists
+        return engine.tokenizer(batch).input_ids
+    return [list(one) for one in batch]
+
+
+def _prompt_name(index: int, count: int) -> str:
+    """How errors name a prompt: by its position when the request has several."""
+    return "the prompt" if count == 1 else f"prompt[{index}]"
 
 
 def _chat_prompt(request: ChatRequest, engine: AsyncEngine) -> list[int]:
@@ -203,11 +216,12 @@ async def _serve(
     request: Request,
     engine: AsyncEngine,
     body: CompletionRequest | ChatRequest,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     params: SamplingParams,
     renderer: Renderer,
 ) -> Response:
-    """Admit, start in the engine and answer (stream or whole body)."""
+    """Admit, start one engine request per prompt and answer them as one (stream or whole body). A
+    batch of prompts takes one place in the admission queue, as one prompt with n choices does."""
     state = _state(request)
     if not state.admission.try_enter():
         raise APIError(
@@ -215,9 +229,10 @@ async def _serve(
         )
     request_id, arrival = request.state.request_id, request.state.arrival
     tracker = RequestTracker(arrival, state.admission, request.state.log_fields)
-    engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+    prefix = f"{request_id}-{uuid.uuid4().hex[:8]}"
+    by_engine_id = {f"{prefix}-{i}": prompt_ids for i, prompt_ids in enumerate(prompts)}
     try:
-        outputs = engine.add_request(engine_id, prompt_ids, params, arrival_time=arrival)
+        outputs = engine.add_requests(by_engine_id, params, arrival_time=arrival)
     except Exception as e:
         tracker.discard()  # it never started
         if isinstance(e, ValueError):  # the engine's message for the client
@@ -226,14 +241,16 @@ async def _serve(
             raise APIError(503, str(e), code="unavailable") from e
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    job = Job(engine, engine_id, request_id, engine.model_name, params.n, outputs, tracker, include_usage)
+    job = Job(
+        engine, list(by_engine_id), request_id, engine.model_name, params.n, outputs, tracker, include_usage
+    )
     if body.stream:
         events = stream_events(job, renderer, state.settings.sse_heartbeat_seconds)
         return _SSEResponse(job, events)
     try:
         answer = await collect_response(job, renderer, _wait_disconnect(request))
     finally:
-        job.abort()  # no-op if it finished; else the client went away or we failed: free its blocks
+        job.abort()  # no-op if it finished; else the client went away or we failed: free their blocks
     if answer is None:
         return Response(status_code=STATUS_CLIENT_GONE)
     return Response(answer.model_dump_json(), media_type="application/json")
@@ -286,11 +303,13 @@ def _openapi_without_422(app: FastAPI):
 async def completions(request: Request, body: CompletionRequest):
     engine = _ready_engine(request, body.model)
     _reject_unsupported(body)
-    prompt_ids = _completion_prompt(body, engine)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     params = _sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer))
-    _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "prompt")
-    return await _serve(request, engine, body, prompt_ids, params, CompletionRenderer())
+    prompts = _completion_prompts(body.prompt, params.n, engine)
+    for i, prompt_ids in enumerate(prompts):
+        which = _prompt_name(i, len(prompts))
+        _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "prompt", which=which)
+    return await _serve(request, engine, body, prompts, params, CompletionRenderer())
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_responses(ChatResponse))
@@ -307,7 +326,7 @@ async def chat_completions(request: Request, body: ChatRequest):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
     _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "messages", name)
-    return await _serve(request, engine, body, prompt_ids, params, ChatRenderer())
+    return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer())
 
 
 @router.get("/v1/models")

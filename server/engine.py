@@ -51,33 +51,39 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="leanserve-engine", daemon=True)
         self._thread.start()
 
-    def add_request(
+    def add_requests(
         self,
-        request_id: str,
-        prompt_token_ids: list[int],
+        prompts: dict[str, list[int]],
         params: SamplingParams,
         arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        """Start one engine request per (request id, prompt), all with `params`: the prompts of one HTTP
+        request. Their outputs come in one stream, in the order the engine makes them, until every one has
+        finished. All start or none: a ValueError about any prompt starts none."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
-        self.engine.validate(prompt_token_ids, params)  # reads only immutable settings: safe here
+        for prompt in prompts.values():
+            self.engine.validate(prompt, params)  # reads only immutable settings: safe here
         stream: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
-            if request_id in self._streams:
-                raise ValueError(f"duplicate request id {request_id!r}")
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_token_ids), params, arrival_time or time.monotonic()))
-        return self._iterate(request_id, stream)
+            if taken := self._streams.keys() & prompts.keys():
+                raise ValueError(f"duplicate request id {taken.pop()!r}")
+            self._streams.update(dict.fromkeys(prompts, (asyncio.get_running_loop(), stream)))
+        # One command, so that the engine admits them in the same step (copies: the caller keeps its lists).
+        copies = {request_id: list(prompt) for request_id, prompt in prompts.items()}
+        self._send(("add", copies, params, arrival_time or time.monotonic()))
+        return self._iterate(list(prompts), stream)
 
-    async def _iterate(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
+    async def _iterate(self, request_ids: list[str], stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        unfinished = set(request_ids)
         try:
-            while not finished:
+            while unfinished:
                 output: RequestOutput = await stream.get()
-                finished = output.finished
+                if output.finished:
+                    unfinished.discard(output.request_id)
                 yield output
         finally:
-            if not finished:  # the consumer went away (client disconnect): free the request's blocks
+            for request_id in unfinished:  # the consumer went away (client disconnect): free their blocks
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -133,17 +139,18 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if command[0] == "add":
-                _, request_id, prompt, params, arrival = command
-                with self._streams_lock:
-                    wanted = request_id in self._streams
-                if not wanted:
-                    continue  # aborted before it reached the engine
-                try:
-                    self.engine.add_request(request_id, prompt, params, arrival)
-                except Exception as e:
-                    outputs.append(
-                        _error_output(request_id, len(prompt), arrival, f"{type(e).__name__}: {e}")
-                    )
+                _, prompts, params, arrival = command
+                for request_id, prompt in prompts.items():
+                    with self._streams_lock:
+                        wanted = request_id in self._streams
+                    if not wanted:
+                        continue  # aborted before it reached the engine
+                    try:
+                        self.engine.add_request(request_id, prompt, params, arrival)
+                    except Exception as e:
+                        outputs.append(
+                            _error_output(request_id, len(prompt), arrival, f"{type(e).__name__}: {e}")
+                        )
             else:
                 aborted = self.engine.abort(command[1])
                 outputs += aborted

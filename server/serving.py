@@ -1,6 +1,7 @@
 """From the engine's stream of `RequestOutput`s to OpenAI answers (bodies built by server/renderers.py):
 one JSON body, or SSE events with heartbeat comments, an optional usage chunk, an error event on failure
-and `[DONE]`. Admission (bounded queue) and request-level metrics live here too."""
+and `[DONE]`. The prompts of a batch run as one engine request each, merged here into one request.
+Admission (bounded queue) and request-level metrics live here too."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from server import metrics
 from server.errors import APIError
-from server.outputs import RequestOutput
+from server.outputs import RequestOutput, RequestTimings
 from server.renderers import Renderer, SampleTotal, has_news, usage_of
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class RequestTracker:
         self.queued = True
         self.first_token: float | None = None
         self.last_token: float | None = None
+        self.finish_reasons: set[str] = set()  # of the choices that have finished
         self.closed = False
 
     def _leave_queue(self) -> None:
@@ -59,6 +61,7 @@ class RequestTracker:
 
     def observe(self, out: RequestOutput) -> None:
         self._leave_queue()
+        self.finish_reasons.update(s.finish_reason for s in out.samples if s.finish_reason is not None)
         if not any(sample.token_ids for sample in out.samples):
             return
         now = time.monotonic()
@@ -76,9 +79,11 @@ class RequestTracker:
         self._leave_queue()
 
     def close(self, finish_reason: str, out: RequestOutput | None) -> None:
-        """`out` is the final output (None when the client went away first)."""
+        """`out` is the final output (None when the client went away first). The request counts once,
+        with the worst reason of all its choices (earlier outputs finished some of them)."""
         if self.closed:
             return
+        finish_reason = _worst(self.finish_reasons | {finish_reason})
         self.closed = True
         self._leave_queue()
         metrics.request_success.labels(finished_reason=finish_reason).inc()
@@ -97,8 +102,11 @@ class RequestTracker:
 
 
 def request_finish_reason(out: RequestOutput) -> str:
-    """One reason per request for metrics and logs: the worst of its samples."""
-    reasons = {sample.finish_reason for sample in out.samples} | ({"error"} if out.error else set())
+    """One reason for an output: the worst of its samples'."""
+    return _worst({sample.finish_reason for sample in out.samples} | ({"error"} if out.error else set()))
+
+
+def _worst(reasons: set) -> str:
     return next((r for r in ("error", "abort", "length") if r in reasons), "stop")
 
 
@@ -113,24 +121,77 @@ def failure(out: RequestOutput) -> APIError | None:
 
 @dataclass
 class Job:
-    """One admitted generation and what its answer needs."""
+    """One admitted generation: an engine request per prompt, each with `n` samples, answered as one
+    request whose choice `i * n + j` is sample j of prompt i (OpenAI's order for a batch of prompts)."""
 
     engine: AsyncEngine
-    engine_id: str  # unique in the engine (clients may reuse X-Request-Id)
+    engine_ids: list[str]  # one per prompt, unique in the engine (clients may reuse X-Request-Id)
     response_id: str
     model: str
     n: int
-    outputs: AsyncIterator[RequestOutput]
+    engine_outputs: AsyncIterator[RequestOutput]  # those of every engine id, as the engine makes them
     tracker: RequestTracker
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
-    text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per sample
+    text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per choice
+    unfinished: set[str] = field(init=False)  # engine ids whose final output has not come
+    outputs: AsyncIterator[RequestOutput] = field(init=False)  # the request's, merged over its prompts
+
+    def __post_init__(self) -> None:
+        self.unfinished = set(self.engine_ids)
+        self.outputs = self._merged()
 
     def abort(self) -> None:
-        """Stop the request in the engine unless it has finished (the client went away, or we failed)."""
-        if not self.tracker.closed:
-            self.engine.abort(self.engine_id)
-            self.tracker.close("abort", None)
+        """Stop what still runs of the request in the engine (the client went away, we failed, or one of
+        its prompts failed); a no-op once every prompt has finished."""
+        for engine_id in self.unfinished:
+            self.engine.abort(engine_id)
+        self.unfinished.clear()
+        self.tracker.close("abort", None)  # no-op when closed already
+
+    async def _merged(self) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs as those of one request: samples renumbered as choices, counts summed
+        over the prompts. The first prompt that fails (error, or aborted at shutdown) ends the request;
+        `abort()`, which whoever answers calls at the end, stops the others."""
+        first_choice = {engine_id: i * self.n for i, engine_id in enumerate(self.engine_ids)}
+        latest: dict[str, RequestOutput] = {}
+        async for out in self.engine_outputs:
+            if out.finished:
+                self.unfinished.discard(out.request_id)
+            if len(self.engine_ids) == 1:  # already the request's (and the hot path: no copies)
+                yield out
+                continue
+            latest[out.request_id] = out
+            failed = out.finished and failure(out) is not None
+            offset, outs = first_choice[out.request_id], latest.values()
+            yield RequestOutput(
+                request_id=self.response_id,
+                samples=[replace(s, index=offset + s.index) for s in out.samples] if offset else out.samples,
+                finished=failed or not self.unfinished,
+                prompt_tokens=sum(o.prompt_tokens for o in outs),  # each prompt once, whatever n is
+                completion_tokens=sum(o.completion_tokens for o in outs),
+                attention_seconds=sum(o.attention_seconds for o in outs),
+                timings=_span([o.timings for o in outs]),
+                cached_prompt_tokens=sum(o.cached_prompt_tokens for o in outs),
+                error=out.error,
+            )
+            if failed:
+                return
+
+
+def _span(timings: list[RequestTimings]) -> RequestTimings:
+    """The timings of a request made of several engine requests: its first start, its last end."""
+
+    def first(values: list[float | None]) -> float | None:
+        return min((v for v in values if v is not None), default=None)
+
+    finished = [t.finished for t in timings]
+    return RequestTimings(
+        arrival=min(t.arrival for t in timings),
+        first_scheduled=first([t.first_scheduled for t in timings]),
+        first_token=first([t.first_token for t in timings]),
+        finished=None if None in finished else max(finished),
+    )
 
 
 def _event(model: BaseModel) -> str:

@@ -19,6 +19,7 @@ from server.config import EngineConfig
 from server.settings import Settings, parse_settings
 
 PROMPT = "The quick brown fox jumps over"
+PROMPTS = [PROMPT, "Once upon a time"]
 IGNORE_EOS = {"ignore_eos": True}
 
 
@@ -92,19 +93,49 @@ def test_chat_stream_opens_with_the_assistant_role(client, model):
     assert all(c.usage is None for c in chunks)  # no usage chunk unless asked
 
 
+def _greedy(client, model, prompt, **kwargs):
+    return client.completions.create(
+        model=model, prompt=prompt, max_tokens=6, temperature=0, extra_body=IGNORE_EOS, **kwargs
+    )
+
+
 def test_prompt_as_token_ids(client, model, engine):
     ids = engine.tokenizer(PROMPT).input_ids
-    by_ids = client.completions.create(
-        model=model, prompt=ids, max_tokens=6, temperature=0, extra_body=IGNORE_EOS
-    )
-    by_text = client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=6, temperature=0, extra_body=IGNORE_EOS
-    )
-    one_of_list = client.completions.create(
-        model=model, prompt=[PROMPT], max_tokens=6, temperature=0, extra_body=IGNORE_EOS
-    )
+    by_ids, by_text, one_of_list = (_greedy(client, model, prompt) for prompt in (ids, PROMPT, [PROMPT]))
     assert by_ids.choices[0].text == by_text.choices[0].text == one_of_list.choices[0].text
     assert by_ids.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize(("as_ids", "n"), [(False, 1), (True, 1), (False, 2)], ids=["text", "ids", "text-n2"])
+def test_batched_prompts_answer_each_prompt_as_alone(client, model, engine, as_ids, n):
+    """Choice i * n + j is sample j of prompt i; greedy, every sample of a prompt is that prompt's answer
+    alone. Usage counts each prompt once (as for one prompt with n > 1) and every choice's tokens."""
+    alone = [_greedy(client, model, prompt) for prompt in PROMPTS]
+    assert alone[0].choices[0].text != alone[1].choices[0].text  # else the order goes unchecked
+    batch = [engine.tokenizer(prompt).input_ids for prompt in PROMPTS] if as_ids else PROMPTS
+    r = _greedy(client, model, batch, n=n)
+    assert [c.index for c in r.choices] == list(range(2 * n))
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone for _ in range(n)]
+    assert {c.finish_reason for c in r.choices} == {"length"}
+    prompt_tokens = sum(a.usage.prompt_tokens for a in alone)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, 6 * 2 * n)
+    assert r.usage.total_tokens == prompt_tokens + 6 * 2 * n
+    assert r.usage.attention_ms > 0
+
+
+def test_batched_stream_interleaves_choices_and_ends_with_usage(client, model):
+    whole = _greedy(client, model, PROMPTS, n=2)
+    chunks = list(_greedy(client, model, PROMPTS, n=2, stream=True, stream_options={"include_usage": True}))
+    *deltas, usage = chunks
+    order = [c.choices[0].index for c in deltas]  # one choice a chunk
+    texts = {i: "".join(c.choices[0].text for c in deltas if c.choices[0].index == i) for i in set(order)}
+    assert texts == {c.index: c.text for c in whole.choices}
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in deltas if c.choices[0].finish_reason}
+    assert finished == {i: "length" for i in range(4)}
+    assert order.index(3) < len(order) - 1 - order[::-1].index(0)  # the prompts ran side by side
+    assert usage.choices == [] and usage.usage.completion_tokens == 24
+    assert usage.usage.prompt_tokens == whole.usage.prompt_tokens and usage.usage.attention_ms > 0
+    assert len({c.id for c in chunks}) == 1
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

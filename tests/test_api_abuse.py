@@ -21,6 +21,7 @@ import openai
 import pytest
 from http_server import metric_value, real_engine, serve, wait_until
 
+from server.app import MAX_CHOICES
 from server.llm_engine import EngineStats
 
 MAX_MODEL_LEN = 256
@@ -53,7 +54,6 @@ COMPLETION_CASES = {  # id: (body fields besides the model, param the error must
     "prompt-missing": ({}, "prompt"),
     "prompt-empty-string": ({"prompt": ""}, "prompt"),
     "prompt-empty-list": ({"prompt": []}, "prompt"),
-    "prompt-batched": ({"prompt": ["a", "b"]}, "prompt"),
     "prompt-token-out-of-vocab": ({"prompt": [1, 10**9]}, "prompt"),
     "prompt-token-negative": ({"prompt": [-1]}, "prompt"),
     "prompt-beyond-context": ({"prompt": [1] * (MAX_MODEL_LEN + 5)}, "prompt"),
@@ -122,6 +122,36 @@ def test_bad_completion_parameters_are_400_naming_them(base_url, engine, case):
     response = httpx.post(f"{base_url}/v1/completions", json={"model": engine.model_name, **fields})
     error = _assert_openai_error(response, 400, param)
     assert error["type"] == "invalid_request_error"
+
+
+# A batch of prompts is checked whole before any of it starts; errors name the prompt by its position.
+BATCH_CASES = {  # id: (body fields besides the model, param the error must name, text its message holds)
+    "one-empty-string": ({"prompt": ["a", ""]}, "prompt", "prompt[1] is empty"),
+    "one-empty-token-list": ({"prompt": [[1], []]}, "prompt", "prompt[1] is empty"),
+    "token-out-of-vocab-in-second": ({"prompt": [[1, 2], [1, 10**9]]}, "prompt", "prompt[1] has token ids"),
+    "second-beyond-context": ({"prompt": [[1], [1] * (MAX_MODEL_LEN + 5)]}, "prompt", "prompt[1] is"),
+    "second-plus-max-tokens-beyond-context": (
+        {"prompt": [[1] * 10, [1] * 200], "max_tokens": 100},
+        "max_tokens",
+        "prompt[1] (200 tokens)",
+    ),
+    "strings-and-token-lists-mixed": ({"prompt": ["a", [1]]}, "prompt", None),
+    "too-many-prompts": ({"prompt": ["a"] * (MAX_CHOICES + 1)}, "prompt", f"at most {MAX_CHOICES}"),
+    "too-many-prompts-times-n": (
+        {"prompt": ["a"] * (MAX_CHOICES // 2 + 1), "n": 2},
+        "prompt",
+        f"at most {MAX_CHOICES}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_CASES))
+def test_bad_prompt_batches_are_400_before_any_engine_work(base_url, engine, case):
+    fields, param, message = BATCH_CASES[case]
+    body = {"model": engine.model_name, "max_tokens": 5, **fields}
+    error = _assert_openai_error(httpx.post(f"{base_url}/v1/completions", json=body), 400, param)
+    assert message is None or message in error["message"], error
+    assert not engine.engine.requests  # not even its good prompts started
 
 
 @pytest.mark.parametrize("case", sorted(CHAT_CASES))
@@ -194,13 +224,15 @@ def _kv_freed(base_url: str, engine) -> bool:
     )
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["one-prompt", "batch-n2"])
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_and_frees_kv_blocks(base_url, engine, stream):
+def test_client_disconnect_aborts_and_frees_kv_blocks(base_url, engine, stream, batch):
     aborted = {"finished_reason": "abort"}
     before = metric_value(base_url, "leanserve_request_success_total", aborted)
     body = {
         "model": engine.model_name,
-        "prompt": "Tell me a long story",
+        "prompt": ["Tell me a long story", "Once upon a time"] if batch else "Tell me a long story",
+        "n": 2 if batch else 1,
         "max_tokens": 200,
         "ignore_eos": True,
     }
@@ -214,9 +246,35 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(base_url, engine, stream):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{base_url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
     assert wait_until(lambda: _kv_freed(base_url, engine), timeout=5)
-    assert metric_value(base_url, "leanserve_request_success_total", aborted) == before + 1
+    assert metric_value(base_url, "leanserve_request_success_total", aborted) == before + 1  # once a request
     # Aborted, not run to the end: 200 tokens take longer than this on CPU.
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_failing_prompt_fails_its_batch_and_aborts_the_others(base_url, engine, monkeypatch, stream):
+    llm_engine, doomed = engine.engine, [5, 6, 7]
+    original = llm_engine.add_request
+
+    def add_request(request_id, prompt, *args):
+        if prompt == doomed:
+            raise RuntimeError("injected failure")
+        return original(request_id, prompt, *args)
+
+    monkeypatch.setattr(llm_engine, "add_request", add_request)
+    generated = metric_value(base_url, "leanserve_generation_tokens_total")
+    body = {"model": engine.model_name, "prompt": [[1] * 20, doomed], "max_tokens": 200, "ignore_eos": True}
+    if stream:
+        with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}) as response:
+            events = [line for line in response.iter_lines() if line]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+    else:
+        error = _assert_openai_error(httpx.post(f"{base_url}/v1/completions", json=body), 500)
+    assert error["code"] == "engine_error" and "injected failure" in error["message"]
+    assert wait_until(lambda: _kv_freed(base_url, engine), timeout=5)
+    # The good prompt was aborted, not run to its 200 tokens.
+    assert metric_value(base_url, "leanserve_generation_tokens_total") - generated < 200
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_model_path):

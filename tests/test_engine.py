@@ -321,9 +321,9 @@ def test_async_engine_streams_deltas_and_aborts(make_engine, reference, async_sc
 
     async def main():
         deltas = []
-        async for out in async_engine.add_request("s", prompts()[3], greedy()):
+        async for out in async_engine.add_requests({"s": prompts()[3]}, greedy()):
             deltas.append(out)
-        stream = async_engine.add_request("cut", prompts()[4], greedy(max_tokens=500))
+        stream = async_engine.add_requests({"cut": prompts()[4]}, greedy(max_tokens=500))
         async for _ in stream:
             break
         await stream.aclose()  # the consumer goes away: the request is aborted
@@ -338,6 +338,37 @@ def test_async_engine_streams_deltas_and_aborts(make_engine, reference, async_sc
     assert len(deltas) > 1 and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
     assert [t for d in deltas for s in d.samples for t in s.token_ids] == reference[3]
     assert not async_engine.stats().loop_alive
+    assert_pool_free(engine)
+
+
+def test_async_engine_batch_shares_one_stream_and_starts_all_or_none(make_engine, reference):
+    """The prompts of one HTTP request: all start or none, their outputs interleave in one stream, and
+    closing it early aborts every one still running."""
+    engine = make_engine(async_scheduling=True)
+    async_engine = AsyncEngine(engine, "tiny")
+    async_engine.start()
+
+    async def main():
+        with pytest.raises(ValueError, match="empty"):
+            async_engine.add_requests({"ok": prompts()[1], "bad": []}, greedy())
+        tokens: dict[str, list[int]] = {}
+        order = []
+        async for out in async_engine.add_requests({"a": prompts()[1], "b": prompts()[2]}, greedy()):
+            tokens.setdefault(out.request_id, []).extend(t for s in out.samples for t in s.token_ids)
+            order.append(out.request_id)
+        stream = async_engine.add_requests({"c": prompts()[3], "d": prompts()[4]}, greedy(max_tokens=500))
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(200):
+            if not engine.requests:
+                break
+            await asyncio.sleep(0.01)
+        await async_engine.shutdown(grace_seconds=1.0)
+        return tokens, order
+
+    tokens, order = asyncio.run(main())
+    assert tokens == {"a": reference[1], "b": reference[2]}
+    assert order.index("b") < len(order) - order[::-1].index("a") - 1  # interleaved, not one after the other
     assert_pool_free(engine)
 
 
@@ -362,8 +393,8 @@ def test_engine_loop_survives_a_bug_outside_a_step(make_engine, reference, monke
     async_engine.start()
 
     async def main():
-        failed = [out async for out in async_engine.add_request("x", prompts()[2], greedy(max_tokens=40))]
-        ok = [out async for out in async_engine.add_request("y", prompts()[3], greedy())]
+        failed = [out async for out in async_engine.add_requests({"x": prompts()[2]}, greedy(max_tokens=40))]
+        ok = [out async for out in async_engine.add_requests({"y": prompts()[3]}, greedy())]
         await async_engine.shutdown(grace_seconds=1.0)
         return failed, ok
 
