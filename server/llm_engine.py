@@ -39,6 +39,7 @@ from server.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.tp_worker import TPWorkers, WorkerSpec
+from server.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class LLMEngine:
             workers=workers,
         )
         engine = cls(config, runner, tokenizer, num_blocks, max_model_len)
+        if device.type == "cuda":  # CPU runs no JIT-compiled kernels: nothing to warm
+            warm_up(runner, engine.sampler, config, max_model_len)
         # The model, tokenizer and graphs are many long-lived objects: keep them out of the cyclic
         # collector, whose full passes otherwise stall decode steps by milliseconds.
         gc.freeze()

@@ -17,6 +17,7 @@ from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
+from server.warm_up import warm_up, warm_up_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPT_LENS = [1, 5, 17, 33, 40, 64]
@@ -404,6 +405,46 @@ def test_engine_loop_survives_a_bug_outside_a_step(make_engine, reference, monke
     assert [t for d in ok for s in d.samples for t in s.token_ids] == reference[3]
     assert async_engine.last_error == "RuntimeError: bug in the loop"
     assert_pool_free(engine)
+
+
+@pytest.mark.parametrize(
+    ("max_num_seqs", "budget", "max_model_len", "variants"),
+    [(256, 2048, 4096, [2, 4, 8, 16, 32, 64, 128, 256]), (5, 64, 4096, [2, 4]), (1, 16, 10, [])],
+)
+def test_warm_up_steps_cover_every_kernel_variant(max_num_seqs, budget, max_model_len, variants):
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    steps = warm_up_steps(config, max_model_len)
+    # LeanAttention's BLOCK_B: one compiled variant per power of two of decodes in a step
+    assert sorted({max(2, 1 << (len(s.decodes) - 1).bit_length()) for s in steps if s.decodes}) == variants
+    chunks = [c for s in steps for c in s.prefills]
+    assert any(c.num_tokens == min(budget, max_model_len) for c in chunks)
+    assert any(c.num_tokens % 16 and c.num_tokens > 1 for c in chunks)  # Triton's "other" integer class
+    assert any(c.seq.num_computed_tokens > 0 for c in chunks)  # a chunk after a cached prefix
+    for step in steps:
+        assert len(step.prefills) + len(step.decodes) <= max_num_seqs
+        assert step.num_tokens <= budget
+        for chunk in step.prefills:
+            assert chunk.completes_prompt and len(chunk.seq.token_ids) <= max_model_len
+        assert all(s.num_uncomputed == 1 for s in step.decodes)
+
+
+def _our_metric_samples() -> dict:
+    samples = (s for m in REGISTRY.collect() for s in m.samples if s.name.startswith("leanserve_"))
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples}
+
+
+def test_warm_up_leaves_requests_blocks_and_metrics_alone(make_engine, reference):
+    engine = make_engine(max_num_seqs=5, max_num_batched_tokens=64)
+    first = run_all(engine, {"before": (prompts()[3], greedy())})
+    cache = engine.runner.kv_cache.data[:, :, : engine.runner.scratch_block].clone()  # all but scratch
+    metrics_before = _our_metric_samples()
+    assert warm_up(engine.runner, engine.sampler, engine.config, engine.max_model_len) > 0
+    torch.testing.assert_close(engine.runner.kv_cache.data[:, :, : engine.runner.scratch_block], cache)
+    assert _our_metric_samples() == metrics_before
+    assert_pool_free(engine)
+    assert not engine.scheduler.has_work
+    after = run_all(engine, {"after": (prompts()[3], greedy())})
+    assert after["after"][1] == first["before"][1] == [reference[3]]
 
 
 @pytest.mark.gpu
