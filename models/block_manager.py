@@ -142,14 +142,17 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # -- admission / growth / release ----------------------------------------------------------------
-    def allocate(self, seq_id: SeqId, token_ids: Sequence[int]) -> Allocation | None:
-        """Give a new sequence blocks for all of `token_ids`, reusing cached full blocks of its prefix.
-        The last token is never taken from the cache (its logits must be computed). Returns None and
-        changes nothing when the pool is too small right now."""
+    def allocate(
+        self, seq_id: SeqId, token_ids: Sequence[int], reuse_prefix: bool = True
+    ) -> Allocation | None:
+        """Give a new sequence blocks for all of `token_ids`, reusing cached full blocks of its prefix
+        unless `reuse_prefix` is False (a sequence that needs the logits of every position; its blocks
+        still enter the cache once computed). The last token is never taken from the cache (its logits
+        must be computed). Returns None and changes nothing when the pool is too small right now."""
         assert seq_id not in self._seqs, f"sequence {seq_id!r} already has blocks"
         hits: list[int] = []
         hashes: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and reuse_prefix:
             parent = None
             for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
                 block_hash = hash((parent, tuple(token_ids[start : start + self.block_size])))
@@ -169,7 +172,7 @@ class BlockManager:
         block_ids = hits + [self.pool.allocate() for _ in range(num_new)]
         self._seqs[seq_id] = _SeqBlocks(block_ids, hashes)
         num_cached = len(hits) * self.block_size
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and reuse_prefix:
             self.prefix_queries += len(token_ids)
             self.prefix_hits += num_cached
         return Allocation(num_cached_tokens=num_cached)

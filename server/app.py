@@ -89,9 +89,15 @@ def _sampling_params(
     logprobs: int | None,
     vocab: int,
     max_tokens_name: str = "max_tokens",
+    echo: bool = False,
 ) -> SamplingParams:
     """SamplingParams from the request; its ValueError names the parameter, which we pass on (under
-    the name the client used for max_tokens)."""
+    the name the client used for max_tokens). With `echo` the prompt is scored too (when `logprobs`
+    asks) and max_tokens may be 0: the answer is then the prompt alone."""
+    # The engine takes 0 (the request ends after its prefill), but only echo has something to return then.
+    if max_tokens == 0 and not echo:
+        hint = " (0 only with echo)" if isinstance(request, CompletionRequest) else ""
+        raise bad_request(f"{max_tokens_name} must be at least 1{hint}", max_tokens_name)
     given = {
         name: getattr(request, name)
         for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty")
@@ -114,6 +120,7 @@ def _sampling_params(
             stop_token_ids=stop_ids,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=logprobs if echo else None,
             logit_bias=logit_bias,
             **given,
         )
@@ -137,8 +144,6 @@ def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
 def _reject_unsupported(body: CompletionRequest | ChatRequest) -> None:
     """OpenAI options this server does not implement are a 400 unless they ask for the default."""
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise bad_request("echo is not supported", "echo")
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of not in (None, body.n):
@@ -193,6 +198,15 @@ def _completion_prompts(prompt: str | list, n: int, engine: AsyncEngine) -> list
     return [list(one) for one in batch]
 
 
+def _echo_texts(prompt: str | list, prompts: list[list[int]], engine: AsyncEngine) -> list[str]:
+    """What `echo` repeats of each prompt: its text as sent, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt[0], str):
+        return prompt
+    return engine.tokenizer.batch_decode(prompts)
+
+
 def _prompt_name(index: int, count: int) -> str:
     """How errors name a prompt: by its position when the request has several."""
     return "the prompt" if count == 1 else f"prompt[{index}]"
@@ -219,9 +233,11 @@ async def _serve(
     prompts: list[list[int]],
     params: SamplingParams,
     renderer: Renderer,
+    echo: list[str] | None = None,
 ) -> Response:
     """Admit, start one engine request per prompt and answer them as one (stream or whole body). A
-    batch of prompts takes one place in the admission queue, as one prompt with n choices does."""
+    batch of prompts takes one place in the admission queue, as one prompt with n choices does.
+    `echo`: the text of each prompt, which its choices start with."""
     state = _state(request)
     if not state.admission.try_enter():
         raise APIError(
@@ -242,8 +258,9 @@ async def _serve(
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     job = Job(
-        engine, list(by_engine_id), request_id, engine.model_name, params.n, outputs, tracker, include_usage
-    )
+        engine, list(by_engine_id), request_id, engine.model_name, params.n, outputs, tracker, include_usage,
+        echo,
+    )  # fmt: skip
     if body.stream:
         events = stream_events(job, renderer, state.settings.sse_heartbeat_seconds)
         return _SSEResponse(job, events)
@@ -304,12 +321,13 @@ async def completions(request: Request, body: CompletionRequest):
     engine = _ready_engine(request, body.model)
     _reject_unsupported(body)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    params = _sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer))
+    params = _sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer), echo=body.echo)
     prompts = _completion_prompts(body.prompt, params.n, engine)
     for i, prompt_ids in enumerate(prompts):
         which = _prompt_name(i, len(prompts))
         _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "prompt", which=which)
-    return await _serve(request, engine, body, prompts, params, CompletionRenderer())
+    echo = _echo_texts(body.prompt, prompts, engine) if body.echo else None
+    return await _serve(request, engine, body, prompts, params, CompletionRenderer(), echo)
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_responses(ChatResponse))

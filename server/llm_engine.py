@@ -6,7 +6,8 @@ How a step flows (host = engine thread, device = GPU or CPU), with asynchronous 
   host:   ModelRunner builds ids / positions / slots / block tables (numpy, pinned, one copy each)
   device: placeholders resolved from the in-flight step's sampled ids, model forward (eager, or a
           CUDA-graph replay for pure-decode steps) -> logits of the rows that sample -> Sampler
-          (penalties, top-k/p, seeds) -> token ids, all queued without a sync
+          (penalties, top-k/p, seeds) -> token ids, all queued without a sync; prompts that are
+          scored (prompt logprobs) get the logprobs of their chunk's positions too
   host:   one device->host copy of the previous step's ids (its only sync; the device is busy with the
           new step meanwhile), attention time from its timer reading, then per sequence: fill the
           placeholder, stop checks, fork n>1 siblings; then detokenize and build RequestOutput deltas
@@ -74,6 +75,8 @@ class _InFlight:
     prefill_work: list[tuple[Request, float]]  # (request, attention work) per prefill chunk
     computed: list[tuple[Sequence, int]]  # for Scheduler.step_done
     needs_host_tokens: bool  # the next step must not be scheduled before this one's tokens are known
+    scored: list[tuple[Request, int, int]]  # (request, first prompt position, count) per scoring chunk
+    host_scores: SamplerOutput | None  # host copy of the runner's prompt scores, complete with `ready`
 
 
 @dataclass
@@ -110,7 +113,8 @@ class LLMEngine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
-        self._pending: list[tuple[Sequence, int]] = []  # tokens appended but not yet detokenized
+        # Tokens appended but not yet detokenized; None: the sequence ended without one (max_tokens=0).
+        self._pending: list[tuple[Sequence, int | None]] = []
         self._inflight: _InFlight | None = None  # the launched step whose tokens the host has not read
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
@@ -192,6 +196,9 @@ class LLMEngine:
         request = Request(
             request_id, list(prompt_token_ids), params, RequestTimings(arrival_time or time.monotonic())
         )
+        if params.prompt_logprobs is not None:  # the first token has no logprob: nothing comes before it
+            (text,) = self._token_texts(prompt_token_ids[:1])
+            request.prompt_logprobs = [TokenLogprob(prompt_token_ids[0], text, None)]
         self.requests[request_id] = request
         self.scheduler.add(self._new_sequence(request, 0))
         return request
@@ -293,7 +300,12 @@ class LLMEngine:
         sample their first token from its logits row."""
         tables = {seq.seq_id: self.block_manager.block_table(seq.seq_id) for seq in self._step_seqs(step)}
         pending = self._inflight.sampled.token_ids if self._inflight is not None else None
-        logits, attention = self.runner.execute(step, tables, pending)
+        # The prompt tokens each chunk scores: n from the one after its first position on (read before
+        # step_launched advances that position).
+        scored = [
+            (c.seq.request, c.seq.num_computed_tokens + 1, n) for c in step.prefills if (n := c.num_scored)
+        ]
+        logits, attention, scores = self.runner.execute(step, tables, pending)
         row_seqs = [c.seq for c in step.prefills if c.completes_prompt] + step.decodes
         row_index = list(range(len(row_seqs)))
         forked = []
@@ -310,6 +322,8 @@ class LLMEngine:
             for s in row_seqs
         ]
         sampled = self.sampler(logits, rows)
+        # The scores' copies are queued before the sampled ids', so the step's `ready` event covers them.
+        host_scores = scores.to_host()[0] if scores is not None else None
         host_sampled, ready = sampled.to_host()
         # Attention shares are fixed now: decode by KV tokens, prefill by the keys each query sees.
         shares = [(seq.request, len(seq.token_ids)) for seq in step.decodes]
@@ -325,7 +339,7 @@ class LLMEngine:
         needs_host_tokens = bool(forked) or any(has_penalty(r.params) for r in rows)
         return _InFlight(
             step, row_seqs, positions, forked, rows, sampled, host_sampled, ready, attention, shares,
-            prefill_work, computed, needs_host_tokens,
+            prefill_work, computed, needs_host_tokens, scored, host_scores,
         )  # fmt: skip
 
     def _complete(self) -> list[RequestOutput]:
@@ -337,6 +351,7 @@ class LLMEngine:
             return self._fail(self._step_seqs(flight.step) + flight.forked, e)
         self.scheduler.step_done(flight.computed)
         self._attribute_attention(flight)
+        self._record_prompt_logprobs(flight)
         self._append_tokens(flight, sampled)
         return []
 
@@ -350,31 +365,42 @@ class LLMEngine:
         token_ids = out.token_ids.tolist()
         entries: list[TokenLogprob | None] = [None] * len(rows)
         if out.logprobs is not None:
-            entries = self._logprob_entries(rows, token_ids, out)
+            entries = self._logprob_entries([row.params.logprobs for row in rows], out)
         return list(zip(token_ids, entries, strict=True))
+
+    def _record_prompt_logprobs(self, flight: _InFlight) -> None:
+        """Put the step's prompt scores into their requests' lists, by prompt position: steps complete
+        in launch order, so a chunk's entries follow those before it, and a chunk recomputed after a
+        preemption writes the same entries again."""
+        if flight.host_scores is None:
+            return
+        ks = [request.params.prompt_logprobs for request, _, n in flight.scored for _ in range(n)]
+        entries = self._logprob_entries(ks, flight.host_scores)
+        row = 0
+        for request, start, n in flight.scored:
+            if request.prompt_logprobs is not None:  # None: handed out already (the request was aborted)
+                request.prompt_logprobs[start : start + n] = entries[row : row + n]
+            row += n
 
     @staticmethod
     def _step_seqs(step: SchedulerOutput) -> list[Sequence]:
         return [c.seq for c in step.prefills] + step.decodes
 
-    def _logprob_entries(
-        self, rows: list[SamplingRow], token_ids: list[int], out: SamplerOutput
-    ) -> list[TokenLogprob | None]:
-        logprobs = out.logprobs.tolist()
+    def _logprob_entries(self, ks: list[int | None], out: SamplerOutput) -> list[TokenLogprob | None]:
+        """An entry per row of a host `out` with k top alternatives, None for rows whose k is None. The
+        texts of all the rows' tokens are decoded in one call (a scored prompt has thousands)."""
+        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        entries: list[TokenLogprob | None] = []
-        for i, row in enumerate(rows):
-            k = row.params.logprobs
-            if k is None:
-                entries.append(None)
-                continue
-            top = []
-            if k and top_ids is not None:
-                ids = top_ids[i][:k]
-                top = list(zip(ids, self._token_texts(ids), top_lps[i][:k], strict=True))
-            (text,) = self._token_texts([token_ids[i]])
-            entries.append(TokenLogprob(token_ids[i], text, logprobs[i], top))
+        tops = [list(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k else [] for i, k in enumerate(ks)]
+        wanted = [i for i, k in enumerate(ks) if k is not None]
+        texts = iter(self._token_texts([t for i in wanted for t in (token_ids[i], *(t for t, _ in tops[i]))]))
+        entries: list[TokenLogprob | None] = [None] * len(ks)
+        for i in wanted:
+            text = next(texts)
+            entries[i] = TokenLogprob(
+                token_ids[i], text, logprobs[i], [(t, next(texts), lp) for t, lp in tops[i]]
+            )
         return entries
 
     def _token_texts(self, token_ids: list[int]) -> list[str]:
@@ -410,6 +436,10 @@ class LLMEngine:
             if request.timings.first_token is None:
                 request.timings.first_token = now
                 metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+            if params.max_tokens == 0:  # the prompt alone (echo): the token its prefill sampled is dropped
+                self._end(seq, "length")
+                self._pending.append((seq, None))
+                continue
             seq.token_ids[position] = token_id
             seq.new_token_ids.append(token_id)
             if entry is not None:
@@ -438,6 +468,8 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for seq, token_id in self._pending:
             touched[seq.request.request_id] = seq.request
+            if token_id is None:  # ended by its prefill (max_tokens=0): no text, only the output is due
+                continue
             delta = seq.detokenizer.add_tokens([token_id])
             seq.new_text += delta.text
             if delta.stop_reason is not None:
@@ -465,6 +497,9 @@ class LLMEngine:
                     )
                 )
                 seq.new_token_ids, seq.new_text, seq.new_logprobs = [], "", []
+        prompt_logprobs = None
+        if samples:  # the first output with samples: the prompt is done (or the request failed)
+            prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         finished = request.finished
         if finished:
             request.timings.finished = time.monotonic()
@@ -479,6 +514,7 @@ class LLMEngine:
             timings=request.timings,
             cached_prompt_tokens=request.cached_prompt_tokens,
             error=request.error,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _observe_gauges(self) -> None:

@@ -18,10 +18,16 @@ import torch
 from models.attention import AttentionBatch, AttentionReading, AttentionTimer
 from models.kv_cache import KVCache
 from models.llama import CausalLM
-from server.scheduler import SchedulerOutput
+from server.sampler import SamplerOutput, token_logprobs
+from server.scheduler import PrefillChunk, SchedulerOutput
 from server.tp_worker import TPWorkers
 
 logger = logging.getLogger(__name__)
+
+# Prompt positions whose logits exist at once while prompts are scored: a 2048-token chunk of a 128k
+# vocabulary would be 1 GiB of fp32 logits; 256 rows with their log-softmax take about 320 MiB, which
+# the step's activation reserve (free again once the forward is done) covers.
+_SCORE_ROWS = 256
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -48,7 +54,8 @@ def resolve_placeholders(ids: torch.Tensor, pending_tokens: torch.Tensor | None)
 class ModelRunner:
     """Owns the model, the KV cache (with one extra scratch block for padded graph rows) and the
     static buffers of the decode graphs. `execute` returns logits [num_sampling, vocab] float32:
-    one row per prefill chunk that completes its sequence, then one per decode, in schedule order."""
+    one row per prefill chunk that completes its sequence, then one per decode, in schedule order; and
+    the logprobs of the prompt tokens that the step's chunks score (`PrefillChunk.num_scored`)."""
 
     def __init__(
         self,
@@ -105,16 +112,17 @@ class ModelRunner:
     # -- execution ----------------------------------------------------------------------------------
     def execute(
         self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, AttentionReading | None]:
-        """Queue one step; returns its logits and its attention timer's reading (None when timing is
-        off). `tables` maps seq_id -> block table for every sequence in the step."""
+    ) -> tuple[torch.Tensor, AttentionReading | None, SamplerOutput | None]:
+        """Queue one step; returns its logits, its attention timer's reading (None when timing is off)
+        and its prompt scores (`_score_prompts`; None when no chunk scores). `tables` maps seq_id ->
+        block table for every sequence in the step."""
         if not step.prefills and len(step.decodes) <= (self._buckets[-1] if self._buckets else 0):
             return self._replay_decode(step, tables, pending_tokens)
         return self._run_eager(step, tables, pending_tokens)
 
     def _run_eager(
         self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None
-    ) -> tuple[torch.Tensor, AttentionReading | None]:
+    ) -> tuple[torch.Tensor, AttentionReading | None, SamplerOutput | None]:
         ids, positions, slots, logit_rows = [], [], [], []
         cu, query_lens, context_lens = [0], [], []
         for chunk in step.prefills:
@@ -161,7 +169,40 @@ class ModelRunner:
         hidden = self.model(input_ids, input_positions, batch, self.kv_cache)
         rows = self._to_device(np.asarray(logit_rows, dtype=np.int64))
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return logits, self._timer.finish() if self._timer is not None else None
+        scores = self._score_prompts(step.prefills, cu, hidden)
+        return logits, self._timer.finish() if self._timer is not None else None, scores
+
+    def _score_prompts(
+        self, prefills: list[PrefillChunk], cu: list[int], hidden: torch.Tensor
+    ) -> SamplerOutput | None:
+        """Logprobs of the prompt tokens the chunks score, each from the raw logits of the position
+        before it, with the top k alternatives (k: the most any of the chunks' requests asks): token_ids
+        [R] are the scored tokens, chunk after chunk. Logits exist `_SCORE_ROWS` rows at a time. None,
+        with no device work, when no chunk scores (the common step). hidden: [T, hidden] of the step."""
+        rows, targets, k = [], [], 0
+        for chunk, first_row in zip(prefills, cu[:-1], strict=True):
+            if num := chunk.num_scored:
+                start = chunk.seq.num_computed_tokens
+                rows.append(np.arange(first_row, first_row + num, dtype=np.int64))
+                targets.append(np.asarray(chunk.seq.token_ids[start + 1 : start + 1 + num], dtype=np.int64))
+                k = max(k, chunk.seq.request.params.prompt_logprobs)
+        if not rows:
+            return None
+        rows_d, targets_d = self._to_device(np.concatenate(rows)), self._to_device(np.concatenate(targets))
+        parts = [
+            token_logprobs(
+                self.model.compute_logits(hidden.index_select(0, rows_d[i : i + _SCORE_ROWS])),
+                targets_d[i : i + _SCORE_ROWS],
+                k,
+            )
+            for i in range(0, len(rows_d), _SCORE_ROWS)
+        ]
+        return SamplerOutput(
+            targets_d,
+            torch.cat([p.logprobs for p in parts]),
+            torch.cat([p.top_ids for p in parts]) if k else None,
+            torch.cat([p.top_logprobs for p in parts]) if k else None,
+        )
 
     # -- CUDA graphs for pure-decode steps ---------------------------------------------------------
     def _capture_decode_graphs(self, max_batch: int) -> None:
@@ -220,7 +261,7 @@ class ModelRunner:
 
     def _replay_decode(
         self, step: SchedulerOutput, tables: dict[int, list[int]], pending_tokens: torch.Tensor | None
-    ) -> tuple[torch.Tensor, AttentionReading | None]:
+    ) -> tuple[torch.Tensor, AttentionReading | None, None]:
         num = len(step.decodes)
         bucket = next(b for b in self._buckets if b >= num)
         bs = self.block_size
@@ -253,7 +294,7 @@ class ModelRunner:
         resolve_placeholders(self._in_ids[:bucket], pending_tokens)
         entry = self._graphs[bucket]
         entry.graph.replay()
-        return entry.logits[:num], entry.timer.finish() if entry.timer is not None else None
+        return entry.logits[:num], entry.timer.finish() if entry.timer is not None else None, None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V), for forked sequences' private last blocks."""

@@ -12,7 +12,7 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which nothing before it scores
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, text, logprob)
 
 
@@ -49,3 +49,6 @@ class RequestOutput:
     timings: RequestTimings
     cached_prompt_tokens: int = 0
     error: str | None = None  # set with finished=True when the request failed inside the engine
+    # SamplingParams.prompt_logprobs: one entry per prompt token, on the request's first output that has
+    # samples (the one with every sample's first token, or its end when max_tokens is 0); None on others.
+    prompt_logprobs: list[TokenLogprob] | None = None

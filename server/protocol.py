@@ -45,7 +45,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = None  # default 16, as OpenAI
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt (with its logprobs) before each choice's text; max_tokens may be 0
     suffix: str | None = None
     best_of: int | None = None
 
@@ -98,8 +98,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -1,5 +1,6 @@
 """OpenAI bodies from engine outputs: a completion or chat renderer builds the stream chunk of one
-sample's delta and the whole response from the accumulated samples, logprobs and usage included."""
+sample's delta and the whole response from the accumulated samples, logprobs and usage included, and
+for completions with echo puts each prompt (with its logprobs) before its choices' first text."""
 
 from __future__ import annotations
 
@@ -71,6 +72,20 @@ class Renderer(Protocol):
     def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel: ...
 
 
+def _with_echo(
+    job: Job, index: int, text: str, logprobs: list[TokenLogprob] | None
+) -> tuple[str, list[TokenLogprob] | None]:
+    """A choice's first text and logprobs under echo get its prompt's text and logprobs in front (as
+    vLLM streams it: the first chunk of each choice carries the prompt); anything else is unchanged."""
+    if job.echo is None or index in job.echoed:
+        return text, logprobs
+    job.echoed.add(index)
+    prompt = index // job.n
+    if logprobs is not None:
+        logprobs = job.prompt_logprobs[prompt] + logprobs
+    return job.echo[prompt] + text, logprobs
+
+
 def _completion_logprobs(
     job: Job, index: int, logprobs: list[TokenLogprob] | None
 ) -> CompletionLogprobs | None:
@@ -81,7 +96,8 @@ def _completion_logprobs(
     for lp in logprobs:
         result.tokens.append(lp.token)
         result.token_logprobs.append(lp.logprob)
-        result.top_logprobs.append({text: value for _, text, value in lp.top})
+        # The prompt's first token has no logprob and no alternatives: null, as OpenAI and vLLM send.
+        result.top_logprobs.append(None if lp.logprob is None else {text: value for _, text, value in lp.top})
         result.text_offset.append(offset)
         offset += len(lp.token)
     job.text_offsets[index] = offset
@@ -93,10 +109,11 @@ class CompletionRenderer:
         return []
 
     def chunk(self, job: Job, delta: SampleDelta) -> BaseModel:
+        text, logprobs = _with_echo(job, delta.index, delta.text, delta.logprobs)
         choice = CompletionChoice(
             index=delta.index,
-            text=delta.text,
-            logprobs=_completion_logprobs(job, delta.index, delta.logprobs),
+            text=text,
+            logprobs=_completion_logprobs(job, delta.index, logprobs),
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
@@ -108,16 +125,18 @@ class CompletionRenderer:
         )
 
     def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
-        choices = [
-            CompletionChoice(
-                index=i,
-                text="".join(t.text),
-                logprobs=_completion_logprobs(job, i, t.logprobs),
-                finish_reason=t.finish_reason,
-                stop_reason=t.stop_reason,
+        choices = []
+        for i, t in sorted(totals.items()):
+            text, logprobs = _with_echo(job, i, "".join(t.text), t.logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=text,
+                    logprobs=_completion_logprobs(job, i, logprobs),
+                    finish_reason=t.finish_reason,
+                    stop_reason=t.stop_reason,
+                )
             )
-            for i, t in sorted(totals.items())
-        ]
         return CompletionResponse(
             id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
         )

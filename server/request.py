@@ -64,6 +64,17 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     @property
+    def scores_prompt(self) -> bool:
+        """This sequence computes its request's prompt logprobs: sequence 0 (the siblings share its
+        prompt) of a request that asks for them, until its prompt is done (no output token or placeholder
+        yet; a recomputation after a later preemption scores nothing again)."""
+        return (
+            self.request.params.prompt_logprobs is not None
+            and self.index == 0
+            and len(self.token_ids) == self.num_prompt_tokens
+        )
+
+    @property
     def needs_fork(self) -> bool:
         """Sequence 0 of an n > 1 request whose siblings do not exist yet."""
         return self.index == 0 and len(self.request.sequences) < self.request.params.n
@@ -79,6 +90,9 @@ class Request:
     attention_seconds: float = 0.0
     cached_prompt_tokens: int = 0
     error: str | None = None
+    # With prompt logprobs: an entry per prompt token scored so far (the first token's has no logprob),
+    # handed to the first output that has samples (then None).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:

@@ -95,13 +95,7 @@ class Sampler:
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         if not wanted:
             return SamplerOutput(token_ids, None, None, None)
-        logprobs_all = torch.log_softmax(raw, dim=-1)
-        logprobs = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
-        k = max(wanted)
-        if k == 0:
-            return SamplerOutput(token_ids, logprobs, None, None)
-        top_logprobs, top_ids = logprobs_all.topk(k, dim=-1)  # sorted descending
-        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+        return token_logprobs(raw, token_ids, max(wanted))
 
     def _param_table(self, params: list[SamplingParams]) -> torch.Tensor:
         """[7, B] float32 on the device: temperature, top-k, top-p, min-p and the three penalties.
@@ -217,6 +211,17 @@ class Sampler:
                 noise[i].exponential_(generator=row.generator)
         # A draw of exactly 0 would turn an excluded token's 0 / 0 into NaN, which argmax would pick.
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
+    """The log-softmax of raw logits at `token_ids` and its top k (none for k = 0), as OpenAI and vLLM
+    report logprobs. logits: [B, V] float32; token_ids: [B] int64, on the same device."""
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
+    if k == 0:
+        return SamplerOutput(token_ids, logprobs, None, None)
+    top_logprobs, top_ids = logprobs_all.topk(k, dim=-1)  # sorted descending
+    return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
 
 
 def apply_penalties(

@@ -15,7 +15,7 @@ class SamplingParams:
     parameter, which the HTTP layer turns into a 400 with that `param`."""
 
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: the request ends after its prefill, no token (an echo of the prompt alone)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) disables
@@ -28,6 +28,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus k top alternatives
+    # None: no prompt logprobs; k >= 0: every prompt token after the first scored by the model given the
+    # tokens before it, plus its k top alternatives (the request then skips the prefix cache: see scheduler)
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
@@ -35,7 +38,7 @@ class SamplingParams:
             self.top_k = 0
         checks = {
             "n": 1 <= self.n <= 16,
-            "max_tokens": self.max_tokens >= 1,
+            "max_tokens": self.max_tokens >= 0,
             "temperature": 0.0 <= self.temperature <= 100.0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "top_k": self.top_k >= 0,
@@ -44,6 +47,7 @@ class SamplingParams:
             "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
             "repetition_penalty": 0.0 < self.repetition_penalty <= 10.0,
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= 20,
+            "prompt_logprobs": self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
             "stop": len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
             "logit_bias": len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS
             and all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),

@@ -24,6 +24,16 @@ class PrefillChunk:
         """This chunk reaches the end of the sequence's tokens: the step samples its next token."""
         return self.seq.num_computed_tokens + self.num_tokens == len(self.seq.token_ids)
 
+    @property
+    def num_scored(self) -> int:
+        """Prompt tokens whose logprobs this chunk computes, while the sequence scores its prompt: one per
+        position whose next token is in the prompt (scored by that position's logits). Read it before
+        `Scheduler.step_launched` advances the computed count."""
+        seq = self.seq
+        if not seq.scores_prompt:
+            return 0
+        return min(self.num_tokens, seq.num_prompt_tokens - 1 - seq.num_computed_tokens)
+
 
 @dataclass
 class SchedulerOutput:
@@ -82,7 +92,9 @@ class Scheduler:
                 budget -= out.prefills[-1].num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            allocation = self.block_manager.allocate(seq.seq_id, seq.token_ids)
+            # Cached blocks come without the logits of their positions, which a prompt that is scored
+            # needs: it computes its whole prompt (as vLLM does).
+            allocation = self.block_manager.allocate(seq.seq_id, seq.token_ids, not seq.scores_prompt)
             if allocation is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from server import metrics
 from server.errors import APIError
-from server.outputs import RequestOutput, RequestTimings
+from server.outputs import RequestOutput, RequestTimings, TokenLogprob
 from server.renderers import Renderer, SampleTotal, has_news, usage_of
 
 if TYPE_CHECKING:
@@ -132,8 +132,11 @@ class Job:
     engine_outputs: AsyncIterator[RequestOutput]  # those of every engine id, as the engine makes them
     tracker: RequestTracker
     include_usage: bool
+    echo: list[str] | None = None  # completions with echo: the text of each prompt
     created: int = field(default_factory=lambda: int(time.time()))
     text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per choice
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt position
+    echoed: set[int] = field(default_factory=set)  # choices whose prompt has been put before their text
     unfinished: set[str] = field(init=False)  # engine ids whose final output has not come
     outputs: AsyncIterator[RequestOutput] = field(init=False)  # the request's, merged over its prompts
 
@@ -158,6 +161,8 @@ class Job:
         async for out in self.engine_outputs:
             if out.finished:
                 self.unfinished.discard(out.request_id)
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs[first_choice[out.request_id] // self.n] = out.prompt_logprobs
             if len(self.engine_ids) == 1:  # already the request's (and the hot path: no copies)
                 yield out
                 continue

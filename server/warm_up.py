@@ -77,7 +77,7 @@ def warm_up(runner: ModelRunner, sampler: Sampler, config: EngineConfig, max_mod
             s.seq_id: [runner.scratch_block] * -(-len(s.token_ids) // config.block_size)
             for s in [c.seq for c in step.prefills] + step.decodes
         }
-        logits, _ = runner.execute(step, tables)
+        logits, *_ = runner.execute(step, tables)
     generator = torch.Generator(runner.device).manual_seed(0)
     rows = [
         SamplingRow(p, [0], [1, 2], generator if p.seed is not None else None)

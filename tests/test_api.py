@@ -1,12 +1,14 @@
 """The OpenAI API against a real uvicorn server and the real engine on the tiny model, driven by the
-official `openai` client: both endpoints streaming and not, usage with attention_ms, n, logprobs, seeds,
-stop strings, request ids, heartbeats, the log line, and the settings (CLI > env > default)."""
+official `openai` client: both endpoints streaming and not, usage with attention_ms, n, logprobs, echo
+with prompt logprobs (lm-eval-harness's loglikelihood requests), seeds, stop strings, request ids,
+heartbeats, the log line, and the settings (CLI > env > default)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import fields
+from itertools import accumulate
 from pathlib import Path
 
 import httpx
@@ -188,6 +190,80 @@ def test_n_samples_with_completion_logprobs(client, model):
         assert all(v <= 0 for v in lp.token_logprobs)
         assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
         assert lp.text_offset == sorted(lp.text_offset)
+
+
+def _assert_echoed(choice, prompt_text: str, prompt_len: int, generated: int, k: int) -> None:
+    """A completions choice under echo with logprobs=k: the prompt's text first, an entry per prompt
+    token and then per generated token, the first one unscored, offsets running over both."""
+    assert choice.text.startswith(prompt_text)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == prompt_len + generated
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    tops = zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True)
+    assert all(1 <= len(top) <= k and max(top.values()) >= v for top, v in tops)  # texts of ids may repeat
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == list(accumulate([0] + [len(t) for t in lp.tokens[:-1]]))
+
+
+def _kv_free(engine) -> bool:
+    stats = engine.stats()
+    return stats.num_running == stats.num_waiting == 0 and stats.kv_usage == 0
+
+
+@pytest.mark.parametrize("as_ids", [False, True], ids=["string", "token-id-batch"])
+def test_echo_with_max_tokens_0_scores_the_prompt(client, model, engine, as_ids):
+    """lm-eval-harness's loglikelihood request: the prompt back with a logprob for each of its tokens."""
+    ids = [engine.tokenizer(p).input_ids for p in PROMPTS]
+    texts = PROMPTS if as_ids else [PROMPT]
+    r = client.completions.create(
+        model=model, prompt=ids if as_ids else PROMPT, echo=True, max_tokens=0, logprobs=1
+    )
+    assert [c.index for c in r.choices] == list(range(len(texts)))
+    for choice, text, prompt_ids in zip(r.choices, texts, ids, strict=False):
+        assert choice.text == text and choice.finish_reason == "length"
+        _assert_echoed(choice, text, len(prompt_ids), 0, 1)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (sum(len(i) for i in ids[: len(texts)]), 0)
+    assert wait_until(lambda: _kv_free(engine))
+
+
+def test_echo_puts_the_prompt_before_the_generated_text(client, model, engine):
+    """Echo with tokens: the prompt's text and scores (those of the prompt alone) come before what the
+    request without echo generates, with its logprobs."""
+    n_prompt = len(engine.tokenizer(PROMPT).input_ids)
+    plain = _greedy(client, model, PROMPT, logprobs=2).choices[0]
+    alone = client.completions.create(model=model, prompt=PROMPT, echo=True, max_tokens=0, logprobs=2)
+    echoed = _greedy(client, model, PROMPT, logprobs=2, echo=True).choices[0]
+    assert echoed.text == PROMPT + plain.text and echoed.finish_reason == "length"
+    _assert_echoed(echoed, PROMPT, n_prompt, 6, 2)
+    prompt_part = alone.choices[0].logprobs
+    assert echoed.logprobs.token_logprobs == prompt_part.token_logprobs + plain.logprobs.token_logprobs
+    assert echoed.logprobs.top_logprobs == prompt_part.top_logprobs + plain.logprobs.top_logprobs
+    text_only = _greedy(client, model, PROMPT, echo=True).choices[0]
+    assert text_only.text == echoed.text and text_only.logprobs is None
+    no_top = _greedy(client, model, PROMPT, logprobs=0, echo=True).choices[0].logprobs
+    assert no_top.token_logprobs == echoed.logprobs.token_logprobs
+    assert no_top.top_logprobs == [None] + [{}] * (n_prompt + 5)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streamed_echo_comes_with_each_choices_first_chunk(client, model, engine, max_tokens):
+    """As vLLM streams it: the first chunk of every choice (n = 2 of each of two prompts) carries its
+    prompt and the prompt's logprobs; the chunks add up to the answer without streaming."""
+    kwargs = dict(n=2, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0, extra_body=IGNORE_EOS)
+    whole = client.completions.create(model=model, prompt=PROMPTS, **kwargs)
+    chunks = list(client.completions.create(model=model, prompt=PROMPTS, stream=True, **kwargs))
+    for c in whole.choices:
+        mine = [chunk.choices[0] for chunk in chunks if chunk.choices[0].index == c.index]
+        prompt = PROMPTS[c.index // 2]
+        assert mine[0].text.startswith(prompt) and not any(m.text.startswith(prompt) for m in mine[1:])
+        assert "".join(m.text for m in mine) == c.text and c.text.startswith(prompt)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for m in mine for x in getattr(m.logprobs, name)] == getattr(c.logprobs, name)
+        _assert_echoed(c, prompt, len(engine.tokenizer(prompt).input_ids), max_tokens, 1)
+        assert mine[-1].finish_reason == c.finish_reason == "length"
+    assert whole.usage.completion_tokens == 4 * max_tokens
+    assert wait_until(lambda: _kv_free(engine))
 
 
 def test_chat_logprobs_and_top_logprobs(client, model):

@@ -60,7 +60,8 @@ COMPLETION_CASES = {  # id: (body fields besides the model, param the error must
     "prompt-plus-max-tokens-beyond-context": ({"prompt": [1] * 200, "max_tokens": 100}, "max_tokens"),
     "max-tokens-string": ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
     "max-tokens-negative": ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
-    "max-tokens-zero": ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    "max-tokens-zero-without-echo": ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    "max-tokens-negative-with-echo": ({"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens"),
     "max-tokens-huge": ({"prompt": "x", "max_tokens": 10**30}, "max_tokens"),
     "max-tokens-bool": ({"prompt": "x", "max_tokens": True}, "max_tokens"),
     "temperature-string": ({"prompt": "x", "temperature": "hot"}, "temperature"),
@@ -75,8 +76,11 @@ COMPLETION_CASES = {  # id: (body fields besides the model, param the error must
     "stop-token-out-of-vocab": ({"prompt": "x", "stop_token_ids": [10**8]}, "stop_token_ids"),
     "penalty-out-of-range": ({"prompt": "x", "presence_penalty": 5}, "presence_penalty"),
     "logprobs-too-many": ({"prompt": "x", "logprobs": 50}, "logprobs"),
+    "logprobs-too-many-with-echo": (
+        {"prompt": "x", "logprobs": 21, "echo": True, "max_tokens": 0},
+        "logprobs",
+    ),
     "stream-not-bool": ({"prompt": "x", "stream": "yes"}, "stream"),
-    "echo": ({"prompt": "x", "echo": True}, "echo"),
     "suffix": ({"prompt": "x", "suffix": "y"}, "suffix"),
     "best-of-above-n": ({"prompt": "x", "best_of": 3}, "best_of"),
     "logit-bias-key-not-a-token-id": ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
@@ -102,6 +106,10 @@ CHAT_CASES = {
     ),
     "max-completion-tokens-negative": (
         {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3},
+        "max_completion_tokens",
+    ),
+    "max-completion-tokens-zero": (
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
         "max_completion_tokens",
     ),
     "max-completion-tokens-beyond-context": (
@@ -214,6 +222,24 @@ def test_abuse_leaves_other_requests_unaffected(base_url, engine):
         assert [f.result() for f in good_futures] == [40, 40]
     assert all(400 <= s < 500 for s in statuses), statuses
     assert httpx.get(f"{base_url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_without_logprobs_is_the_prompt_text_alone(base_url, engine, stream):
+    """Echo asks for no scores without logprobs: each choice (n = 2 of each prompt) is its prompt's
+    text, with no logprobs; nothing generated, no KV block left behind."""
+    body = {"model": engine.model_name, "prompt": ["Hello there", "x"], "n": 2, "echo": True, "max_tokens": 0}
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**body, stream=True)]
+    else:
+        response = client.completions.create(**body)
+        chunks = response.choices
+        assert response.usage.completion_tokens == 0
+    assert sorted((c.index, c.text, c.logprobs, c.finish_reason) for c in chunks) == [
+        (i, ["Hello there", "x"][i // 2], None, "length") for i in range(4)
+    ]
+    assert wait_until(lambda: _kv_freed(base_url, engine), timeout=5)
 
 
 def _kv_freed(base_url: str, engine) -> bool:

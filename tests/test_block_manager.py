@@ -92,6 +92,23 @@ def test_repeated_prompt_hits_all_full_blocks_but_the_last_token(prompt_len):
     assert bm.num_free_blocks == 16
 
 
+def test_a_sequence_that_needs_every_logit_takes_no_cached_block_but_leaves_its_own():
+    bm = BlockManager(8, BS)
+    tokens = list(range(100, 113))  # three full blocks and a partial one
+    bm.allocate("a", tokens)
+    bm.mark_computed("a", tokens, len(tokens))
+    assert bm.allocate("scored", tokens, reuse_prefix=False).num_cached_tokens == 0
+    assert set(bm.block_table("scored")).isdisjoint(bm.block_table("a"))
+    assert bm.prefix_queries == len(tokens) and bm.prefix_hits == 0  # no lookup, none counted
+    bm.free("a")
+    bm.mark_computed("scored", tokens, len(tokens))  # equal blocks cached already: those stay
+    bm.free("scored")
+    assert bm.allocate("b", tokens).num_cached_tokens == 12
+    bm.free("b")
+    bm.check_invariants()
+    assert bm.num_free_blocks == 8
+
+
 def test_uncomputed_blocks_are_not_found_and_lru_evicts_oldest_cached():
     bm = BlockManager(3, BS)
     a, b = [1] * 9, [2] * 9

@@ -1,6 +1,7 @@
 """Engine end to end on a tiny random Llama (fp32, greedy): batching, chunked prefill, preemption, n > 1,
-prefix caching, abort, stop conditions, step failures and the async streaming wrapper. Every test ends
-with the KV pool all free. On a GPU the same tests run with CUDA graphs, plus eager-vs-graph equality."""
+prefix caching, prompt logprobs, abort, stop conditions, step failures and the async streaming wrapper.
+Every test ends with the KV pool all free. On a GPU the same tests run with CUDA graphs, plus
+eager-vs-graph equality."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from prometheus_client import REGISTRY
 
 from models.attention import AttentionReading
 from server import llm_engine as engine_module
+from server import model_runner
 from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
+from server.scheduler import SchedulerOutput
 from server.warm_up import warm_up, warm_up_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,8 +57,13 @@ def greedy(max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
 
-def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
-    """Add every request, step until done; returns request id -> final-state dict, checks the pool."""
+def run_all(
+    engine: LLMEngine,
+    requests: dict[str, tuple[list[int], SamplingParams]],
+    prompt_logprobs: dict | None = None,
+) -> dict:
+    """Add every request, step until done; returns request id -> (final output, tokens of each sample),
+    checks the pool. Prompt logprobs, if asked, go to `prompt_logprobs` by request id."""
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
     tokens: dict[tuple[str, int], list[int]] = {}
@@ -64,6 +72,9 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
         for out in engine.step():
             for sample in out.samples:
                 tokens.setdefault((out.request_id, sample.index), []).extend(sample.token_ids)
+            if out.prompt_logprobs is not None:
+                assert prompt_logprobs is not None and out.request_id not in prompt_logprobs  # once
+                prompt_logprobs[out.request_id] = out.prompt_logprobs
             if out.finished:
                 final[out.request_id] = out
     assert_pool_free(engine)
@@ -169,6 +180,96 @@ def test_repeated_prompt_hits_prefix_cache(make_engine, reference):
     assert engine.block_manager.prefix_hits - hits == 48
     assert REGISTRY.get_sample_value("leanserve_prefix_cache_hits_total") - metric_hits == 48
     assert first[1] == second[1] == [reference[5]]
+
+
+@pytest.fixture(scope="module")
+def full_forward_logprobs(tiny_model_path) -> list[torch.Tensor]:
+    """Per prompt, [len - 1, vocab]: the log-softmax of HF transformers' logits from one forward over
+    the whole prompt (row t scores the token after position t), on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1], dim=-1) for p in prompts()]
+
+
+def assert_prompt_scores(entries, prompt: list[int], expected: torch.Tensor, k: int) -> None:
+    assert [e.token_id for e in entries] == prompt
+    assert entries[0].logprob is None and entries[0].top == []  # nothing scores the first token
+    if len(prompt) == 1:
+        return
+    # fp32 both, but another order of the sums (chunks over a paged cache, other matrix products): the
+    # tolerance of tests/test_models.py's logits against HF.
+    tol = dict(rtol=1e-4, atol=1e-4)
+    got = torch.tensor([e.logprob for e in entries[1:]])
+    torch.testing.assert_close(got, expected[torch.arange(len(prompt) - 1), prompt[1:]], **tol)
+    top_ids = torch.tensor([[t for t, _, _ in e.top] for e in entries[1:]])
+    top_lps = torch.tensor([[lp for _, _, lp in e.top] for e in entries[1:]])
+    # Our top k are the reference's: their values, and the reference's own values at our ids (so that
+    # near ties ordered differently do not fail).
+    torch.testing.assert_close(top_lps, expected.topk(k).values, **tol)
+    torch.testing.assert_close(top_lps, expected.gather(1, top_ids), **tol)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_match_a_full_forward(
+    make_engine, reference, full_forward_logprobs, async_scheduling, monkeypatch
+):
+    """Every prompt scored while its prefill runs in 16-token chunks beside the others: each prompt
+    token's logprob and top 3 equal the log-softmax of one forward over the whole prompt. Logits are
+    made 7 rows at a time here, so the slices cut across chunks. max_tokens=0 ends a request at its
+    prefill without a token; others generate what they would unscored."""
+    monkeypatch.setattr(model_runner, "_SCORE_ROWS", 7)
+    engine = make_engine(max_num_batched_tokens=16, async_scheduling=async_scheduling)
+    requests = {
+        f"p{i}": (p, greedy(max_tokens=3 * (i % 2), n=2 if i in (1, 4) else 1, prompt_logprobs=3))
+        for i, p in enumerate(prompts())
+    }
+    scored: dict = {}
+    results = run_all(engine, requests, scored)
+    for i, prompt in enumerate(prompts()):
+        assert_prompt_scores(scored[f"p{i}"], prompt, full_forward_logprobs[i], 3)
+        out, samples = results[f"p{i}"]
+        params = requests[f"p{i}"][1]
+        assert samples == [reference[i][: params.max_tokens]] * params.n
+        assert [s.finish_reason for s in out.samples][-params.n :] == ["length"] * params.n
+        assert out.completion_tokens == params.max_tokens * params.n and out.cached_prompt_tokens == 0
+
+
+def test_a_prompt_preempted_while_scored_is_scored_whole_once(make_engine, full_forward_logprobs):
+    """Preempted after two of its four chunks (one still in flight), the prompt is recomputed from the
+    start: its scores come once, complete and right."""
+    engine = make_engine(max_num_batched_tokens=16, async_scheduling=True)
+    prompt = prompts()[5]  # 64 tokens
+    engine.add_request("s", prompt, greedy(max_tokens=2, prompt_logprobs=2))
+    outputs = engine.step() + engine.step()
+    seq = engine.requests["s"].sequences[0]
+    assert seq.num_computed_tokens == 32 and engine._inflight is not None
+    engine.scheduler._preempt(seq, SchedulerOutput())  # as a decode that finds no free block does
+    while engine.has_work:
+        outputs += engine.step()
+    assert_pool_free(engine)
+    (scored,) = [out.prompt_logprobs for out in outputs if out.prompt_logprobs is not None]
+    assert_prompt_scores(scored, prompt, full_forward_logprobs[5], 2)
+    assert sum(len(s.token_ids) for out in outputs for s in out.samples) == 2
+
+
+def test_scored_prompts_skip_the_prefix_cache_and_fill_it(make_engine, full_forward_logprobs):
+    """Cached blocks have no logits: a scored prompt computes all of it, twice in a row too, with the
+    same complete scores; its blocks serve later unscored requests."""
+    engine = make_engine(max_num_batched_tokens=16)
+    prompt = prompts()[5]  # 64 tokens
+    runs = []
+    for request_id in ("first", "second"):
+        scored: dict = {}
+        out, _ = run_all(engine, {request_id: (prompt, greedy(max_tokens=0, prompt_logprobs=1))}, scored)[
+            request_id
+        ]
+        assert out.cached_prompt_tokens == 0
+        assert_prompt_scores(scored[request_id], prompt, full_forward_logprobs[5], 1)
+        runs.append(scored[request_id])
+    assert runs[0] == runs[1]
+    assert run_all(engine, {"plain": (prompt, greedy())})["plain"][0].cached_prompt_tokens == 48
 
 
 def test_attention_time_is_split_by_kv_tokens(make_engine, monkeypatch):
