@@ -273,7 +273,9 @@ def test_scored_prompts_skip_the_prefix_cache_and_fill_it(make_engine, full_forw
 
 
 def test_attention_time_is_split_by_kv_tokens(make_engine, monkeypatch):
-    engine = make_engine()
+    # Synchronous steps, so the patched reading below is the decode step's own (with asynchronous
+    # scheduling, the default on CUDA, a step's reading is taken in the next step() call).
+    engine = make_engine(async_scheduling=False)
     for request_id, prompt in (("short", prompts()[1]), ("long", prompts()[5])):
         engine.add_request(request_id, prompt, greedy())
     engine.step()  # both prompts
