@@ -5,8 +5,9 @@ instead of 0.12 s and the first eight concurrent 300-token prompts 9.3 s instead
 mixes a prefill chunk with a new power of two of decodes compiles a LeanAttention variant); with it,
 0.20 s and 0.32 s, for 58 s more of start-up (the compilation moved, not added). The decode CUDA graphs
 are captured, and so compiled, at start already; this covers the eager steps: prefill chunks of each
-row-count class the kernels specialise on, a chunked-prefill continuation, and prefill + decode mixes for
-every power of two of decodes a step can hold; then the sampler with every option on.
+row-count class the kernels specialise on, a chunked-prefill continuation, scored prompts (echo), and
+prefill + decode mixes for every power of two of decodes a step can hold; then the sampler with every
+option on.
 
 The synthetic sequences own no blocks: their block tables point at the runner's scratch block (where the
 decode graphs' padded rows write too), so no request, block, scheduler state or metric is touched."""
@@ -39,14 +40,16 @@ _SAMPLING_MIX = (
     SamplingParams(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5),
     SamplingParams(temperature=0.0, logit_bias={1: 5.0}, logprobs=5),
 )
+_SCORED = SamplingParams(temperature=0.0, prompt_logprobs=5)
 
 
 def warm_up_steps(config: EngineConfig, max_model_len: int) -> list[SchedulerOutput]:
     """The synthetic steps, in order. The first one is a whole prefill, so the scratch block holds
     finite K/V before any step reads it. No sequence is longer than `max_model_len`."""
-    request = Request("warm-up", [0], SamplingParams(), RequestTimings(time.monotonic()))
 
-    def seq(length: int, computed: int = 0) -> Sequence:
+    def seq(length: int, computed: int = 0, params: SamplingParams = _SAMPLING_MIX[0]) -> Sequence:
+        # A prompt of `length` tokens; with params.prompt_logprobs its chunks score it.
+        request = Request("warm-up", [0] * length, params, RequestTimings(time.monotonic()))
         s = Sequence(request, 0, [0] * length, detokenizer=None)
         s.num_computed_tokens = computed
         return s
@@ -58,6 +61,9 @@ def warm_up_steps(config: EngineConfig, max_model_len: int) -> list[SchedulerOut
         SchedulerOutput(prefills=[PrefillChunk(seq(odd), odd)]),
         # a chunk after a cached prefix (chunked prefill, prefix-cache hit): attends over gathered pages
         SchedulerOutput(prefills=[PrefillChunk(seq(full, full - odd), odd)]),
+        # prompts scored (echo): the LM head over slices of a whole chunk, and over a few rows
+        SchedulerOutput(prefills=[PrefillChunk(seq(full, params=_SCORED), full)]),
+        SchedulerOutput(prefills=[PrefillChunk(seq(odd, params=_SCORED), odd)]),
     ]
     # LeanAttention compiles one variant per power of two of decodes in a step (BLOCK_B); a mixed step
     # holds at most max_num_seqs - 1 of them beside its prefill chunk, within the token budget.

@@ -523,6 +523,9 @@ def test_warm_up_steps_cover_every_kernel_variant(max_num_seqs, budget, max_mode
     assert any(c.num_tokens == min(budget, max_model_len) for c in chunks)
     assert any(c.num_tokens % 16 and c.num_tokens > 1 for c in chunks)  # Triton's "other" integer class
     assert any(c.seq.num_computed_tokens > 0 for c in chunks)  # a chunk after a cached prefix
+    # scored prompts (echo): every position but the last of a whole chunk, and of a chunk of 37 tokens
+    full = min(budget, max_model_len)
+    assert sorted(c.num_scored for c in chunks if c.num_scored) == sorted({full - 1, min(37, full - 1) - 1})
     for step in steps:
         assert len(step.prefills) + len(step.decodes) <= max_num_seqs
         assert step.num_tokens <= budget
