@@ -318,7 +318,9 @@ class LLMEngine:
         if len(row_index) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_index, device=logits.device))
         rows = [
-            SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids, s.generator)
+            SamplingRow(
+                s.request.params, s.request.prompt_token_ids, s.output_token_ids, s.generator, self._banned(s)
+            )
             for s in row_seqs
         ]
         sampled = self.sampler(logits, rows)
@@ -381,6 +383,15 @@ class LLMEngine:
             if request.prompt_logprobs is not None:  # None: handed out already (the request was aborted)
                 request.prompt_logprobs[start : start + n] = entries[row : row + n]
             row += n
+
+    def _banned(self, seq: Sequence) -> frozenset[int]:
+        """The tokens that must not end `seq` yet: its EOS (unless ignored) and stop token ids while it
+        has fewer than min_tokens output tokens (in-flight placeholders count: only their number matters
+        here, so min_tokens needs no host sync). Stop strings still apply."""
+        params = seq.request.params
+        if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
+            return frozenset()
+        return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
 
     @staticmethod
     def _step_seqs(step: SchedulerOutput) -> list[Sequence]:

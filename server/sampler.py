@@ -24,6 +24,8 @@ class SamplingRow:
     # Per-sequence generator for a request with a seed, on the logits' device, owned by the engine
     # (e.g. `torch.Generator(device).manual_seed(seed)`); None draws from the global generator.
     generator: torch.Generator | None
+    # Tokens this row must not pick now (EOS and stop token ids before the request's min_tokens).
+    banned_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -60,11 +62,11 @@ _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ = range(7)
 class Sampler:
     """Picks one token per row of a logits batch.
 
-    Order of operations (vLLM semantics): logit bias, then repetition penalty over prompt + output
-    tokens, then frequency and presence penalties over output tokens; greedy rows take the argmax of the
-    biased and penalised logits; the others are divided by their temperature, truncated by top-k, top-p
-    and min-p, and sampled. Logprobs are the log-softmax of the raw logits (before bias, penalties and
-    temperature), as OpenAI and vLLM report.
+    Order of operations (vLLM semantics): logit bias and banned tokens, then repetition penalty over
+    prompt + output tokens, then frequency and presence penalties over output tokens; greedy rows take
+    the argmax of the biased and penalised logits; the others are divided by their temperature,
+    truncated by top-k, top-p and min-p, and sampled. Logprobs are the log-softmax of the raw logits
+    (before bias, penalties and temperature), as OpenAI and vLLM report.
     """
 
     def __init__(self, vocab_size: int, device: torch.device) -> None:
@@ -82,8 +84,8 @@ class Sampler:
         table = self._param_table(params) if needs_penalties or needs_sampling else None
 
         raw = logits
-        if any(p.logit_bias for p in params):
-            logits = self._apply_logit_bias(logits, params)
+        if any(p.logit_bias for p in params) or any(row.banned_token_ids for row in rows):
+            logits = self._apply_logit_bias(logits, rows)
         if needs_penalties:
             logits = self._apply_penalties(logits, rows, table)
         token_ids = logits.argmax(dim=-1)
@@ -124,11 +126,12 @@ class Sampler:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _apply_logit_bias(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """A new [B, V] tensor with each row's biases added (the raw logits stay for logprobs): the
-        (row, token) indices and the biases, one host->device copy each."""
-        index = self._flat_token_index([list(p.logit_bias) for p in params])
-        bias = np.fromiter(chain.from_iterable(p.logit_bias.values() for p in params), dtype=np.float32)
+    def _apply_logit_bias(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """A new [B, V] tensor with each row's biases added and its banned tokens at -inf (the raw
+        logits stay for logprobs): the (row, token) indices and the biases, one host->device copy each."""
+        biases = [{**r.params.logit_bias, **dict.fromkeys(r.banned_token_ids, -math.inf)} for r in rows]
+        index = self._flat_token_index([list(b) for b in biases])
+        bias = np.fromiter(chain.from_iterable(b.values() for b in biases), dtype=np.float32)
         biased = logits.clone()
         biased.view(-1).index_add_(0, index, self._to_device(bias))
         return biased

@@ -16,6 +16,7 @@ class SamplingParams:
 
     n: int = 1
     max_tokens: int = 16  # 0: the request ends after its prefill, no token (an echo of the prompt alone)
+    min_tokens: int = 0  # no EOS or stop token id before this many output tokens (vLLM's min_tokens)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) disables
@@ -39,6 +40,7 @@ class SamplingParams:
         checks = {
             "n": 1 <= self.n <= 16,
             "max_tokens": self.max_tokens >= 0,
+            "min_tokens": 0 <= self.min_tokens <= self.max_tokens,
             "temperature": 0.0 <= self.temperature <= 100.0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "top_k": self.top_k >= 0,

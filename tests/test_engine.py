@@ -396,6 +396,21 @@ def test_stop_token_and_stop_string(make_engine, reference):
     assert text == full[: full.index(stop)]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_min_tokens_defers_stop_tokens(make_engine, reference, async_scheduling):
+    engine = make_engine(async_scheduling=async_scheduling)
+    prompt, expected = prompts()[2], reference[2]
+    stop_id = expected[0]  # greedy decoding would stop at once
+    assert run_all(engine, {"s": (prompt, greedy(stop_token_ids=[stop_id]))})["s"][1] == [[stop_id]]
+    params = greedy(stop_token_ids=[stop_id], min_tokens=4)
+    out, (tokens,) = run_all(engine, {"m": (prompt, params)})["m"]
+    assert len(tokens) >= 4 and stop_id not in tokens[:4]
+    if out.samples[-1].finish_reason == "stop":
+        assert tokens[-1] == stop_id and stop_id not in tokens[:-1]
+    else:
+        assert len(tokens) == MAX_TOKENS
+
+
 def test_failing_step_fails_only_its_requests(make_engine, reference, monkeypatch):
     engine = make_engine()
     engine.add_request("doomed", prompts()[1], greedy())

@@ -243,9 +243,35 @@ def test_logit_bias_bans_and_forces_tokens_per_row(temperature):
             # logprobs stay those of the raw logits (OpenAI and vLLM report them before any bias)
             torch.testing.assert_close(out.logprobs[0], torch.log_softmax(CRAFTED, dim=0)[4])
     # A bias shifts its token's logit by exactly its value and leaves every other logit as it was.
-    biased = sampler._apply_logit_bias(logits, [r.params for r in rows])
+    biased = sampler._apply_logit_bias(logits, rows)
     torch.testing.assert_close(biased[3], CRAFTED + torch.tensor([0, 0, 0, 1.5, 0, 0, 0]))
     assert torch.equal(biased[2], CRAFTED)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_banned_tokens_are_never_picked(temperature):
+    """min_tokens bans (EOS and stop ids before the minimum) on top of a bias, per row."""
+    logits = CRAFTED.repeat(3, 1)  # token 2 most likely, then 1, 4
+    params = SamplingParams(temperature=temperature, logit_bias={1: 100.0}, logprobs=0)
+    rows = [
+        SamplingRow(params, [], [], None, banned_token_ids=frozenset({1, 2})),  # the ban beats the bias
+        SamplingRow(params, [], [], None),  # the same bias, nothing banned: forced to 1
+        SamplingRow(SamplingParams(temperature=temperature), [], [], None, banned_token_ids=frozenset({2})),
+    ]
+    sampler = Sampler(7, torch.device("cpu"))
+    for _ in range(50):
+        out = sampler(logits, rows)
+        assert out.token_ids[0] not in (1, 2) and out.token_ids[1] == 1 and out.token_ids[2] != 2
+        if temperature == 0.0:
+            assert out.token_ids[0] == 4 and out.token_ids[2] == 1
+            torch.testing.assert_close(out.logprobs[0], torch.log_softmax(CRAFTED, dim=0)[4])  # raw
+
+
+def test_min_tokens_limits():
+    SamplingParams(max_tokens=5, min_tokens=5)
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match="min_tokens"):
+            SamplingParams(max_tokens=5, min_tokens=bad)
 
 
 def test_logit_bias_limits():
