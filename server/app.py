@@ -1,6 +1,7 @@
-"""The FastAPI app: OpenAI routes over an `AsyncEngine`, /health, /metrics. `create_app(settings,
-engine)` may get the engine later (`ServerState.engine`): until then /v1 routes and /health answer 503.
-Requests are validated and tokenized here; server/serving.py turns the engine's outputs into answers."""
+"""The FastAPI app: OpenAI routes over an `AsyncEngine`, vLLM's /tokenize and /detokenize, /health,
+/metrics. `create_app(settings, engine)` may get the engine later (`ServerState.engine`): until then the
+model's routes and /health answer 503. Requests are validated and tokenized here; server/serving.py turns
+the engine's outputs into answers."""
 
 from __future__ import annotations
 
@@ -20,13 +21,18 @@ from server import metrics
 from server.errors import APIError, bad_request, install_error_handlers
 from server.middleware import STATUS_CLIENT_GONE, RequestMiddleware
 from server.protocol import (
+    ChatMessage,
     ChatRequest,
     ChatResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from server.renderers import ChatRenderer, CompletionRenderer, Renderer
 from server.sampling_params import SamplingParams
@@ -109,8 +115,7 @@ def _sampling_params(
         given["top_k"] = min(request.top_k, vocab)  # k >= vocab keeps everything, as k = 0 does
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
     stop_ids = request.stop_token_ids or []
-    if any(not 0 <= t < vocab for t in stop_ids):
-        raise bad_request(f"stop_token_ids must lie in [0, {vocab})", "stop_token_ids")
+    _check_token_ids(stop_ids, vocab, "stop_token_ids")
     logit_bias = _logit_bias(request.logit_bias or {}, vocab)
     try:
         return SamplingParams(
@@ -128,6 +133,13 @@ def _sampling_params(
         match = _PARAM_IN_MESSAGE.search(str(e))
         param = match.group(1) if match else None
         raise bad_request(str(e), max_tokens_name if param == "max_tokens" else param) from e
+
+
+def _check_token_ids(ids: list[int], vocab: int, param: str, which: str | None = None) -> None:
+    """Token ids from the client index the embedding and the tokenizer's vocabulary: outside it is a 400
+    (`which` names them in the message, by default `param`)."""
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad_request(f"{which or param} has token ids outside [0, {vocab})", param)
 
 
 def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
@@ -191,8 +203,8 @@ def _completion_prompts(prompt: str | list, n: int, engine: AsyncEngine) -> list
     for i, one in enumerate(batch):
         if not one:
             raise bad_request(f"{_prompt_name(i, len(batch))} is empty", "prompt")
-        if isinstance(one, list) and any(not 0 <= t < vocab for t in one):
-            raise bad_request(f"{_prompt_name(i, len(batch))} has token ids outside [0, {vocab})", "prompt")
+        if isinstance(one, list):
+            _check_token_ids(one, vocab, "prompt", _prompt_name(i, len(batch)))
     if isinstance(batch[0], str):  # the schema allows no mix of strings and token lists
         return engine.tokenizer(batch).input_ids
     return [list(one) for one in batch]
@@ -212,13 +224,23 @@ def _prompt_name(index: int, count: int) -> str:
     return "the prompt" if count == 1 else f"prompt[{index}]"
 
 
-def _chat_prompt(request: ChatRequest, engine: AsyncEngine) -> list[int]:
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+def _chat_prompt(
+    messages: list[ChatMessage],
+    engine: AsyncEngine,
+    add_generation_prompt: bool = True,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The token ids of chat messages rendered by the model's chat template, by default with the
+    assistant turn opened (what chat completions generate from) and no special tokens beyond those the
+    template writes."""
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = engine.tokenizer.apply_chat_template(
+            turns, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
     except Exception as e:  # the template is the model's Jinja code: any error is about these messages
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
-    return engine.tokenizer(text, add_special_tokens=False).input_ids
+    return engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -292,11 +314,15 @@ class _SSEResponse(StreamingResponse):
 router = APIRouter()
 
 
+def _error_responses(*statuses: int) -> dict:
+    """The errors /docs shows for a route, all in OpenAI's shape."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
 def _responses(body: type) -> dict:
     """What /docs shows for a generation route: the JSON body, the SSE alternative, the errors."""
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
     sse = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
-    return {200: {"model": body, "content": sse}, **errors}
+    return {200: {"model": body, "content": sse}, **_error_responses(400, 401, 404, 413, 429, 500, 503)}
 
 
 def _openapi_without_422(app: FastAPI):
@@ -336,7 +362,7 @@ async def chat_completions(request: Request, body: ChatRequest):
     _reject_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    prompt_ids = _chat_prompt(body, engine)
+    prompt_ids = _chat_prompt(body.messages, engine)
     name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     if max_tokens is None:  # OpenAI's default for chat: up to the end of the context
@@ -345,6 +371,31 @@ async def chat_completions(request: Request, body: ChatRequest):
     params = _sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
     _check_context(len(prompt_ids), max_tokens, engine.max_model_len, "messages", name)
     return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer())
+
+
+# vLLM's routes for clients that check a prompt against the context before they send it. No engine work:
+# the tokenizer runs on the event loop, as it does for the generation routes, and its input is bounded the
+# same way, by --max-request-body-bytes (1 MiB, the default, tokenizes in under a second on one CPU core).
+@router.post("/tokenize", responses=_error_responses(400, 401, 404, 413, 500, 503))
+async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+    engine = _ready_engine(request, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("send either prompt or messages", "prompt")
+    # vLLM's defaults: a prompt gets the special tokens /v1/completions adds to it; messages only those
+    # their chat template writes, as /v1/chat/completions renders them.
+    special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
+    if body.messages is not None:
+        tokens = _chat_prompt(body.messages, engine, body.add_generation_prompt, special)
+    else:
+        tokens = engine.tokenizer(body.prompt, add_special_tokens=special).input_ids
+    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", responses=_error_responses(400, 401, 404, 413, 500, 503))
+async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+    engine = _ready_engine(request, body.model)
+    _check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
 @router.get("/v1/models")

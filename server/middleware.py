@@ -1,5 +1,6 @@
 """ASGI middleware around every request: its id (X-Request-Id honoured when sane, echoed back), its
-arrival time, the API key on /v1 routes, the request body size limit, and one log line when it ends."""
+arrival time, the API key on the model's routes, the request body size limit, and one log line when it
+ends."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ access_logger = logging.getLogger("leanserve.access")
 STATUS_CLIENT_GONE = 499  # nginx's convention, only ever seen in our own log line
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ID_PREFIX = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-"}
+# Routes outside /v1 that need the API key: vLLM leaves them open, but they run the tokenizer and the
+# chat template on any input, which a key-protected server should not offer to everyone.
+_KEYED_ROUTES = ("/tokenize", "/detokenize")
 
 
 def _content_length(headers: dict[str, str]) -> int:
@@ -33,8 +37,9 @@ def _body_too_large(limit: int) -> APIError:
 
 
 class RequestMiddleware:
-    """Request id (X-Request-Id honoured when sane, echoed back), arrival time, API key on /v1, the body
-    size limit and the per-request log line (fields left by the route in `request.state.log_fields`)."""
+    """Request id (X-Request-Id honoured when sane, echoed back), arrival time, API key on /v1 routes and
+    /tokenize, /detokenize, the body size limit and the per-request log line (fields left by the route in
+    `request.state.log_fields`)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -67,7 +72,8 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            if self.api_key and path.startswith("/v1") and not self._authorized(headers):
+            keyed = path.startswith("/v1") or path in _KEYED_ROUTES
+            if self.api_key and keyed and not self._authorized(headers):
                 error = APIError(401, "missing or invalid API key", code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send_with_id)

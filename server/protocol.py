@@ -1,6 +1,7 @@
-"""OpenAI request/response schemas (completions, chat completions, models). Requests ignore unknown
-fields and are strict about types; value ranges are checked by `SamplingParams` so that one place names
-the bad parameter. `usage.attention_ms` is our extension: the request's attention time."""
+"""OpenAI request/response schemas (completions, chat completions, models) and vLLM's /tokenize and
+/detokenize. Requests ignore unknown fields and are strict about types; value ranges are checked by
+`SamplingParams` so that one place names the bad parameter. `usage.attention_ms` is our extension: the
+request's attention time."""
 
 from __future__ import annotations
 
@@ -79,6 +80,23 @@ class ChatRequest(_SamplingFields):
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: exactly one of `prompt` (tokenized as /v1/completions does) or `messages`
+    (rendered by the chat template as /v1/chat/completions does); the route checks which was sent."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # messages only: open the assistant turn, as chat completions do
+    # None: True for a prompt, False for messages (their template writes the special tokens), as vLLM.
+    add_special_tokens: bool | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
 
 
 # Responses (serialised by us; never validated against client input).
@@ -200,3 +218,13 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

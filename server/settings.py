@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     # HTTP server.
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    api_key: str | None = Field(None, description="Bearer key required on /v1 routes; unset: no key")
+    api_key: str | None = Field(
+        None, description="Bearer key required on /v1 routes, /tokenize and /detokenize; unset: no key"
+    )
     max_queued_requests: int = Field(
         1024, ge=1, description="accepted requests not yet generating; beyond it 429"
     )

@@ -1,7 +1,7 @@
 """The OpenAI API against a real uvicorn server and the real engine on the tiny model, driven by the
 official `openai` client: both endpoints streaming and not, usage with attention_ms, n, logprobs, echo
 with prompt logprobs (lm-eval-harness's loglikelihood requests), seeds, stop strings, request ids,
-heartbeats, the log line, and the settings (CLI > env > default)."""
+heartbeats, the log line, vLLM's /tokenize and /detokenize, and the settings (CLI > env > default)."""
 
 from __future__ import annotations
 
@@ -313,6 +313,40 @@ def test_request_id_is_honoured_echoed_and_used_as_response_id(client, model):
     assert raw.parse().id == raw.headers["x-request-id"] and raw.parse().id.startswith("chatcmpl-")
 
 
+def test_tokenize_a_prompt_as_completions_count_it(base_url, client, model, engine):
+    ids = engine.tokenizer(PROMPT).input_ids
+    r = httpx.post(f"{base_url}/tokenize", json={"model": model, "prompt": PROMPT})
+    assert r.json() == {"count": len(ids), "max_model_len": 512, "tokens": ids}
+    assert r.headers["x-request-id"].startswith("req-")
+    completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=1)
+    assert completion.usage.prompt_tokens == len(ids)
+    bare = httpx.post(f"{base_url}/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert bare["tokens"] == engine.tokenizer(PROMPT, add_special_tokens=False).input_ids
+
+
+def test_tokenize_messages_as_chat_completions_count_them(base_url, client, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    counted = httpx.post(f"{base_url}/tokenize", json={"model": model, "messages": messages}).json()
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=1)
+    assert counted["count"] == len(counted["tokens"]) == chat.usage.prompt_tokens
+    body = {"messages": messages, "add_generation_prompt": False}
+    without_turn = httpx.post(f"{base_url}/tokenize", json=body).json()["tokens"]
+    assert 0 < len(without_turn) < counted["count"] and counted["tokens"][: len(without_turn)] == without_turn
+
+
+def test_detokenize_round_trips_prompts_and_chat_templates(base_url, model, engine):
+    def round_trip(body: dict) -> str:
+        tokens = httpx.post(f"{base_url}/tokenize", json=body).json()["tokens"]
+        r = httpx.post(f"{base_url}/detokenize", json={"model": model, "tokens": tokens})
+        return r.json()["prompt"]
+
+    assert round_trip({"prompt": PROMPT}) == PROMPT
+    messages = [{"role": "user", "content": PROMPT}]
+    template = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert round_trip({"messages": messages}) == template  # special tokens kept, as vLLM
+    assert httpx.post(f"{base_url}/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
 def test_models_and_health(base_url, client, model, engine):
     listed = client.models.list().data
     assert [m.id for m in listed] == [model]
@@ -322,11 +356,11 @@ def test_models_and_health(base_url, client, model, engine):
 
 def test_openapi_schema_documents_our_errors_not_422(base_url):
     schema = httpx.get(f"{base_url}/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         responses = schema["paths"][path]["post"]["responses"]
-        assert "422" not in responses and {"400", "401", "404", "429"} <= set(responses)
+        assert "422" not in responses and {"400", "401", "404", "503"} <= set(responses)
         assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
-        assert "text/event-stream" in responses["200"]["content"]
+        assert ("text/event-stream" in responses["200"]["content"]) == path.startswith("/v1")
     assert "attention_ms" in schema["components"]["schemas"]["Usage"]["properties"]
 
 
@@ -368,8 +402,13 @@ def test_health_and_routes_answer_503_while_loading():
     with serve(None) as url:
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and "loading" in health.json()["error"]["message"]
-        r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x"})
-        assert r.status_code == 503 and r.headers["retry-after"]
+        for path, body in (
+            ("/v1/completions", {"model": "m", "prompt": "x"}),
+            ("/tokenize", {"prompt": "x"}),
+            ("/detokenize", {"tokens": [1]}),
+        ):
+            r = httpx.post(f"{url}{path}", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"], path
 
 
 # -- settings: command line over LEANSERVE_* environment over defaults --------------------------------

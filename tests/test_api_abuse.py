@@ -162,6 +162,40 @@ def test_bad_prompt_batches_are_400_before_any_engine_work(base_url, engine, cas
     assert not engine.engine.requests  # not even its good prompts started
 
 
+TOKENIZER_CASES = {  # id: (route, body fields besides the model, param the error must name)
+    "tokenize-prompt-wrong-type": ("/tokenize", {"prompt": 5}, "prompt"),
+    "tokenize-prompt-token-ids": ("/tokenize", {"prompt": [1, 2]}, "prompt"),  # vLLM's takes text only
+    "tokenize-neither-prompt-nor-messages": ("/tokenize", {}, "prompt"),
+    "tokenize-prompt-and-messages": ("/tokenize", {"prompt": "x", "messages": HI}, "prompt"),
+    "tokenize-messages-empty": ("/tokenize", {"messages": []}, "messages"),
+    "tokenize-role-unknown": ("/tokenize", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    "tokenize-add-special-tokens-string": (
+        "/tokenize",
+        {"prompt": "x", "add_special_tokens": "yes"},
+        "add_special_tokens",
+    ),
+    "tokenize-add-generation-prompt-int": (
+        "/tokenize",
+        {"messages": HI, "add_generation_prompt": 1},
+        "add_generation_prompt",
+    ),
+    "detokenize-tokens-missing": ("/detokenize", {}, "tokens"),
+    "detokenize-tokens-not-a-list": ("/detokenize", {"tokens": 5}, "tokens"),
+    "detokenize-token-out-of-vocab": ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
+    "detokenize-token-huge": ("/detokenize", {"tokens": [10**30]}, "tokens"),
+    "detokenize-token-negative": ("/detokenize", {"tokens": [-1]}, "tokens"),
+    "detokenize-token-string": ("/detokenize", {"tokens": ["5"]}, "tokens"),
+    "detokenize-token-bool": ("/detokenize", {"tokens": [True]}, "tokens"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKENIZER_CASES))
+def test_bad_tokenizer_requests_are_400_naming_the_parameter(base_url, engine, case):
+    route, fields, param = TOKENIZER_CASES[case]
+    response = httpx.post(f"{base_url}{route}", json={"model": engine.model_name, **fields})
+    assert _assert_openai_error(response, 400, param)["type"] == "invalid_request_error"
+
+
 @pytest.mark.parametrize("case", sorted(CHAT_CASES))
 def test_bad_chat_parameters_are_400(base_url, engine, case):
     fields, param = CHAT_CASES[case]
@@ -189,9 +223,13 @@ def test_unparsable_bodies_are_4xx_in_openai_shape(base_url, case):
 
 
 def test_unknown_model_and_routes(base_url):
-    _assert_openai_error(
-        httpx.post(f"{base_url}/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404, "model"
-    )
+    for path, body in (
+        ("/v1/completions", {"prompt": "x"}),
+        ("/tokenize", {"prompt": "x"}),
+        ("/detokenize", {"tokens": [1]}),
+    ):
+        response = httpx.post(f"{base_url}{path}", json={"model": "gpt-9", **body})
+        assert _assert_openai_error(response, 404, "model")["code"] == "model_not_found"
     _assert_openai_error(httpx.get(f"{base_url}/v1/nothing-here"), 404)
     assert httpx.get(f"{base_url}/v1/completions").status_code == 405
 
@@ -327,7 +365,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_model_path):
         assert httpx.post(f"{url}/v1/completions", json=short).status_code == 200
 
 
-def test_api_key_guards_v1_routes_only(engine):
+def test_api_key_guards_model_routes_only(engine):
     with serve(engine, api_key="s3cret") as url:
         body = {"model": engine.model_name, "prompt": "x", "max_tokens": 1}
         _assert_openai_error(httpx.post(f"{url}/v1/completions", json=body), 401)
@@ -336,6 +374,10 @@ def test_api_key_guards_v1_routes_only(engine):
         _assert_openai_error(httpx.post(f"{url}/v1/completions", content=b"{oops"), 401)  # key before body
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model=engine.model_name, prompt="x", max_tokens=1).choices
+        key = {"Authorization": "Bearer s3cret"}
+        for path, tokenizer_body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+            _assert_openai_error(httpx.post(f"{url}{path}", json=tokenizer_body), 401)
+            assert httpx.post(f"{url}{path}", json=tokenizer_body, headers=key).status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
 
@@ -381,6 +423,7 @@ def test_dead_engine_loop_shows_in_health():
         health = httpx.get(f"{url}/health")
         assert "loop crashed" in _assert_openai_error(health, 503)["message"]
         _assert_openai_error(httpx.post(f"{url}/v1/completions", json={"model": "dead", "prompt": "x"}), 503)
+        _assert_openai_error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}), 503)
 
 
 def _free_port() -> int:
