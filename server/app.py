@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -124,6 +124,7 @@ def _sampling_params(
             stop=stop,
             stop_token_ids=stop_ids,
             ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens,
             logprobs=logprobs,
             prompt_logprobs=logprobs if echo else None,
             logit_bias=logit_bias,
@@ -224,19 +225,35 @@ def _prompt_name(index: int, count: int) -> str:
     return "the prompt" if count == 1 else f"prompt[{index}]"
 
 
+# apply_chat_template's parameters other than add_generation_prompt: not template variables.
+_RESERVED_TEMPLATE_OPTIONS = frozenset(
+    {
+        "conversation", "tools", "documents", "chat_template", "continue_final_message", "tokenize",
+        "padding", "truncation", "max_length", "return_tensors", "return_dict",
+        "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip
+
+
 def _chat_prompt(
     messages: list[ChatMessage],
     engine: AsyncEngine,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """The token ids of chat messages rendered by the model's chat template, by default with the
     assistant turn opened (what chat completions generate from) and no special tokens beyond those the
-    template writes."""
+    template writes. `template_kwargs` (the request's chat_template_kwargs) are the template's own
+    variables; apply_chat_template's options are not among them (a request's template source or tools
+    would bypass what this server checks)."""
+    template_kwargs = template_kwargs or {}
+    if reserved := sorted(template_kwargs.keys() & _RESERVED_TEMPLATE_OPTIONS):
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
     turns = [{"role": m.role, "content": m.text()} for m in messages]
     try:
         text = engine.tokenizer.apply_chat_template(
-            turns, add_generation_prompt=add_generation_prompt, tokenize=False
+            turns, **{"add_generation_prompt": add_generation_prompt, **template_kwargs}, tokenize=False
         )
     except Exception as e:  # the template is the model's Jinja code: any error is about these messages
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
@@ -362,7 +379,7 @@ async def chat_completions(request: Request, body: ChatRequest):
     _reject_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    prompt_ids = _chat_prompt(body.messages, engine)
+    prompt_ids = _chat_prompt(body.messages, engine, template_kwargs=body.chat_template_kwargs)
     name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     if max_tokens is None:  # OpenAI's default for chat: up to the end of the context
@@ -385,7 +402,9 @@ async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
     # their chat template writes, as /v1/chat/completions renders them.
     special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
     if body.messages is not None:
-        tokens = _chat_prompt(body.messages, engine, body.add_generation_prompt, special)
+        tokens = _chat_prompt(
+            body.messages, engine, body.add_generation_prompt, special, body.chat_template_kwargs
+        )
     else:
         tokens = engine.tokenizer(body.prompt, add_special_tokens=special).input_ids
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

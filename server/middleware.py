@@ -108,7 +108,3 @@ class RequestMiddleware:
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key or b"")
-
-
-def _body_too_large(limit: int) -> APIError:
-    return APIError(413, f"request body larger than {limit} bytes", code="body_too_large")

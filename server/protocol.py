@@ -5,7 +5,7 @@ request's attention time."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0  # vLLM's: no EOS or stop_token_ids before this many tokens (stop strings still end)
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     user: str | None = None
     stream: bool = False
@@ -80,6 +81,9 @@ class ChatRequest(_SamplingFields):
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    # vLLM's: extra variables for the chat template (e.g. Qwen3's enable_thinking); they override
+    # add_generation_prompt, and may not name apply_chat_template's own options.
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Request):
@@ -92,6 +96,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True  # messages only: open the assistant turn, as chat completions do
     # None: True for a prompt, False for messages (their template writes the special tokens), as vLLM.
     add_special_tokens: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # messages only, as for chat completions
 
 
 class DetokenizeRequest(_Request):

@@ -157,6 +157,31 @@ def test_logit_bias_forces_and_bans_tokens(client, model, engine, endpoint):
     assert not _text(banned.choices[0]).startswith(engine.tokenizer.decode([first]))
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_min_tokens_defers_a_stop_token(client, model, engine, endpoint):
+    greedy = _create(client, model, endpoint, max_tokens=4, temperature=0, extra_body=IGNORE_EOS)
+    first = engine.tokenizer(_text(greedy.choices[0]), add_special_tokens=False).input_ids[0]
+    stops = {"stop_token_ids": [first], **IGNORE_EOS}
+    stopped = _create(client, model, endpoint, max_tokens=6, temperature=0, extra_body=stops)
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    held = _create(
+        client, model, endpoint, max_tokens=6, temperature=0, extra_body={**stops, "min_tokens": 3}
+    )
+    assert held.usage.completion_tokens >= 3
+
+
+def test_chat_template_kwargs_reach_the_template(base_url, client, model):
+    """The default model's template reads add_generation_prompt: the kwargs override it, in /tokenize and
+    in chat completions alike (Qwen3's enable_thinking travels the same way)."""
+    messages = [{"role": "user", "content": PROMPT}]
+    off = {"chat_template_kwargs": {"add_generation_prompt": False}}
+    plain = httpx.post(f"{base_url}/tokenize", json={"messages": messages, "add_generation_prompt": False})
+    counted = httpx.post(f"{base_url}/tokenize", json={"messages": messages, **off}).json()
+    assert counted["tokens"] == plain.json()["tokens"]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=1, extra_body=off)
+    assert chat.usage.prompt_tokens == counted["count"]
+
+
 def test_default_valued_options_we_do_not_implement_are_accepted(client, model):
     """Clients often send these with their 'off' value; only asking for the feature is a 400."""
     chat = client.chat.completions.create(

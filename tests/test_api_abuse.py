@@ -89,6 +89,9 @@ COMPLETION_CASES = {  # id: (body fields besides the model, param the error must
     "logit-bias-token-id-of-5000-digits": ({"prompt": "x", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
     "logit-bias-above-100": ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     "logit-bias-string-value": ({"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias"),
+    "min-tokens-above-max-tokens": ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    "min-tokens-negative": ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    "min-tokens-string": ({"prompt": "x", "min_tokens": "3"}, "min_tokens"),
 }
 HI = [{"role": "user", "content": "hi"}]
 
@@ -99,6 +102,14 @@ CHAT_CASES = {
     "image-part": (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         "messages",
+    ),
+    "template-kwargs-tokenize": (
+        {"messages": HI, "chat_template_kwargs": {"tokenize": True}},
+        "chat_template_kwargs",
+    ),
+    "template-kwargs-tools": (
+        {"messages": HI, "chat_template_kwargs": {"tools": [{}]}},
+        "chat_template_kwargs",
     ),
     "top-logprobs-without-logprobs": (
         {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
@@ -178,6 +189,16 @@ TOKENIZER_CASES = {  # id: (route, body fields besides the model, param the erro
         "/tokenize",
         {"messages": HI, "add_generation_prompt": 1},
         "add_generation_prompt",
+    ),
+    "tokenize-template-source-in-kwargs": (
+        "/tokenize",
+        {"messages": HI, "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}},
+        "chat_template_kwargs",
+    ),
+    "tokenize-template-kwargs-not-an-object": (
+        "/tokenize",
+        {"messages": HI, "chat_template_kwargs": ["enable_thinking"]},
+        "chat_template_kwargs",
     ),
     "detokenize-tokens-missing": ("/detokenize", {}, "tokens"),
     "detokenize-tokens-not-a-list": ("/detokenize", {"tokens": 5}, "tokens"),
