@@ -21,8 +21,8 @@ import openai
 import pytest
 from http_server import metric_value, real_engine, serve, wait_until
 
-from server.app import MAX_CHOICES
 from server.llm_engine import EngineStats
+from server.request_inputs import MAX_CHOICES
 
 MAX_MODEL_LEN = 256
 
