@@ -320,8 +320,9 @@ def test_no_host_sync_on_gpu():
             torch.Generator(device).manual_seed(1),
         ),
         SamplingRow(SamplingParams(frequency_penalty=0.5, logit_bias={9: -100.0, 11: 2.0}), [6], [7], None),
+        SamplingRow(SamplingParams(temperature=0.0), [8], [], None, banned_token_ids=frozenset({2, 3})),
     ]
-    logits = torch.randn(3, vocab, device=device)
+    logits = torch.randn(4, vocab, device=device)
     sampler(logits, rows)  # warm-up: pinned host blocks, kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -329,4 +330,4 @@ def test_no_host_sync_on_gpu():
         out = sampler(logits, rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert out.token_ids.device.type == "cuda" and out.top_ids.shape == (3, 3)
+    assert out.token_ids.device.type == "cuda" and out.top_ids.shape == (4, 3)
