@@ -31,11 +31,19 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ):
         self._backend = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers one
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(stop)
+        # Stop strings are looked for only in text decoded once this many tokens were added (vLLM's
+        # min_tokens); the text before is emitted as it comes.
+        self._tokens_before_stop = min_tokens
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
         # For flush: the tokens of the last decoded chunk (context) and those the stream holds back.
@@ -58,6 +66,9 @@ class IncrementalDetokenizer:
             if chunk is not None:
                 self._text += chunk
                 self._context_ids, self._held_ids = self._held_ids, []
+        self._tokens_before_stop -= len(token_ids)
+        if self._tokens_before_stop > 0:
+            return DetokenizedDelta(self._take(len(self._text)), None)
         if self._cut_at_stop():
             return DetokenizedDelta(self._take(len(self._text)), self._stop_reason)
         return DetokenizedDelta(self._take(len(self._text) - self._stop_prefix_len()), None)
@@ -71,7 +82,8 @@ class IncrementalDetokenizer:
             context = self._decode(self._context_ids)
             self._text += self._decode(self._context_ids + self._held_ids)[len(context) :]
             self._context_ids, self._held_ids = self._held_ids, []
-        self._cut_at_stop()
+        if self._tokens_before_stop <= 0:
+            self._cut_at_stop()
         return self._take(len(self._text))
 
     def _decode(self, token_ids: list[int]) -> str:

@@ -208,7 +208,9 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed + index)
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, params.stop, min_tokens=params.min_tokens
+        )
         seq = Sequence(request, index, list(request.prompt_token_ids), detok, generator)
         request.sequences.append(seq)
         return seq
@@ -387,7 +389,7 @@ class LLMEngine:
     def _banned(self, seq: Sequence) -> frozenset[int]:
         """The tokens that must not end `seq` yet: its EOS (unless ignored) and stop token ids while it
         has fewer than min_tokens output tokens (in-flight placeholders count: only their number matters
-        here, so min_tokens needs no host sync). Stop strings still apply."""
+        here, so min_tokens needs no host sync). Stop strings wait too (the detokenizer's min_tokens)."""
         params = seq.request.params
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
             return frozenset()

@@ -36,7 +36,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0  # vLLM's: no EOS or stop_token_ids before this many tokens (stop strings still end)
+    min_tokens: int = 0  # vLLM's: no EOS, stop_token_ids or stop strings before this many tokens
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     user: str | None = None
     stream: bool = False

@@ -84,6 +84,23 @@ def test_stop_string_across_tokens_is_caught_and_not_returned(tokenizer, text, s
     assert detok.flush() == ""
 
 
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    """A stop string inside the first min_tokens tokens is text like any other; after them it stops."""
+    text = "one, two, three, four, five"
+    ids = encode(tokenizer, text)
+    early = text.index(",")  # in the first token or two
+    plain = IncrementalDetokenizer(tokenizer, [], stop=[","])
+    assert "".join(d.text for d in stream(plain, ids)) == text[:early]
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[","], min_tokens=4)
+    deltas = stream(detok, ids)
+    # As vLLM: the check starts once the 4th token is in, so the first three tokens' text is exempt.
+    exempt = tokenizer.decode(ids[:3])
+    assert exempt.count(",") >= 1  # the minimum covers a stop string, which is kept
+    assert deltas[-1].stop_reason == "," and detok.output_text == text[: text.index(",", len(exempt))]
+    short = IncrementalDetokenizer(tokenizer, [], stop=[","], min_tokens=len(ids) + 1)
+    assert "".join(d.text for d in stream(short, ids)) + short.flush() == text  # never reached: no stop
+
+
 def test_stop_string_really_spans_tokens(tokenizer):
     """The multi-token cases above are multi-token: no single token's text contains the stop string."""
     for text, stop in [
