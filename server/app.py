@@ -210,7 +210,7 @@ async def chat_completions(request: Request, body: ChatRequest):
     reject_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    prompt_ids = chat_prompt(body.messages, engine, template_kwargs=body.chat_template_kwargs)
+    prompt_ids = chat_prompt(body.messages, engine, body)
     name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     if max_tokens is None:  # OpenAI's default for chat: up to the end of the context
@@ -233,9 +233,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
     # their chat template writes, as /v1/chat/completions renders them.
     special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
     if body.messages is not None:
-        tokens = chat_prompt(
-            body.messages, engine, body.add_generation_prompt, special, body.chat_template_kwargs
-        )
+        tokens = chat_prompt(body.messages, engine, body, special)
     else:
         tokens = engine.tokenizer(body.prompt, add_special_tokens=special).input_ids
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

@@ -68,7 +68,18 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
-class ChatRequest(_SamplingFields):
+class ChatTemplateFields(_Request):
+    """How chat messages become a prompt (vLLM's fields; chat completions and /tokenize)."""
+
+    add_generation_prompt: bool = True  # open the assistant turn, which the model then writes
+    # End the prompt inside the last message (an assistant turn the client began): the model continues it.
+    continue_final_message: bool = False
+    # Extra variables for the chat template (e.g. Qwen3's enable_thinking); they override
+    # add_generation_prompt, and may not name apply_chat_template's own options.
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatRequest(_SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated OpenAI name of max_completion_tokens
     max_completion_tokens: int | None = None  # default: the rest of the context
@@ -81,22 +92,17 @@ class ChatRequest(_SamplingFields):
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
-    # vLLM's: extra variables for the chat template (e.g. Qwen3's enable_thinking); they override
-    # add_generation_prompt, and may not name apply_chat_template's own options.
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's /tokenize: exactly one of `prompt` (tokenized as /v1/completions does) or `messages`
     (rendered by the chat template as /v1/chat/completions does); the route checks which was sent."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True  # messages only: open the assistant turn, as chat completions do
     # None: True for a prompt, False for messages (their template writes the special tokens), as vLLM.
     add_special_tokens: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # messages only, as for chat completions
 
 
 class DetokenizeRequest(_Request):

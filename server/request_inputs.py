@@ -5,10 +5,10 @@ that cannot run is a 400 naming its parameter here, before any engine work."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from server.errors import bad_request
-from server.protocol import ChatMessage, ChatRequest, CompletionRequest
+from server.protocol import ChatMessage, ChatRequest, ChatTemplateFields, CompletionRequest
 from server.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -170,22 +170,27 @@ _RESERVED_TEMPLATE_OPTIONS = frozenset(
 def chat_prompt(
     messages: list[ChatMessage],
     engine: AsyncEngine,
-    add_generation_prompt: bool = True,
+    template: ChatTemplateFields,
     add_special_tokens: bool = False,
-    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """The token ids of chat messages rendered by the model's chat template, by default with the
-    assistant turn opened (what chat completions generate from) and no special tokens beyond those the
-    template writes. `template_kwargs` (the request's chat_template_kwargs) are the template's own
+    """The token ids of chat messages rendered by the model's chat template as the request's template
+    fields say (by default with the assistant turn opened: what chat completions generate from), with
+    no special tokens beyond those the template writes. chat_template_kwargs are the template's own
     variables; apply_chat_template's options are not among them (a request's template source or tools
     would bypass what this server checks)."""
-    template_kwargs = template_kwargs or {}
-    if reserved := sorted(template_kwargs.keys() & _RESERVED_TEMPLATE_OPTIONS):
+    kwargs = template.chat_template_kwargs or {}
+    if reserved := sorted(kwargs.keys() & _RESERVED_TEMPLATE_OPTIONS):
         raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+    options = {"add_generation_prompt": template.add_generation_prompt, **kwargs}
+    if template.continue_final_message and options["add_generation_prompt"]:
+        raise bad_request(
+            "continue_final_message continues the last message: set add_generation_prompt to false",
+            "continue_final_message",
+        )
     turns = [{"role": m.role, "content": m.text()} for m in messages]
     try:
         text = engine.tokenizer.apply_chat_template(
-            turns, **{"add_generation_prompt": add_generation_prompt, **template_kwargs}, tokenize=False
+            turns, **options, continue_final_message=template.continue_final_message, tokenize=False
         )
     except Exception as e:  # the template is the model's Jinja code: any error is about these messages
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e

@@ -182,6 +182,20 @@ def test_chat_template_kwargs_reach_the_template(base_url, client, model):
     assert chat.usage.prompt_tokens == counted["count"]
 
 
+def test_continue_final_message_ends_the_prompt_inside_it(base_url, client, model, engine):
+    """An assistant turn the client began is continued, not closed and answered (vLLM's option)."""
+    begun = "The capital of France is"
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": begun}]
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    tokens = httpx.post(f"{base_url}/tokenize", json=body).json()["tokens"]
+    assert engine.tokenizer.decode(tokens).endswith(begun)
+    closed = httpx.post(f"{base_url}/tokenize", json={**body, "continue_final_message": False}).json()
+    assert closed["tokens"][: len(tokens)] == tokens and closed["count"] > len(tokens)  # + end of turn
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=3, extra_body=extra)
+    assert chat.usage.prompt_tokens == len(tokens) and chat.choices[0].message.content is not None
+
+
 def test_default_valued_options_we_do_not_implement_are_accepted(client, model):
     """Clients often send these with their 'off' value; only asking for the feature is a 400."""
     chat = client.chat.completions.create(

@@ -111,6 +111,19 @@ CHAT_CASES = {
         {"messages": HI, "chat_template_kwargs": {"tools": [{}]}},
         "chat_template_kwargs",
     ),
+    "continue-final-message-with-generation-prompt": (
+        {"messages": HI, "continue_final_message": True},
+        "continue_final_message",
+    ),
+    "continue-final-message-with-generation-prompt-in-kwargs": (
+        {
+            "messages": HI,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "chat_template_kwargs": {"add_generation_prompt": True},
+        },
+        "continue_final_message",
+    ),
     "top-logprobs-without-logprobs": (
         {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
         None,
