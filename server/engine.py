@@ -140,11 +140,9 @@ class AsyncEngine:
                 break
             if command[0] == "add":
                 _, prompts, params, arrival = command
-                for request_id, prompt in prompts.items():
-                    with self._streams_lock:
-                        wanted = request_id in self._streams
-                    if not wanted:
-                        continue  # aborted before it reached the engine
+                with self._streams_lock:  # those aborted before they reached the engine are left out
+                    wanted = [(rid, prompt) for rid, prompt in prompts.items() if rid in self._streams]
+                for request_id, prompt in wanted:
                     try:
                         self.engine.add_request(request_id, prompt, params, arrival)
                     except Exception as e:

@@ -258,13 +258,13 @@ class LLMEngine:
         launched = None
         if not step.is_empty:
             now = time.monotonic()
-            for seq in self._step_seqs(step):
+            for seq in step.seqs:
                 if seq.request.timings.first_scheduled is None:
                     seq.request.timings.first_scheduled = now
             try:
                 launched = self._launch(step)
             except Exception as e:  # a failing step fails its own requests; the engine goes on
-                outputs += self._fail(self._step_seqs(step), e)
+                outputs += self._fail(step.seqs, e)
         if self._inflight is not None:
             outputs += self._complete()  # the device runs `launched` meanwhile
         outputs += self._finish_pending()  # detokenization overlaps `launched` too
@@ -300,7 +300,7 @@ class LLMEngine:
         counts advance and every sampling sequence gets a placeholder for its token. The n-1 siblings of
         a sequence 0 that completes its prompt are created here (status WAITING, not yet scheduled) and
         sample their first token from its logits row."""
-        tables = {seq.seq_id: self.block_manager.block_table(seq.seq_id) for seq in self._step_seqs(step)}
+        tables = {seq.seq_id: self.block_manager.block_table(seq.seq_id) for seq in step.seqs}
         pending = self._inflight.sampled.token_ids if self._inflight is not None else None
         # The prompt tokens each chunk scores: n from the one after its first position on (read before
         # step_launched advances that position).
@@ -352,7 +352,7 @@ class LLMEngine:
         try:
             sampled = self._collect(flight)
         except Exception as e:
-            return self._fail(self._step_seqs(flight.step) + flight.forked, e)
+            return self._fail(flight.step.seqs + flight.forked, e)
         self.scheduler.step_done(flight.computed)
         self._attribute_attention(flight)
         self._record_prompt_logprobs(flight)
@@ -394,10 +394,6 @@ class LLMEngine:
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
             return frozenset()
         return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-
-    @staticmethod
-    def _step_seqs(step: SchedulerOutput) -> list[Sequence]:
-        return [c.seq for c in step.prefills] + step.decodes
 
     def _logprob_entries(self, ks: list[int | None], out: SamplerOutput) -> list[TokenLogprob | None]:
         """An entry per row of a host `out` with k top alternatives, None for rows whose k is None. The

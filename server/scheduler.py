@@ -42,6 +42,11 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
+    def seqs(self) -> list[Sequence]:
+        """Every sequence of the step: its prefill chunks' then its decodes."""
+        return [c.seq for c in self.prefills] + self.decodes
+
+    @property
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
 
@@ -125,7 +130,7 @@ class Scheduler:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         for seq in out.decodes:
             seq.num_computed_tokens += 1
-        return [(seq, seq.num_computed_tokens) for seq in [c.seq for c in out.prefills] + out.decodes]
+        return [(seq, seq.num_computed_tokens) for seq in out.seqs]
 
     def step_done(self, computed: list[tuple[Sequence, int]]) -> None:
         """The step succeeded and its tokens are known: publish the full blocks it computed to the prefix

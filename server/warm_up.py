@@ -80,8 +80,7 @@ def warm_up(runner: ModelRunner, sampler: Sampler, config: EngineConfig, max_mod
     steps = warm_up_steps(config, max_model_len)
     for step in steps:
         tables = {
-            s.seq_id: [runner.scratch_block] * -(-len(s.token_ids) // config.block_size)
-            for s in [c.seq for c in step.prefills] + step.decodes
+            s.seq_id: [runner.scratch_block] * -(-len(s.token_ids) // config.block_size) for s in step.seqs
         }
         logits, *_ = runner.execute(step, tables)
     generator = torch.Generator(runner.device).manual_seed(0)
