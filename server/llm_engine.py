@@ -22,35 +22,23 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer
 
 from models.attention import AttentionReading
 from models.block_manager import BlockManager
-from models.kv_cache import KVCache
-from models.layers import prepack_linear_weights
-from models.loader import load_model, resolve_dtype
-from models.weights_source import resolve_model_dir
 from server import metrics
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
+from server.engine_setup import load_engine_parts
 from server.model_runner import ModelRunner
-from server.outputs import FinishReason, RequestOutput, RequestTimings, SampleDelta, TokenLogprob
+from server.output_builder import drain_output, logprob_entries, token_texts
+from server.outputs import FinishReason, RequestOutput, RequestTimings, TokenLogprob
 from server.request import Request, SeqStatus, Sequence
 from server.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
-from server.tp_worker import TPWorkers, WorkerSpec
 from server.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
-
-# GPU memory kept out of the KV pool, estimated with margin for Llama-3-8B: activations of a full prefill
-# step (hidden states, fused qkv and gate/up outputs, fp32 norm temporaries: under 160 KiB per token of
-# the step budget), the logits of every running sequence with the sampler's copies of them (4 fp32
-# vocab-sized rows each), and the CUDA graphs' own pool.
-_ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
-_LOGIT_COPIES = 4
-_GRAPH_RESERVE_BYTES = 1 << 30
 
 
 def _placeholder(row: int) -> int:
@@ -127,40 +115,10 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, time_attention: bool = True) -> LLMEngine:
-        model_dir = resolve_model_dir(config.model)
-        if config.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        torch.manual_seed(config.seed)
-        workers = None
-        if config.tensor_parallel_size > 1:
-            spec = WorkerSpec(str(model_dir), dtype, device.type, config.load_format, torch.get_num_threads())
-            workers = TPWorkers(spec, config.tensor_parallel_size)
-            model = workers.load_model(device)
-        else:
-            model = load_model(model_dir, dtype, device, config.load_format)
-        if device.type == "cpu":
-            prepack_linear_weights(model)
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
-        max_model_len = config.max_model_len or model.config.max_position_embeddings
-        num_blocks = _num_kv_blocks(config, model, dtype, device)
-        runner = ModelRunner(
-            model,
-            num_blocks,
-            config.block_size,
-            config.max_num_seqs,
-            max_model_len,
-            dtype,
-            device,
-            use_cuda_graphs=not config.enforce_eager,
-            time_attention=time_attention,
-            workers=workers,
-        )
-        engine = cls(config, runner, tokenizer, num_blocks, max_model_len)
-        if device.type == "cuda":  # CPU runs no JIT-compiled kernels: nothing to warm
-            warm_up(runner, engine.sampler, config, max_model_len)
+        parts = load_engine_parts(config, time_attention)
+        engine = cls(config, parts.runner, parts.tokenizer, parts.num_blocks, parts.max_model_len)
+        if engine.device.type == "cuda":  # CPU runs no JIT-compiled kernels: nothing to warm
+            warm_up(parts.runner, engine.sampler, config, parts.max_model_len)
         # The model, tokenizer and graphs are many long-lived objects: keep them out of the cyclic
         # collector, whose full passes otherwise stall decode steps by milliseconds.
         gc.freeze()
@@ -197,7 +155,7 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params, RequestTimings(arrival_time or time.monotonic())
         )
         if params.prompt_logprobs is not None:  # the first token has no logprob: nothing comes before it
-            (text,) = self._token_texts(prompt_token_ids[:1])
+            (text,) = token_texts(self.tokenizer, prompt_token_ids[:1])
             request.prompt_logprobs = [TokenLogprob(prompt_token_ids[0], text, None)]
         self.requests[request_id] = request
         self.scheduler.add(self._new_sequence(request, 0))
@@ -369,7 +327,7 @@ class LLMEngine:
         token_ids = out.token_ids.tolist()
         entries: list[TokenLogprob | None] = [None] * len(rows)
         if out.logprobs is not None:
-            entries = self._logprob_entries([row.params.logprobs for row in rows], out)
+            entries = logprob_entries(self.tokenizer, [row.params.logprobs for row in rows], out)
         return list(zip(token_ids, entries, strict=True))
 
     def _record_prompt_logprobs(self, flight: _InFlight) -> None:
@@ -379,7 +337,7 @@ class LLMEngine:
         if flight.host_scores is None:
             return
         ks = [request.params.prompt_logprobs for request, _, n in flight.scored for _ in range(n)]
-        entries = self._logprob_entries(ks, flight.host_scores)
+        entries = logprob_entries(self.tokenizer, ks, flight.host_scores)
         row = 0
         for request, start, n in flight.scored:
             if request.prompt_logprobs is not None:  # None: handed out already (the request was aborted)
@@ -394,28 +352,6 @@ class LLMEngine:
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
             return frozenset()
         return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-
-    def _logprob_entries(self, ks: list[int | None], out: SamplerOutput) -> list[TokenLogprob | None]:
-        """An entry per row of a host `out` with k top alternatives, None for rows whose k is None. The
-        texts of all the rows' tokens are decoded in one call (a scored prompt has thousands)."""
-        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        tops = [list(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k else [] for i, k in enumerate(ks)]
-        wanted = [i for i, k in enumerate(ks) if k is not None]
-        texts = iter(self._token_texts([t for i in wanted for t in (token_ids[i], *(t for t, _ in tops[i]))]))
-        entries: list[TokenLogprob | None] = [None] * len(ks)
-        for i in wanted:
-            text = next(texts)
-            entries[i] = TokenLogprob(
-                token_ids[i], text, logprobs[i], [(t, next(texts), lp) for t, lp in tops[i]]
-            )
-        return entries
-
-    def _token_texts(self, token_ids: list[int]) -> list[str]:
-        """Each token's own text as OpenAI reports it (" unless", not the BPE symbol "Ġunless"); ids the
-        tokenizer does not know (random-weight benchmarks) decode to ""."""
-        return self.tokenizer.batch_decode([[i] for i in token_ids])
 
     def _attribute_attention(self, flight: _InFlight) -> None:
         """Split the step's measured attention time over its sequences' requests: decode time by KV
@@ -491,40 +427,10 @@ class LLMEngine:
         return [self._drain_output(r) for r in touched.values()]
 
     def _drain_output(self, request: Request) -> RequestOutput:
-        samples = []
-        for seq in request.sequences:
-            if seq.new_token_ids or seq.new_text or (seq.finished and not seq.finish_reported):
-                seq.finish_reported = seq.finished
-                samples.append(
-                    SampleDelta(
-                        index=seq.index,
-                        text=seq.new_text,
-                        token_ids=seq.new_token_ids,
-                        logprobs=seq.new_logprobs if request.params.logprobs is not None else None,
-                        finish_reason=seq.finish_reason,
-                        stop_reason=seq.stop_reason,
-                    )
-                )
-                seq.new_token_ids, seq.new_text, seq.new_logprobs = [], "", []
-        prompt_logprobs = None
-        if samples:  # the first output with samples: the prompt is done (or the request failed)
-            prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
-        finished = request.finished
-        if finished:
-            request.timings.finished = time.monotonic()
+        output = drain_output(request)
+        if output.finished:
             self.requests.pop(request.request_id, None)
-        return RequestOutput(
-            request_id=request.request_id,
-            samples=samples,
-            finished=finished,
-            prompt_tokens=len(request.prompt_token_ids),
-            completion_tokens=request.num_generated_tokens,
-            attention_seconds=request.attention_seconds,
-            timings=request.timings,
-            cached_prompt_tokens=request.cached_prompt_tokens,
-            error=request.error,
-            prompt_logprobs=prompt_logprobs,
-        )
+        return output
 
     def _observe_gauges(self) -> None:
         bm = self.block_manager
@@ -554,20 +460,3 @@ class LLMEngine:
             loop_alive=loop_alive,
             last_error=last_error,
         )
-
-
-def _num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
-    """CPU: `kv_cache_tokens`. GPU: what `gpu_memory_utilization` of the card leaves after the weights,
-    the step's activations and the CUDA graphs."""
-    if device.type != "cuda":
-        return config.kv_cache_tokens // config.block_size
-    free, total = torch.cuda.mem_get_info(device)
-    logits = config.max_num_seqs * model.config.vocab_size * 4 * _LOGIT_COPIES
-    reserve = config.max_num_batched_tokens * _ACTIVATION_BYTES_PER_TOKEN + logits + _GRAPH_RESERVE_BYTES
-    budget = total * config.gpu_memory_utilization - (total - free) - reserve
-    num_blocks = int(budget // KVCache.bytes_per_block(model.config, config.block_size, dtype, model.tp_size))
-    if num_blocks < 1:
-        raise RuntimeError(
-            f"no GPU memory left for the KV cache (gpu_memory_utilization={config.gpu_memory_utilization})"
-        )
-    return num_blocks

@@ -13,8 +13,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from models.attention import AttentionReading
-from server import llm_engine as engine_module
-from server import model_runner
+from server import engine_setup, model_runner
 from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.llm_engine import LLMEngine
@@ -43,7 +42,7 @@ def make_engine(tiny_model_path):
     # instead of each taking 90% of the card.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            engine_module, "_num_kv_blocks", lambda config, *_: config.kv_cache_tokens // config.block_size
+            engine_setup, "num_kv_blocks", lambda config, *_: config.kv_cache_tokens // config.block_size
         )
         yield make
 

@@ -17,7 +17,7 @@ from models.kv_cache import KVCache
 from models.llama import CausalLM
 from models.loader import load_model
 from models.parallel import TensorParallel, check_divisible
-from server import llm_engine
+from server import engine_setup
 from server.config import EngineConfig
 from server.llm_engine import LLMEngine
 from server.sampling_params import SamplingParams
@@ -154,7 +154,7 @@ def test_engine_tp2_matches_tp1(tiny_model_factory, device, monkeypatch):
     """On CUDA: NCCL between the ranks, asynchronous scheduling on, eager decode (no graphs under TP)."""
     # Both engines live in one process: size the pools by kv_cache_tokens on a GPU too.
     monkeypatch.setattr(
-        llm_engine, "_num_kv_blocks", lambda config, *_: config.kv_cache_tokens // config.block_size
+        engine_setup, "num_kv_blocks", lambda config, *_: config.kv_cache_tokens // config.block_size
     )
     settings = dict(
         model=str(tiny_model_factory("llama3")),

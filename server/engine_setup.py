@@ -1,0 +1,85 @@
+"""What an LLMEngine runs on, built from an EngineConfig: the model (or its tensor-parallel workers), the
+tokenizer, the KV pool's size (from free GPU memory, or `kv_cache_tokens` on CPU) and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from models.kv_cache import KVCache
+from models.layers import prepack_linear_weights
+from models.loader import load_model, resolve_dtype
+from models.weights_source import resolve_model_dir
+from server.config import EngineConfig
+from server.model_runner import ModelRunner
+from server.tp_worker import TPWorkers, WorkerSpec
+
+# GPU memory kept out of the KV pool, estimated with margin for Llama-3-8B: activations of a full prefill
+# step (hidden states, fused qkv and gate/up outputs, fp32 norm temporaries: under 160 KiB per token of
+# the step budget), the logits of every running sequence with the sampler's copies of them (4 fp32
+# vocab-sized rows each), and the CUDA graphs' own pool.
+_ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
+_LOGIT_COPIES = 4
+_GRAPH_RESERVE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineParts:
+    runner: ModelRunner
+    tokenizer: object  # a transformers tokenizer
+    num_blocks: int
+    max_model_len: int
+
+
+def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> EngineParts:
+    model_dir = resolve_model_dir(config.model)
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    workers = None
+    if config.tensor_parallel_size > 1:
+        spec = WorkerSpec(str(model_dir), dtype, device.type, config.load_format, torch.get_num_threads())
+        workers = TPWorkers(spec, config.tensor_parallel_size)
+        model = workers.load_model(device)
+    else:
+        model = load_model(model_dir, dtype, device, config.load_format)
+    if device.type == "cpu":
+        prepack_linear_weights(model)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+    max_model_len = config.max_model_len or model.config.max_position_embeddings
+    num_blocks = num_kv_blocks(config, model, dtype, device)
+    runner = ModelRunner(
+        model,
+        num_blocks,
+        config.block_size,
+        config.max_num_seqs,
+        max_model_len,
+        dtype,
+        device,
+        use_cuda_graphs=not config.enforce_eager,
+        time_attention=time_attention,
+        workers=workers,
+    )
+    return EngineParts(runner, tokenizer, num_blocks, max_model_len)
+
+
+def num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
+    """CPU: `kv_cache_tokens`. GPU: what `gpu_memory_utilization` of the card leaves after the weights,
+    the step's activations and the CUDA graphs."""
+    if device.type != "cuda":
+        return config.kv_cache_tokens // config.block_size
+    free, total = torch.cuda.mem_get_info(device)
+    logits = config.max_num_seqs * model.config.vocab_size * 4 * _LOGIT_COPIES
+    reserve = config.max_num_batched_tokens * _ACTIVATION_BYTES_PER_TOKEN + logits + _GRAPH_RESERVE_BYTES
+    budget = total * config.gpu_memory_utilization - (total - free) - reserve
+    num_blocks = int(budget // KVCache.bytes_per_block(model.config, config.block_size, dtype, model.tp_size))
+    if num_blocks < 1:
+        raise RuntimeError(
+            f"no GPU memory left for the KV cache (gpu_memory_utilization={config.gpu_memory_utilization})"
+        )
+    return num_blocks
