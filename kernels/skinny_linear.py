@@ -35,21 +35,39 @@ class SkinnyConfig:
     num_stages: int
     num_warps: int
     swap: bool
+    programs: int | None = None  # None: one program per block of W's rows
 
 
-def skinny_config(rows: int, n: int, device: torch.device) -> SkinnyConfig:
+def skinny_config(rows: int, n: int, itemsize: int, device: torch.device) -> SkinnyConfig:
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
     32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
-    84.3%). 17-64 rows: W's rows on the MMA's M side, 128 of them per program where that still gives
-    every SM a program (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5 stages. Sweep
-    at 64 rows (tiles of W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v
-    20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0)."""
+    84.3%); a matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
+    program of 512-column stages per SM, the SMs rounded down to a multiple of 8 (at 1 / 16 rows gate/up
+    84.9 -> 81.2 / 87.2 -> 84.2 us; 132 programs 82.1 us, 2 per SM 83.2; the LM head and the smaller
+    matrices gain nothing). 17-64 rows: W's rows on the MMA's M side, 128 of them per program where that
+    still gives every SM a program (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5
+    stages. Sweep at 64 rows (tiles of W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs
+    cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the
+    best o: 14.0); persistent grids lost there (gate/up 86.4 us at best)."""
     if rows <= 16:
+        programs = max(1, sm_count(device) // 8 * 8)
+        persistent = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
+        if 2 * programs <= triton.cdiv(n, 32) <= 16 * programs and _fits(persistent, itemsize, device):
+            return persistent
         return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, num_warps=4, swap=False)
     block_m = triton.next_power_of_2(rows)
     if triton.cdiv(n, 128) >= sm_count(device):
         return SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, num_warps=8, swap=True)
     return SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, num_warps=4, swap=True)
+
+
+def _fits(config: SkinnyConfig, itemsize: int, device: torch.device) -> bool:
+    """The config's pipeline stages fit the device's shared memory (the interpreter has no limit)."""
+    if device.type != "cuda":
+        return True
+    stage = config.block_k * (config.block_m + config.block_n) * itemsize
+    limit = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    return config.num_stages * stage <= limit
 
 
 def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
@@ -62,6 +80,53 @@ def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
 
 
 @triton.jit
+def _multiply_tile(
+    x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K: tl.constexpr, stride_xm, stride_wn,
+    SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc + the product of x's rows and W's rows offs_n over the columns k (one K tile)."""
+    m_mask = offs_m[:, None] < M
+    n_mask = offs_n[:, None] < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k[None, :]
+    if EVEN_K:
+        x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=n_mask, other=0.0)
+    else:
+        k_mask = k[None, :] < K
+        x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=n_mask & k_mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    # With SWAP the tile is y.T's: W's rows fill the MMA's M side.
+    if SWAP:
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_block(
+    y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """y[offs_m, offs_n] = acc (+ bias), in y's dtype."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if SWAP:
+        if HAS_BIAS:
+            acc += bias[:, None]
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+    else:
+        if HAS_BIAS:
+            acc += bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _skinny_linear_kernel(
     x_ptr,
     w_ptr,
@@ -69,14 +134,14 @@ def _skinny_linear_kernel(
     y_ptr,
     M,
     N,
-    K,
     stride_xm,
     stride_wn,
     stride_ym,
+    K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     SWAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -84,44 +149,31 @@ def _skinny_linear_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
+    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m[:, None] < M
-    n_mask = offs_n[:, None] < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    # With SWAP the tile is y.T's: W's rows fill the MMA's M side.
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-            w = tl.load(w_ptrs, mask=n_mask, other=0.0)
-        else:
-            k_mask = (k + offs_k)[None, :] < K
-            x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
-            w = tl.load(w_ptrs, mask=n_mask & k_mask, other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if SWAP:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    if SWAP:
-        if HAS_BIAS:
-            acc += bias[:, None]
-        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & n_mask)
+    if PERSISTENT:
+        # A contiguous run of blocks of W's rows in one flat loop over (block, K tile): the pipeline keeps
+        # loading across block boundaries instead of filling up again for every block.
+        num_blocks = tl.cdiv(N, BLOCK_N)
+        first = tl.program_id(0) * num_blocks // tl.num_programs(0)
+        count = (tl.program_id(0) + 1) * num_blocks // tl.num_programs(0) - first
+        for i in range(0, count * K_TILES):
+            offs_n = (first + i // K_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = (i % K_TILES) * BLOCK_K + offs_k
+            acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K, stride_xm, stride_wn,
+                                 SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
+            if i % K_TILES == K_TILES - 1:
+                _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
+                acc = tl.zeros_like(acc)
     else:
-        if HAS_BIAS:
-            acc += bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask & (offs_n[None, :] < N))
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        for kt in range(0, K_TILES):
+            acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
+                                 stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
+        _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,22 +189,22 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     pdl = use_pdl(x.device)
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows:
-        config = skinny_config(rows, n, x.device)
-        _skinny_linear_kernel[(triton.cdiv(n, config.block_n),)](
+        config = skinny_config(rows, n, x.element_size(), x.device)
+        _skinny_linear_kernel[(config.programs or triton.cdiv(n, config.block_n),)](
             x2,
             weight,
             bias,
             y,
             rows,
             n,
-            k,
             x2.stride(0),
             weight.stride(0),
             y.stride(0),
+            K=k,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
-            EVEN_K=k % config.block_k == 0,
+            PERSISTENT=config.programs is not None,
             SWAP=config.swap,
             HAS_BIAS=bias is not None,
             UPCAST=interpreted(),

@@ -54,7 +54,26 @@ def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
     # Past 16 rows the W tile depends on the SM count: pretend one SM (128 rows of W a program) or very
     # many (64), so each tile shape runs on any device.
     monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
-    assert skinny_config(rows, n, torch.device(DEVICE)).block_n == block_n
+    config = skinny_config(rows, n, dtype.itemsize, torch.device(DEVICE))
+    assert (config.block_n, config.programs) == (block_n, None)
+    x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "bias", "dtype"),
+    [
+        (1, 600, 700, True, torch.float16),  # 19 blocks on 8 programs: runs of 2 and 3; ragged N and K
+        (16, 1024, 1024, False, torch.bfloat16),  # 4 blocks a program, K a multiple of the K tile
+        (5, 700, 300, True, torch.float32),  # fp32 takes half as many columns a stage
+    ],
+)
+def test_persistent_grid_matches_fp32_product(rows, n, k, bias, dtype, monkeypatch):
+    # With 8 SMs a matrix of 16-128 blocks of 32 rows is streamed by 8 programs, several blocks each.
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 8)
+    config = skinny_config(rows, n, dtype.itemsize, torch.device(DEVICE))
+    assert (config.programs, config.block_k) == (8, 1024 // dtype.itemsize)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=tol, rtol=tol)
@@ -72,8 +91,14 @@ def test_leading_dims_and_strided_rows():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="guard pages catch accesses of the interpreted kernels on CPU")
-@pytest.mark.parametrize("rows", [5, 40])  # a 16-row tile; a 64-row one with W's rows swapped in (1 CPU "SM")
-def test_touches_nothing_past_its_inputs(rows):
+@pytest.mark.parametrize(
+    ("rows", "sms"),
+    [(5, 1 << 20), (5, 1), (40, 1)],  # a 16-row tile; the same on a persistent grid; W's rows swapped in
+)
+def test_touches_nothing_past_its_inputs(rows, sms, monkeypatch):
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: sms)
+    persistent = skinny_config(rows, 45, 2, torch.device("cpu")).programs is not None
+    assert persistent == ((rows, sms) == (5, 1))
     x, w, b = (against_guard_page(t) for t in _inputs(rows, 45, 280, torch.float16, "cpu", bias=True))
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=2e-3, rtol=2e-3)
 
