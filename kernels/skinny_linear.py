@@ -4,7 +4,8 @@ At decode batch sizes a linear layer is a pure weight stream: each weight byte i
 a few multiply-adds. cuBLAS's choices for these shapes on an H100 leave bandwidth unused on the small
 matrices (attention's output projection at 71% of the read floor) and split K with a separate reduction
 kernel for others. Here each program streams BLOCK_N whole rows of W through a multi-stage pipeline and
-keeps the rows of x against them in one tensor-core tile; no split K, no second kernel. It also takes
+keeps the rows of x against them in one tensor-core tile; no split K, no second kernel. Matrices of many
+such blocks (gate/up) run on a persistent grid whose programs stream several blocks in one loop. It also takes
 part in programmatic dependent launch (kernels.launch), which torch's products cannot.
 Its torch twin is `torch.nn.functional.linear`."""
 
@@ -42,13 +43,14 @@ def skinny_config(rows: int, n: int, itemsize: int, device: torch.device) -> Ski
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
     32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
     84.3%); a matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
-    program of 512-column stages per SM, the SMs rounded down to a multiple of 8 (at 1 / 16 rows gate/up
-    84.9 -> 81.2 / 87.2 -> 84.2 us; 132 programs 82.1 us, 2 per SM 83.2; the LM head and the smaller
-    matrices gain nothing). 17-64 rows: W's rows on the MMA's M side, 128 of them per program where that
-    still gives every SM a program (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5
-    stages. Sweep at 64 rows (tiles of W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs
-    cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the
-    best o: 14.0); persistent grids lost there (gate/up 86.4 us at best)."""
+    program of 512-column stages per SM, the SMs rounded down to a multiple of 8 (at 1 / 8 / 16 rows
+    gate/up 86.6 -> 83.2 / 88.8 -> 85.0 / 87.2 -> 84.7 us; 2 programs per SM 83.2-83.5 at 1 row, 132
+    programs of 256-column stages 86.0; the LM head and the smaller matrices gain nothing). 17-64 rows:
+    W's rows on the MMA's M side, 128 of them per program where that still gives every SM a program
+    (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5 stages. Sweep at 64 rows (tiles of
+    W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5
+    vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0); persistent grids lost there
+    (gate/up 86.4 us at best)."""
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
         persistent = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
