@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 import triton
@@ -46,6 +47,15 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (grids are sized by it); 1 elsewhere (the interpreter
     runs programs in turn)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.cache
+def max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on a CUDA device (Triton's own limit, opt-in
+    included); no limit elsewhere (the interpreter). Cached: launchers ask on every call."""
+    if device.type != "cuda":
+        return sys.maxsize
+    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
 
 
 def use_pdl(device: torch.device) -> bool:

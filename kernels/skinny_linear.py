@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted, sm_count, use_pdl, wait_for_previous_kernel
+from kernels.launch import interpreted, max_shared_memory, sm_count, use_pdl, wait_for_previous_kernel
 
 # Rows of x the kernel takes: decode batches up to this size (where it pays: skinny_beats_cublas).
 SKINNY_MAX_ROWS = 64
@@ -64,12 +64,9 @@ def skinny_config(rows: int, n: int, itemsize: int, device: torch.device) -> Ski
 
 
 def _fits(config: SkinnyConfig, itemsize: int, device: torch.device) -> bool:
-    """The config's pipeline stages fit the device's shared memory (the interpreter has no limit)."""
-    if device.type != "cuda":
-        return True
+    """The config's pipeline stages fit the device's shared memory."""
     stage = config.block_k * (config.block_m + config.block_n) * itemsize
-    limit = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
-    return config.num_stages * stage <= limit
+    return config.num_stages * stage <= max_shared_memory(device)
 
 
 def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
