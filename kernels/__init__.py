@@ -1,8 +1,8 @@
 """Triton kernels, each with its plain-torch twin (the CPU path and the tests' reference): decode
 attention over a paged KV cache (LeanAttention, stream-K), RMSNorm fused with the residual add, rotary
-embedding fused with the KV-cache write, SiLU-and-multiply, and the skinny matrix product of decode
-batches. `kernels.launch` says how they are launched (interpreted on CPU; programmatic dependent launch
-on Hopper).
+embedding fused with the KV-cache write (alone or in the q/k/v product's epilogue), SiLU-and-multiply,
+the skinny matrix product of decode batches and the row-wise argmax of the logits. `kernels.launch` says
+how they are launched (interpreted on CPU; programmatic dependent launch on Hopper).
 
 Note: a PyPI distribution named `kernels` (Hugging Face's kernel hub) exists and transformers probes
 for it by import name. Ours is found under the `leanserve` distribution (version 0.x, outside the
@@ -10,15 +10,18 @@ for it by import name. Ours is found under the `leanserve` distribution (version
 tests/test_foundation.py guards this."""
 
 from kernels.activation import reference_silu_and_mul, silu_and_mul
+from kernels.argmax import argmax_rows, reference_argmax_rows
 from kernels.lean_attention import lean_attention_decode
 from kernels.reference import reference_decode_attention
 from kernels.rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
 from kernels.rotary import reference_rope_and_cache, rope_and_cache
-from kernels.skinny_linear import reference_skinny_linear, skinny_linear
+from kernels.skinny_linear import reference_skinny_linear, skinny_linear, skinny_linear_rope
 
 __all__ = [
+    "argmax_rows",
     "fused_add_rms_norm",
     "lean_attention_decode",
+    "reference_argmax_rows",
     "reference_decode_attention",
     "reference_fused_add_rms_norm",
     "reference_rms_norm",
@@ -29,4 +32,5 @@ __all__ = [
     "rope_and_cache",
     "silu_and_mul",
     "skinny_linear",
+    "skinny_linear_rope",
 ]

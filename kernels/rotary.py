@@ -1,6 +1,8 @@
 """Rotary embedding and KV-cache write in one launch (Triton), and its torch twin: the q and k heads of
 a fused qkv projection are rotated in place (HF "rotate_half" layout) with cos/sin looked up by
-position, then every token's rotated k and its v are stored at its slot of the paged KV cache."""
+position, then every token's rotated k and its v are stored at its slot of the paged KV cache. The same
+rotation and cache write also run as the epilogue of the skinny decode product (`rotate_and_store_heads`,
+used by kernels.skinny_linear.skinny_linear_rope)."""
 
 from __future__ import annotations
 
@@ -79,6 +81,45 @@ def _rope_and_cache_kernel(
     tl.store(v_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_d[None, :], v, mask=v_mask)
 
 
+@triton.jit
+def rotate_and_store_heads(
+    head, pairs, offs_m, M, qkv_ptr, stride_qkv, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
+    slot_mapping_ptr, stride_pos, stride_sin, stride_slot, stride_head,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """What `_rope_and_cache_kernel` does, for the rotation pairs `pairs` of one head of qkv (`head`, a
+    runtime scalar: q, k or v) and the tokens offs_m (those >= M are left alone): q and k rotated in
+    place, k and v also stored to the caches. The skinny product's epilogue (kernels.skinny_linear)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    m_mask = offs_m < M
+    mask = m_mask[:, None]
+    first = qkv_ptr + offs_m[:, None] * stride_qkv + head * HEAD_DIM + pairs[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    if head < NUM_Q_HEADS + NUM_KV_HEADS:
+        positions = tl.load(positions_ptr + offs_m, mask=m_mask, other=0)
+        # The table holds [cos, cos] and [-sin, sin]: the first half of one and the second of the other.
+        table = cos_sin_ptr + positions[:, None] * stride_pos + pairs[None, :]
+        cos = tl.load(table, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(table + stride_sin + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        x1, x2 = (
+            (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty),
+            (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty),
+        )
+        tl.store(first, x1, mask=mask)
+        tl.store(first + HALF, x2, mask=mask)
+    if head >= NUM_Q_HEADS:
+        slots = tl.load(slot_mapping_ptr + offs_m, mask=m_mask, other=0)
+        # k and v heads both map to KV head (head - NUM_Q_HEADS) mod NUM_KV_HEADS.
+        offset = (
+            slots[:, None] * stride_slot + (head - NUM_Q_HEADS) % NUM_KV_HEADS * stride_head + pairs[None, :]
+        )
+        cache = k_cache_ptr + offset if head < NUM_Q_HEADS + NUM_KV_HEADS else v_cache_ptr + offset
+        tl.store(cache, x1, mask=mask)
+        tl.store(cache + HALF, x2, mask=mask)
+
+
 # One program per token holds all its heads (Llama-3-8B: 40 rotated heads of 64 pairs, 8 V heads of
 # 128) in 4 warps: about 20 fp32 values per thread and operand, no spills; decode batches are small, so
 # more programs per token would only add launch-wide overhead.
@@ -96,7 +137,15 @@ def _split_heads(
     return qk, qk[:, :num_q_heads], qk[:, num_q_heads:], v
 
 
-def _check(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None:
+def check_rope_inputs(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """ValueError unless the arguments are as `rope_and_cache` documents them (qkv: its output too)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(
             "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] of one shape and strides, got "
@@ -144,7 +193,7 @@ def rope_and_cache(
     slot_mapping: [T] int64 flat slots (block * block_size + offset). Returns the views q [T, Hq, D],
     k, v [T, Hkv, D] of qkv. No host synchronisation (CUDA-graph capturable); positions and slots are
     not bounds-checked."""
-    _check(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     _, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
     if qkv.shape[0]:

@@ -6,12 +6,14 @@ matrices (attention's output projection at 71% of the read floor) and split K wi
 kernel for others. Here each program streams BLOCK_N whole rows of W through a multi-stage pipeline and
 keeps the rows of x against them in one tensor-core tile; no split K, no second kernel. Matrices of many
 such blocks (gate/up) run on a persistent grid whose programs stream several blocks in one loop. It also takes
-part in programmatic dependent launch (kernels.launch), which torch's products cannot.
-Its torch twin is `torch.nn.functional.linear`."""
+part in programmatic dependent launch (kernels.launch), which torch's products cannot. For the q/k/v
+projection it can also rotate q and k and write k and v to the KV cache in its epilogue
+(`skinny_linear_rope`), saving the separate rope_and_cache launch.
+Its torch twins: `torch.nn.functional.linear`, then `reference_rope_and_cache`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import interpreted, max_shared_memory, sm_count, use_pdl, wait_for_previous_kernel
+from kernels.rotary import check_rope_inputs, rotate_and_store_heads
 
 # Rows of x the kernel takes: decode batches up to this size (where it pays: skinny_beats_cublas).
 SKINNY_MAX_ROWS = 64
@@ -39,7 +42,9 @@ class SkinnyConfig:
     programs: int | None = None  # None: one program per block of W's rows
 
 
-def skinny_config(rows: int, n: int, itemsize: int, device: torch.device) -> SkinnyConfig:
+def skinny_config(
+    rows: int, n: int, itemsize: int, device: torch.device, persistent: bool = True
+) -> SkinnyConfig:
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
     32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
     84.3%); a matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
@@ -50,17 +55,27 @@ def skinny_config(rows: int, n: int, itemsize: int, device: torch.device) -> Ski
     (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5 stages. Sweep at 64 rows (tiles of
     W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5
     vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0); persistent grids lost there
-    (gate/up 86.4 us at best)."""
+    (gate/up 86.4 us at best). `persistent=False` never takes the persistent grid (the rope epilogue needs
+    one program per block)."""
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
-        persistent = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
-        if 2 * programs <= triton.cdiv(n, 32) <= 16 * programs and _fits(persistent, itemsize, device):
-            return persistent
+        grid = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
+        if (
+            persistent
+            and 2 * programs <= triton.cdiv(n, 32) <= 16 * programs
+            and _fits(grid, itemsize, device)
+        ):
+            return grid
         return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, num_warps=4, swap=False)
     block_m = triton.next_power_of_2(rows)
     if triton.cdiv(n, 128) >= sm_count(device):
-        return SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, num_warps=8, swap=True)
-    return SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, num_warps=4, swap=True)
+        config = SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, num_warps=8, swap=True)
+    else:
+        config = SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, num_warps=4, swap=True)
+    # fp32 stages are twice the size: fewer of them (an H100 has room for the bf16 ones above).
+    while config.num_stages > 2 and not _fits(config, itemsize, device):
+        config = replace(config, num_stages=config.num_stages - 1)
+    return config
 
 
 def _fits(config: SkinnyConfig, itemsize: int, device: torch.device) -> bool:
@@ -136,6 +151,19 @@ def _skinny_linear_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    positions_ptr,  # from here to HEAD_DIM: the rope epilogue's (rotary.rope_and_cache's) arguments
+    cos_sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_pos,
+    stride_sin,
+    stride_slot,
+    stride_head,
+    ROPE: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -168,52 +196,165 @@ def _skinny_linear_kernel(
                 _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
                 acc = tl.zeros_like(acc)
     else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            # A program takes BLOCK_N / 2 rotation pairs (j, j + D/2) of one head: its first BLOCK_N / 2
+            # rows of W are the pairs' first halves, the rest their second halves. Rows are still whole
+            # runs of K: the K loop is unchanged.
+            PAIRS: tl.constexpr = BLOCK_N // 2
+            BLOCKS_PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
+            head = tl.program_id(0) // BLOCKS_PER_HEAD
+            first_pair = tl.program_id(0) % BLOCKS_PER_HEAD * PAIRS
+            t = tl.arange(0, BLOCK_N)
+            offs_n = head * HEAD_DIM + (t // PAIRS) * (HEAD_DIM // 2) + first_pair + t % PAIRS
+        else:
+            offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         for kt in range(0, K_TILES):
             acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
                                  stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
         _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
+        if ROPE:
+            # Rotate the pairs where the product has just stored them, as rope_and_cache does (same
+            # rounding), and write k and v to the caches. The barrier makes the program's stores visible
+            # to all its threads; reading the tile back in a plain layout avoids reshaping the MMA's.
+            tl.debug_barrier()
+            rotate_and_store_heads(head, first_pair + tl.arange(0, PAIRS), offs_m, M, y_ptr, stride_ym,
+                                   positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                                   stride_pos, stride_sin, stride_slot, stride_head, NUM_Q_HEADS,
+                                   NUM_KV_HEADS, HEAD_DIM)  # fmt: skip
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+# The plain product passes nothing to the rope epilogue (ROPE=False compiles none of it).
+_NO_ROPE = dict(
+    positions_ptr=None, cos_sin_ptr=None, k_cache_ptr=None, v_cache_ptr=None, slot_mapping_ptr=None,
+    stride_pos=0, stride_sin=0, stride_slot=0, stride_head=0, NUM_Q_HEADS=0, NUM_KV_HEADS=0, HEAD_DIM=0,
+)  # fmt: skip
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    config: SkinnyConfig,
+    rope: dict | None = None,
+) -> None:
+    """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N]; with `rope`
+    (the epilogue's arguments, see skinny_linear_rope) y's q and k heads rotated and k, v cached too."""
+    pdl = use_pdl(x.device)
+    _skinny_linear_kernel[(config.programs or triton.cdiv(weight.shape[0], config.block_n),)](
+        x,
+        weight,
+        bias,
+        y,
+        x.shape[0],
+        weight.shape[0],
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        **(rope or _NO_ROPE),
+        ROPE=rope is not None,
+        K=weight.shape[1],
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        PERSISTENT=config.programs is not None,
+        SWAP=config.swap,
+        HAS_BIAS=bias is not None,
+        UPCAST=interpreted(),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PDL=pdl,
+        num_stages=config.num_stages,
+        num_warps=config.num_warps,
+        launch_pdl=pdl,
+    )
+
+
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """x as a [rows, K] matrix of unit column stride (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """x @ weight.T + bias for x: [..., K] with at most SKINNY_MAX_ROWS rows in all (any leading shape),
     weight: [N, K] contiguous, bias: [N] or None, all one dtype (fp16, bf16 or fp32) on one device.
-    Returns [..., N] in that dtype, accumulated in fp32. No host synchronisation (CUDA-graph safe)."""
+    Returns [..., N] in out_dtype (default: that dtype), accumulated in fp32 and rounded once. No host
+    synchronisation (CUDA-graph safe)."""
     _validate(x, weight, bias)
+    x2 = _rows_of(x)
+    y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    if x2.shape[0]:
+        _launch(x2, weight, bias, y, skinny_config(x2.shape[0], weight.shape[0], x.element_size(), x.device))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
+    """Whether skinny_linear_rope takes the product of x [..., K] and weight [N, K] with heads of head_dim:
+    at most SKINNY_MAX_ROWS rows, whole heads, and a tile (one program per block, `persistent=False`) of
+    whole rotation pairs of one head: BLOCK_N / 2 divides D / 2, i.e. D a multiple of 32 up to 16 rows
+    (tiles of 32 rows of W), of 64 or of 128 past that (64 or 128 rows of W, by skinny_config)."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    pdl = use_pdl(x.device)
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows:
-        config = skinny_config(rows, n, x.element_size(), x.device)
-        _skinny_linear_kernel[(config.programs or triton.cdiv(n, config.block_n),)](
-            x2,
-            weight,
-            bias,
-            y,
-            rows,
-            n,
-            x2.stride(0),
-            weight.stride(0),
-            y.stride(0),
-            K=k,
-            BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k,
-            PERSISTENT=config.programs is not None,
-            SWAP=config.swap,
-            HAS_BIAS=bias is not None,
-            UPCAST=interpreted(),
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            PDL=pdl,
-            num_stages=config.num_stages,
-            num_warps=config.num_warps,
-            launch_pdl=pdl,
+    rows = x.numel() // max(k, 1)
+    if rows > SKINNY_MAX_ROWS or head_dim <= 0 or head_dim % 2 or n % head_dim:
+        return False
+    config = skinny_config(rows, n, x.element_size(), x.device, persistent=False)
+    return head_dim % config.block_n == 0
+
+
+def skinny_linear_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """The q/k/v projection of a decode step with `rope_and_cache` in its epilogue, in one launch: the
+    effects of rope_and_cache(skinny_linear(x, weight, bias), positions, cos_sin, k_cache, v_cache,
+    slot_mapping), where fuses_rope(x, weight, D) (ValueError elsewhere).
+
+    x: [T, K]; weight: [(Hq + 2 Hkv) * D, K] contiguous; bias: [N] or None; the rest as rope_and_cache
+    takes them (caches [num_blocks, block_size, Hkv, D]), all one dtype. Returns qkv [T, N] in that dtype,
+    q and k rotated, in the projection's column layout; k and v are written to the caches at slot_mapping.
+    q and k are rotated from the fp32 accumulator and rounded once (the two launches round qkv first:
+    fp16/bf16 results may differ by an ulp); v is skinny_linear's. No host synchronisation."""
+    _validate(x, weight, bias)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
+    n = weight.shape[0]
+    qkv = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if not fuses_rope(x, weight, head_dim):
+        raise ValueError(
+            f"no fused rope for {x.shape[0]} rows, N={n}, D={head_dim}: a program's rows of W must be whole "
+            "rotation pairs of one head (see fuses_rope)"
         )
-    return y.view(*x.shape[:-1], n)
+    if x.shape[0]:
+        rope = {
+            "positions_ptr": positions,
+            "cos_sin_ptr": cos_sin,
+            "k_cache_ptr": k_cache,
+            "v_cache_ptr": v_cache,
+            "slot_mapping_ptr": slot_mapping,
+            "stride_pos": cos_sin.stride(0),
+            "stride_sin": cos_sin.stride(1),
+            "stride_slot": k_cache.stride(1),  # the caches as [num_blocks * block_size, Hkv, D]
+            "stride_head": k_cache.stride(2),
+            "NUM_Q_HEADS": n // head_dim - 2 * num_kv_heads,
+            "NUM_KV_HEADS": num_kv_heads,
+            "HEAD_DIM": head_dim,
+        }
+        config = skinny_config(x.shape[0], n, x.element_size(), x.device, persistent=False)
+        _launch(_rows_of(x), weight, bias, qkv, config, rope)
+    return qkv
 
 
 reference_skinny_linear = F.linear  # the torch twin: same arguments, same result up to rounding

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from kernels import lean_attention_decode, reference_decode_attention
+from models.prefetch import SideStreamPrefetch
 
 
 @dataclass
@@ -35,6 +36,9 @@ class AttentionBatch:
     prefill_context_lens_host: list[int]
     prefill_query_lens_host: list[int]
     timer: AttentionTimer | None = None  # accumulates attention time of all layers in this step
+    # Small decode steps on Hopper: each layer's output projection weights are prefetched into L2 while
+    # its attention runs (models.prefetch); the model runner decides per step.
+    prefetch: SideStreamPrefetch | None = None
 
 
 _NO_LAUNCH = (torch.iinfo(torch.int64).max, 0)  # a stamps row no kernel has folded a span into

@@ -22,7 +22,7 @@ from kernels import (
     silu_and_mul,
     skinny_linear,
 )
-from kernels.skinny_linear import skinny_beats_cublas
+from kernels.skinny_linear import fuses_rope, skinny_beats_cublas, skinny_linear_rope
 from models.config import ModelConfig
 
 
@@ -35,14 +35,27 @@ def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "lm_head_weight")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. x: [..., K]; weight: [N, K], dense or packed by `prepack_linear_weights`.
-    Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x @ weight.T + bias in out_dtype (default x's). x: [..., K]; weight: [N, K], dense or packed by
+    `prepack_linear_weights`. Decode-sized batches on CUDA take the skinny Triton kernel, everything else
+    cuBLAS / oneDNN. On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM head's fp32
+    logits without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast took 24 us; the product with
+    cuBLASLt writing fp32 itself, at 128 / 256 rows: 450 -> 412 / 534 -> 471 us)."""
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if use_skinny_linear(x, weight):
-        return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    elif use_skinny_linear(x, weight):
+        return skinny_linear(x, weight, bias, out_dtype)
+    elif x.is_cuda and out_dtype not in (None, x.dtype) and bias is None:
+        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=out_dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def prefer_cublaslt(device: torch.device) -> None:
@@ -142,6 +155,28 @@ class RotaryEmbedding(nn.Module):
         table = torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)
         # Rounded to the model dtype like the reference, so bf16 runs match HF's rounding too.
         self.register_buffer("cos_sin", table.to(dtype), persistent=False)
+
+    def fuses_with(self, x: torch.Tensor, qkv_weight: torch.Tensor) -> bool:
+        """The q/k/v product of x takes the rotation and cache write into its epilogue (`project`): where
+        the skinny kernel runs the product and a program's rows of W are whole rotation pairs."""
+        return use_skinny_linear(x, qkv_weight) and fuses_rope(x, qkv_weight, self.cos_sin.shape[-1])
+
+    def project(
+        self,
+        x: torch.Tensor,
+        qkv_weight: torch.Tensor,
+        qkv_bias: torch.Tensor | None,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` applied to linear(x, qkv_weight, qkv_bias), in one kernel (where `fuses_with`).
+        Returns qkv [T, (Hq + 2 Hkv) * D], q and k rotated; k and v written to the caches. On an H100 the
+        Llama-3-8B layer chain lost its 32 rope_and_cache launches: SESSION12_NUMBERS."""
+        return skinny_linear_rope(
+            x, qkv_weight, qkv_bias, positions, self.cos_sin, k_cache, v_cache, slot_mapping
+        )
 
     def forward(
         self,

@@ -52,13 +52,27 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, H]; positions: [T] int64 -> [T, H] (this rank's partial sum under tensor parallelism)"""
         num_tokens = x.shape[0]
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)
-        if self.qk_norm_weight is not None:
-            # The q and k heads, normalised in place: the rotation reads them from qkv.
-            qk = qkv[:, : self.qk_norm_weight.numel()].view(num_tokens, *self.qk_norm_weight.shape)
-            torch.mul(F.rms_norm(qk, (self.head_dim,), None, self.eps), self.qk_norm_weight, out=qk)
         k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
-        q, k, v = self.rope(qkv, positions, k_cache, v_cache, batch.slot_mapping)
+        # Decode-sized steps on CUDA rotate q and k and write the cache in the product's epilogue; the
+        # q/k norm (Qwen3) sits between the two and needs whole heads, so it keeps them apart.
+        fused = self.qk_norm_weight is None and self.rope.fuses_with(x, self.qkv_weight)
+        if fused:
+            qkv = self.rope.project(
+                x, self.qkv_weight, self.qkv_bias, positions, k_cache, v_cache, batch.slot_mapping
+            )
+        else:
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+        if batch.prefetch is not None:
+            batch.prefetch(self.o_weight)
+        if fused:
+            heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
+            q, k, v = qkv.view(num_tokens, -1, self.head_dim).split(heads, dim=1)
+        else:
+            if self.qk_norm_weight is not None:
+                # The q and k heads, normalised in place: the rotation reads them from qkv.
+                qk = qkv[:, : self.qk_norm_weight.numel()].view(num_tokens, *self.qk_norm_weight.shape)
+                torch.mul(F.rms_norm(qk, (self.head_dim,), None, self.eps), self.qk_norm_weight, out=qk)
+            q, k, v = self.rope(qkv, positions, k_cache, v_cache, batch.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         return linear(o.view(num_tokens, -1), self.o_weight)
 
@@ -157,11 +171,13 @@ class CausalLM(nn.Module):
         x, residual = F.embedding(input_ids, self.embed_weight), None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, batch, kv_cache)
+        if batch.prefetch is not None:
+            batch.prefetch.join()
         return self.norm(x, residual)[0]  # the last layer's MLP output joins the stream here
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] float32"""
-        return linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, out_dtype=torch.float32)
 
     def checkpoint_layout(self) -> Layout:
         """HF checkpoint tensor name -> (our parameter name, first row, end row, checkpoint slice) it

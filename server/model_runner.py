@@ -18,6 +18,7 @@ import torch
 from models.attention import AttentionBatch, AttentionReading, AttentionTimer
 from models.kv_cache import KVCache
 from models.llama import CausalLM
+from models.prefetch import SideStreamPrefetch
 from server.sampler import SamplerOutput, token_logprobs
 from server.scheduler import PrefillChunk, SchedulerOutput
 from server.tp_worker import TPWorkers
@@ -28,6 +29,13 @@ logger = logging.getLogger(__name__)
 # vocabulary would be 1 GiB of fp32 logits; 256 rows with their log-softmax take about 320 MiB, which
 # the step's activation reserve (free again once the forward is done) covers.
 _SCORE_ROWS = 256
+
+# Decode steps of at most this many sequences and KV tokens in all replay a graph that prefetches each
+# layer's output projection into L2 while its attention runs (models.prefetch; Hopper). What it changed in
+# a Llama-3-8B layer chain on an H100 (us a step; batch x context): 1 x 1k -95, 1 x 2k -81, 1 x 3k -64,
+# 1 x 4k -3, 2 x 1k -61, 2 x 2k +8, 4 x 1k -18, 16 x 1k +35, 64 x 1.5k +873 (docs/benchmarks.md).
+PREFETCH_MAX_BATCH = 4
+PREFETCH_MAX_KV_TOKENS = 3072
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -41,6 +49,11 @@ class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     timer: AttentionTimer | None
     logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
+
+
+def prefetches(num_seqs: int, kv_tokens: int) -> bool:
+    """A decode step this small is latency-bound in attention: replay its graph with the L2 prefetch."""
+    return num_seqs <= PREFETCH_MAX_BATCH and kv_tokens <= PREFETCH_MAX_KV_TOKENS
 
 
 def resolve_placeholders(ids: torch.Tensor, pending_tokens: torch.Tensor | None) -> torch.Tensor:
@@ -83,7 +96,7 @@ class ModelRunner:
         self._num_layers = model.config.num_layers
         self._timer = AttentionTimer(device, self._num_layers) if time_attention else None
         self._pin = device.type == "cuda"
-        self._graphs: dict[int, _DecodeGraph] = {}
+        self._graphs: dict[tuple[int, bool], _DecodeGraph] = {}  # (bucket, with the L2 prefetch)
         self._buckets: list[int] = []
         # A graph replay would skip the input broadcast that tensor-parallel workers wait for.
         if use_cuda_graphs and device.type == "cuda" and workers is None:
@@ -221,8 +234,13 @@ class ModelRunner:
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
         self._buckets = graph_buckets(max_batch)
+        prefetch = SideStreamPrefetch(dev) if SideStreamPrefetch.supported(dev) else None
+        variants = [(bucket, False) for bucket in self._buckets]
+        if prefetch is not None:
+            variants += [(bucket, True) for bucket in self._buckets if prefetches(bucket, 0)]
         started = time.perf_counter()
-        for bucket in reversed(self._buckets):  # largest first: later graphs reuse its pool memory
+        # Largest first: later graphs reuse its pool memory.
+        for bucket, prefetching in sorted(variants, reverse=True):
             timer = AttentionTimer(dev, self._num_layers) if self.time_attention else None
             batch = AttentionBatch(
                 slot_mapping=self._in_slots[:bucket],
@@ -235,6 +253,7 @@ class ModelRunner:
                 prefill_context_lens_host=[],
                 prefill_query_lens_host=[],
                 timer=None,
+                prefetch=prefetch if prefetching else None,
             )
 
             def run(batch=batch, n=bucket) -> torch.Tensor:
@@ -249,7 +268,7 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = run()
-            self._graphs[bucket] = _DecodeGraph(graph, timer, logits)
+            self._graphs[(bucket, prefetching)] = _DecodeGraph(graph, timer, logits)
         torch.cuda.synchronize()
         # Most of this is Triton compiling kernel variants on the first start; later starts find them in
         # Triton's cache (TRITON_CACHE_DIR, ~/.triton/cache by default; docs/deployment.md).
@@ -292,7 +311,8 @@ class ModelRunner:
         self._in_lens[:bucket].copy_(stage32[:bucket], non_blocking=True)
         self._in_tables[:bucket, :width].copy_(stage32[bucket:].view(bucket, width), non_blocking=True)
         resolve_placeholders(self._in_ids[:bucket], pending_tokens)
-        entry = self._graphs[bucket]
+        prefetching = prefetches(num, int(lens[:num].sum()))
+        entry = self._graphs.get((bucket, prefetching)) or self._graphs[(bucket, False)]
         entry.graph.replay()
         return entry.logits[:num], entry.timer.finish() if entry.timer is not None else None, None
 

@@ -575,3 +575,25 @@ def test_cuda_graph_decode_matches_eager(make_engine):
     requests = {f"g{i}": (p, greedy(max_tokens=24)) for i, p in enumerate(prompts(seed=1))}
     a, b = run_all(graph, requests), run_all(eager, requests)
     assert {k: v[1] for k, v in a.items()} == {k: v[1] for k, v in b.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_with_l2_prefetch_match_plain_graphs(make_engine, monkeypatch):
+    """Small decode steps replay graphs that prefetch the o projection into L2 on a side stream (Hopper):
+    same tokens as graphs without it."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the L2 bulk prefetch is Hopper's")
+    with_prefetch = make_engine(kv_cache_tokens=4112)  # an engine of its own (make_engine caches by settings)
+    assert {bucket for bucket, prefetching in with_prefetch.runner._graphs if prefetching} == {1, 2, 4}
+    with monkeypatch.context() as patch:
+        patch.setattr(model_runner, "PREFETCH_MAX_BATCH", 0)
+        plain = make_engine(kv_cache_tokens=4128)
+    assert not any(prefetching for _, prefetching in plain.runner._graphs)
+    chosen = []
+    original = model_runner.prefetches
+    monkeypatch.setattr(model_runner, "prefetches", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    requests = {f"p{i}": (p, greedy(max_tokens=24)) for i, p in enumerate(prompts(seed=2)[:3])}
+    a, b = run_all(with_prefetch, requests), run_all(plain, requests)
+    assert {k: v[1] for k, v in a.items()} == {k: v[1] for k, v in b.items()}
+    assert True in chosen

@@ -1,7 +1,8 @@
 """How kernels are launched (kernels/launch.py): programmatic dependent launch only for compiled kernels
 on Hopper or later, and on GPU a chain of dependent PDL kernels (a decoder layer's MLP half: norm,
 products, activation) captured in a CUDA graph gives bit for bit what the same kernels give launched in
-full stream order: a kernel that read its input before the previous one had written it would differ."""
+full stream order: a kernel that read its input before the previous one had written it would differ.
+The L2 prefetch (kernels/l2_prefetch.py) runs only there too."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from kernels import (
     silu_and_mul,
     skinny_linear,
 )
+from kernels.l2_prefetch import prefetch_l2, supports_l2_prefetch
 from kernels.launch import use_pdl
 
 HAS_CUDA = torch.cuda.is_available()
@@ -37,6 +39,12 @@ def test_no_pdl_off_the_gpu_or_under_the_interpreter(monkeypatch):
     assert not use_pdl(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not use_pdl(torch.device("cuda"))  # decided before any CUDA call: no GPU needed here
+
+
+def test_l2_prefetch_only_on_compiled_hopper_gpus():
+    assert not supports_l2_prefetch(torch.device("cpu"))
+    with pytest.raises(ValueError, match="Hopper GPU"):
+        prefetch_l2(torch.zeros(4096), 4096)
 
 
 @gpu

@@ -1,7 +1,8 @@
 """The skinny decode matrix product against its twin F.linear (interpreted on CPU, compiled on GPU):
 ragged N and K, 1..64 rows (every tile shape) with any leading shape, bias, guard pages, validation, the
-model with the kernel in its linear layers (CPU, interpreted), and on GPU: Llama-3-8B's and the default
-model's projections in bf16 and a CUDA-graph replay."""
+product with rope_and_cache in its epilogue against the twins, the model with the kernel in its linear
+layers (CPU, interpreted), and on GPU: Llama-3-8B's and the default model's projections in bf16 and a
+CUDA-graph replay."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from greedy_runner import GreedyRunner
 from guard_page import against_guard_page
+from test_fused_ops import MAX_POS, cos_sin_table
 
 import models.layers
-from kernels import reference_skinny_linear, skinny_linear
-from kernels.skinny_linear import SKINNY_MAX_ROWS, skinny_config
+from kernels import reference_rope_and_cache, reference_skinny_linear, rope_and_cache, skinny_linear
+from kernels.skinny_linear import SKINNY_MAX_ROWS, fuses_rope, skinny_config, skinny_linear_rope
 from models.loader import load_model
 
 # The module itself: `kernels.skinny_linear` names the function that kernels/__init__ exports.
@@ -122,6 +124,116 @@ def test_validation_errors(mutate, message):
         skinny_linear(**args)
 
 
+# -- the product with rope_and_cache in its epilogue ------------------------------------------------
+def _rope_inputs(rows: int, heads: tuple[int, int], head_dim: int, k: int, bias: bool, dtype: torch.dtype):
+    """x, weight, bias of a q/k/v projection and rope_and_cache's other arguments: ragged positions,
+    shuffled slots in a cache of spare blocks filled with noise (so a stray write shows). Slot 0 is never
+    used: padded rows of x would hit it (their slot loads as 0) if they stored anything."""
+    hq, hkv = heads
+    x, w, b = _inputs(rows, (hq + 2 * hkv) * head_dim, k, dtype, DEVICE, bias)
+    gen = torch.Generator().manual_seed(1)
+    positions = torch.randint(0, MAX_POS, (rows,), generator=gen)
+    num_blocks, block_size = rows // 4 + 3, 4
+    slots = 1 + torch.randperm(num_blocks * block_size - 1, generator=gen)[:rows]
+    k_cache, v_cache = torch.randn(2, num_blocks, block_size, hkv, head_dim, generator=gen).to(dtype)
+    table = cos_sin_table(head_dim, dtype, DEVICE)
+    rope = (positions.to(DEVICE), table, k_cache.to(DEVICE), v_cache.to(DEVICE), slots.to(DEVICE))
+    return x, w, b, rope
+
+
+@pytest.mark.parametrize(
+    ("rows", "heads", "head_dim", "k", "bias", "dtype", "block_n"),
+    [
+        (1, (4, 2), 64, 200, True, torch.float32, 32),  # skinny_linear would take the persistent grid here
+        (3, (4, 2), 128, 300, False, torch.bfloat16, 32),  # 4 programs a head
+        (17, (4, 2), 128, 200, True, torch.float16, 128),  # W's rows on the MMA's M side, a head a program
+        (17, (3, 1), 64, 256, False, torch.bfloat16, 64),  # the 64-row swapped tile, K a multiple of the tile
+        (40, (4, 2), 64, 256, True, torch.bfloat16, 64),  # 64 rows of x in the tile, 24 of them padding
+    ],
+)
+def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, block_n, monkeypatch):
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n != 64 else 1 << 20)
+    x, w, b, rope = _rope_inputs(rows, heads, head_dim, k, bias, dtype)
+    assert fuses_rope(x, w, head_dim)
+    config = skinny_config(rows, w.shape[0], dtype.itemsize, torch.device(DEVICE), persistent=False)
+    assert (config.block_n, config.programs) == (block_n, None)
+    positions, table, k_cache, v_cache, slots = rope
+    expected = F.linear(x.float(), w.float(), b.float() if bias else None)
+    k_expected, v_expected = k_cache.float(), v_cache.float()
+    reference_rope_and_cache(expected, positions, table.float(), k_expected, v_expected, slots)
+
+    two_launches = skinny_linear(x, w, b)  # the unfused path, on copies of the caches
+    k_unfused, v_unfused = k_cache.clone(), v_cache.clone()
+    rope_and_cache(two_launches, positions, table, k_unfused, v_unfused, slots)
+
+    qkv = skinny_linear_rope(x, w, b, *rope)
+    tol = TOLERANCES[dtype]  # the product rounded, then the rotation rounded: within that of fp32 throughout
+    torch.testing.assert_close(qkv, expected.to(dtype), atol=2 * tol, rtol=2 * tol)
+    # The epilogue rotates what the product stored, as rope_and_cache reads it: the same bits where the
+    # plain product runs the same grid (the persistent one sums in another order: fp32 rounding apart).
+    same_grid = skinny_config(rows, w.shape[0], dtype.itemsize, torch.device(DEVICE)) == config
+    exact = 0 if same_grid else TOLERANCES[torch.float32]
+    torch.testing.assert_close(qkv, two_launches, atol=exact, rtol=exact)
+    torch.testing.assert_close(k_cache, k_unfused, atol=exact, rtol=exact)
+    torch.testing.assert_close(v_cache, v_unfused, atol=exact, rtol=exact)
+    written = torch.zeros(k_cache.shape[0] * k_cache.shape[1], dtype=torch.bool, device=DEVICE)
+    written[slots] = True
+    k_slots, v_slots = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    torch.testing.assert_close(
+        k_slots[slots], k_expected.flatten(0, 1)[slots].to(dtype), atol=2 * tol, rtol=2 * tol
+    )
+    assert torch.equal(k_slots[~written], k_expected.flatten(0, 1)[~written].to(dtype))  # untouched
+    assert torch.equal(v_slots[~written], v_expected.flatten(0, 1)[~written].to(dtype))
+
+
+@pytest.mark.parametrize(
+    ("rows", "head_dim", "sms", "fused"),
+    [
+        (1, 64, 1, True),  # a 32-row tile: 16 pairs of a 32-pair half
+        (16, 32, 1, True),  # the smallest head a 32-row tile fits
+        (16, 16, 1, False),
+        (17, 64, 1 << 20, True),  # the 64-row tile: a head a program
+        (17, 64, 1, False),  # the 128-row tile holds 64 pairs, a head only 32
+        (64, 128, 1, True),
+        (65, 128, 1, False),  # past the kernel's rows
+    ],
+)
+def test_fuses_rope_where_a_tile_holds_whole_pairs_of_one_head(rows, head_dim, sms, fused, monkeypatch):
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: sms)
+    x = torch.empty(rows, 64, device=DEVICE)
+    assert fuses_rope(x, torch.empty(8 * head_dim, 64, device=DEVICE), head_dim) == fused
+    assert not fuses_rope(x, torch.empty(8 * head_dim + 2, 64, device=DEVICE), head_dim)  # not whole heads
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.update(x=a["x"][None]), r"x must be \[T, K\]"),
+        (lambda a: a.update(x=a["x"][:, :-1]), "to match weight"),
+        (lambda a: a.update(weight=a["weight"][:256], bias=a["bias"][:256]), "qkv must be"),  # no q heads
+        (lambda a: a.update(k_cache=a["k_cache"].half()), "share a dtype"),
+        (lambda a: a.update(slot_mapping=a["slot_mapping"].int()), "slot_mapping must be"),
+        (
+            lambda a: a.update(
+                x=a["x"].repeat(6, 1),
+                positions=a["positions"].repeat(6),
+                slot_mapping=a["slot_mapping"].repeat(6),
+            ),
+            "no fused rope",
+        ),
+    ],
+    ids=["x-dims", "k", "heads", "cache-dtype", "slots-dtype", "tile"],
+)
+def test_rope_validation_errors(mutate, message, monkeypatch):
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1)  # 18 rows: the 128-row tile
+    x, w, b, rope = _rope_inputs(3, (4, 2), 64, 64, True, torch.float32)
+    names = ("positions", "cos_sin", "k_cache", "v_cache", "slot_mapping")
+    args = {"x": x, "weight": w, "bias": b} | dict(zip(names, rope, strict=True))
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        skinny_linear_rope(**args)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests of test_models.py run the model's kernels natively")
 def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     """The CPU model with the (interpreted) kernel in every linear layer of decode-sized steps: same
@@ -140,8 +252,14 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
         "use_skinny_linear",
         lambda x, weight: calls.append(x.shape) or x.shape[0] <= SKINNY_MAX_ROWS,
     )
+    fused = []  # q/k/v products that took RoPE and the cache write into their epilogue (<= 16 rows here)
+    monkeypatch.setattr(
+        models.layers,
+        "skinny_linear_rope",
+        lambda x, *rest: fused.append(x.shape) or skinny_linear_rope(x, *rest),
+    )
     got, logits = run()
-    assert calls and got == expected
+    assert calls and fused and got == expected
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
