@@ -43,11 +43,13 @@ class SkinnyConfig:
 
 
 def skinny_config(
-    rows: int, n: int, itemsize: int, device: torch.device, persistent: bool = True
+    rows: int, n: int, k: int, itemsize: int, device: torch.device, persistent: bool = True
 ) -> SkinnyConfig:
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
     32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
-    84.3%); a matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
+    84.3%), 5 where W's rows are longer than W is tall (the down projection; Llama-3-8B layer chain at 1 /
+    8 / 16 rows, us a step: 5 stages -20 / -40 / -54, 6 stages +9 / -44 / -11, 3 stages +139 / +135 /
+    +160). A matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
     program of 512-column stages per SM, the SMs rounded down to a multiple of 8 (at 1 / 8 / 16 rows
     gate/up 86.6 -> 83.2 / 88.8 -> 85.0 / 87.2 -> 84.7 us; 2 programs per SM 83.2-83.5 at 1 row, 132
     programs of 256-column stages 86.0; the LM head and the smaller matrices gain nothing). 17-64 rows:
@@ -56,7 +58,7 @@ def skinny_config(
     W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5
     vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0); persistent grids lost there
     (gate/up 86.4 us at best). `persistent=False` never takes the persistent grid (the rope epilogue needs
-    one program per block)."""
+    one program per block). fp32 stages are twice the size: stages are dropped until they fit."""
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
         grid = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
@@ -66,13 +68,12 @@ def skinny_config(
             and _fits(grid, itemsize, device)
         ):
             return grid
-        return SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=4, num_warps=4, swap=False)
-    block_m = triton.next_power_of_2(rows)
-    if triton.cdiv(n, 128) >= sm_count(device):
-        config = SkinnyConfig(block_m=block_m, block_n=128, block_k=128, num_stages=3, num_warps=8, swap=True)
+        stages = 5 if k > n else 4
+        config = SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=stages, num_warps=4, swap=False)
+    elif triton.cdiv(n, 128) >= sm_count(device):
+        config = SkinnyConfig(triton.next_power_of_2(rows), 128, 128, num_stages=3, num_warps=8, swap=True)
     else:
-        config = SkinnyConfig(block_m=block_m, block_n=64, block_k=128, num_stages=5, num_warps=4, swap=True)
-    # fp32 stages are twice the size: fewer of them (an H100 has room for the bf16 ones above).
+        config = SkinnyConfig(triton.next_power_of_2(rows), 64, 128, num_stages=5, num_warps=4, swap=True)
     while config.num_stages > 2 and not _fits(config, itemsize, device):
         config = replace(config, num_stages=config.num_stages - 1)
     return config
@@ -289,7 +290,7 @@ def skinny_linear(
     x2 = _rows_of(x)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
-        _launch(x2, weight, bias, y, skinny_config(x2.shape[0], weight.shape[0], x.element_size(), x.device))
+        _launch(x2, weight, bias, y, skinny_config(x2.shape[0], *weight.shape, x.element_size(), x.device))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -302,7 +303,7 @@ def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
     rows = x.numel() // max(k, 1)
     if rows > SKINNY_MAX_ROWS or head_dim <= 0 or head_dim % 2 or n % head_dim:
         return False
-    config = skinny_config(rows, n, x.element_size(), x.device, persistent=False)
+    config = skinny_config(rows, n, k, x.element_size(), x.device, persistent=False)
     return head_dim % config.block_n == 0
 
 
@@ -352,7 +353,7 @@ def skinny_linear_rope(
             "NUM_KV_HEADS": num_kv_heads,
             "HEAD_DIM": head_dim,
         }
-        config = skinny_config(x.shape[0], n, x.element_size(), x.device, persistent=False)
+        config = skinny_config(x.shape[0], *weight.shape, x.element_size(), x.device, persistent=False)
         _launch(_rows_of(x), weight, bias, qkv, config, rope)
     return qkv
 

@@ -56,11 +56,21 @@ def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
     # Past 16 rows the W tile depends on the SM count: pretend one SM (128 rows of W a program) or very
     # many (64), so each tile shape runs on any device.
     monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
-    config = skinny_config(rows, n, dtype.itemsize, torch.device(DEVICE))
+    config = skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE))
     assert (config.block_n, config.programs) == (block_n, None)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=tol, rtol=tol)
+
+
+def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
+    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 132)
+    monkeypatch.setattr(skinny_module, "max_shared_memory", lambda device: 232448)  # an H100's
+    cpu = torch.device("cpu")
+    assert skinny_config(1, 4096, 14336, 2, cpu).num_stages == 5  # the down projection: long rows of W
+    assert skinny_config(1, 6144, 4096, 2, cpu).num_stages == 4  # q/k/v
+    assert skinny_config(1, 4096, 14336, 4, cpu).num_stages == 4  # fp32: 5 stages of 48 KB do not fit
+    assert skinny_config(64, 6144, 4096, 4, cpu).num_stages == 3  # nor 4 of 64 KB
 
 
 @pytest.mark.parametrize(
@@ -74,7 +84,7 @@ def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
 def test_persistent_grid_matches_fp32_product(rows, n, k, bias, dtype, monkeypatch):
     # With 8 SMs a matrix of 16-128 blocks of 32 rows is streamed by 8 programs, several blocks each.
     monkeypatch.setattr(skinny_module, "sm_count", lambda device: 8)
-    config = skinny_config(rows, n, dtype.itemsize, torch.device(DEVICE))
+    config = skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE))
     assert (config.programs, config.block_k) == (8, 1024 // dtype.itemsize)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
@@ -99,7 +109,7 @@ def test_leading_dims_and_strided_rows():
 )
 def test_touches_nothing_past_its_inputs(rows, sms, monkeypatch):
     monkeypatch.setattr(skinny_module, "sm_count", lambda device: sms)
-    persistent = skinny_config(rows, 45, 2, torch.device("cpu")).programs is not None
+    persistent = skinny_config(rows, 45, 280, 2, torch.device("cpu")).programs is not None
     assert persistent == ((rows, sms) == (5, 1))
     x, w, b = (against_guard_page(t) for t in _inputs(rows, 45, 280, torch.float16, "cpu", bias=True))
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=2e-3, rtol=2e-3)
@@ -155,7 +165,7 @@ def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, bloc
     monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n != 64 else 1 << 20)
     x, w, b, rope = _rope_inputs(rows, heads, head_dim, k, bias, dtype)
     assert fuses_rope(x, w, head_dim)
-    config = skinny_config(rows, w.shape[0], dtype.itemsize, torch.device(DEVICE), persistent=False)
+    config = skinny_config(rows, *w.shape, dtype.itemsize, torch.device(DEVICE), persistent=False)
     assert (config.block_n, config.programs) == (block_n, None)
     positions, table, k_cache, v_cache, slots = rope
     expected = F.linear(x.float(), w.float(), b.float() if bias else None)
@@ -171,7 +181,7 @@ def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, bloc
     torch.testing.assert_close(qkv, expected.to(dtype), atol=2 * tol, rtol=2 * tol)
     # The epilogue rotates what the product stored, as rope_and_cache reads it: the same bits where the
     # plain product runs the same grid (the persistent one sums in another order: fp32 rounding apart).
-    same_grid = skinny_config(rows, w.shape[0], dtype.itemsize, torch.device(DEVICE)) == config
+    same_grid = skinny_config(rows, *w.shape, dtype.itemsize, torch.device(DEVICE)) == config
     exact = 0 if same_grid else TOLERANCES[torch.float32]
     torch.testing.assert_close(qkv, two_launches, atol=exact, rtol=exact)
     torch.testing.assert_close(k_cache, k_unfused, atol=exact, rtol=exact)
