@@ -324,8 +324,8 @@ def skinny_linear_rope(
     x: [T, K]; weight: [(Hq + 2 Hkv) * D, K] contiguous; bias: [N] or None; the rest as rope_and_cache
     takes them (caches [num_blocks, block_size, Hkv, D]), all one dtype. Returns qkv [T, N] in that dtype,
     q and k rotated, in the projection's column layout; k and v are written to the caches at slot_mapping.
-    q and k are rotated from the fp32 accumulator and rounded once (the two launches round qkv first:
-    fp16/bf16 results may differ by an ulp); v is skinny_linear's. No host synchronisation."""
+    Each program rotates what it has just stored, as rope_and_cache reads it: the same bits as the two
+    launches where skinny_linear runs the same grid. No host synchronisation."""
     _validate(x, weight, bias)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
