@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
 from kernels import skinny_linear
-from kernels.skinny_linear import SKINNY_MAX_ROWS, skinny_beats_cublas
+from kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from models.layers import prefer_cublaslt
 
 DTYPE = torch.bfloat16

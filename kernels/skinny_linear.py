@@ -5,93 +5,22 @@ a few multiply-adds. cuBLAS's choices for these shapes on an H100 leave bandwidt
 matrices (attention's output projection at 71% of the read floor) and split K with a separate reduction
 kernel for others. Here each program streams BLOCK_N whole rows of W through a multi-stage pipeline and
 keeps the rows of x against them in one tensor-core tile; no split K, no second kernel. Matrices of many
-such blocks (gate/up) run on a persistent grid whose programs stream several blocks in one loop. It also takes
-part in programmatic dependent launch (kernels.launch), which torch's products cannot. For the q/k/v
-projection it can also rotate q and k and write k and v to the KV cache in its epilogue
-(`skinny_linear_rope`), saving the separate rope_and_cache launch.
-Its torch twins: `torch.nn.functional.linear`, then `reference_rope_and_cache`."""
+such blocks (gate/up) run on a persistent grid whose programs stream several blocks in one loop (which
+tile for which shape: kernels/skinny_config.py). It takes part in programmatic dependent launch
+(kernels.launch), which torch's products cannot. For the q/k/v projection it can also rotate q and k
+and write k and v to the KV cache in its epilogue (`skinny_linear_rope`), saving the rope_and_cache
+launch. Its torch twins: `torch.nn.functional.linear`, then `reference_rope_and_cache`."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted, max_shared_memory, sm_count, use_pdl, wait_for_previous_kernel
+from kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from kernels.rotary import check_rope_inputs, rotate_and_store_heads
-
-# Rows of x the kernel takes: decode batches up to this size (where it pays: skinny_beats_cublas).
-SKINNY_MAX_ROWS = 64
-
-
-@dataclass(frozen=True)
-class SkinnyConfig:
-    """Rows of x per tile (a tl.dot tile has at least 16), rows of W per program, K per pipeline stage,
-    stages in flight, warps, and whether W's rows are the tensor-core tile's M side (`swap`: W x x.T, so
-    64 or 128 weight rows fill the 64-row MMA instead of a handful of x rows)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_stages: int
-    num_warps: int
-    swap: bool
-    programs: int | None = None  # None: one program per block of W's rows
-
-
-def skinny_config(
-    rows: int, n: int, k: int, itemsize: int, device: torch.device, persistent: bool = True
-) -> SkinnyConfig:
-    """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
-    32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
-    84.3%), 5 where W's rows are longer than W is tall (the down projection; Llama-3-8B layer chain at 1 /
-    8 / 16 rows, us a step: 5 stages -20 / -40 / -54, 6 stages +9 / -44 / -11, 3 stages +139 / +135 /
-    +160). A matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
-    program of 512-column stages per SM, the SMs rounded down to a multiple of 8 (at 1 / 8 / 16 rows
-    gate/up 86.6 -> 83.2 / 88.8 -> 85.0 / 87.2 -> 84.7 us; 2 programs per SM 83.2-83.5 at 1 row, 132
-    programs of 256-column stages 86.0; the LM head and the smaller matrices gain nothing). 17-64 rows:
-    W's rows on the MMA's M side, 128 of them per program where that still gives every SM a program
-    (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5 stages. Sweep at 64 rows (tiles of
-    W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5
-    vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0); persistent grids lost there
-    (gate/up 86.4 us at best). `persistent=False` never takes the persistent grid (the rope epilogue needs
-    one program per block). fp32 stages are twice the size: stages are dropped until they fit."""
-    if rows <= 16:
-        programs = max(1, sm_count(device) // 8 * 8)
-        grid = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
-        if (
-            persistent
-            and 2 * programs <= triton.cdiv(n, 32) <= 16 * programs
-            and _fits(grid, itemsize, device)
-        ):
-            return grid
-        stages = 5 if k > n else 4
-        config = SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=stages, num_warps=4, swap=False)
-    elif triton.cdiv(n, 128) >= sm_count(device):
-        config = SkinnyConfig(triton.next_power_of_2(rows), 128, 128, num_stages=3, num_warps=8, swap=True)
-    else:
-        config = SkinnyConfig(triton.next_power_of_2(rows), 64, 128, num_stages=5, num_warps=4, swap=True)
-    while config.num_stages > 2 and not _fits(config, itemsize, device):
-        config = replace(config, num_stages=config.num_stages - 1)
-    return config
-
-
-def _fits(config: SkinnyConfig, itemsize: int, device: torch.device) -> bool:
-    """The config's pipeline stages fit the device's shared memory."""
-    stage = config.block_k * (config.block_m + config.block_n) * itemsize
-    return config.num_stages * stage <= max_shared_memory(device)
-
-
-def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
-    """Where the kernel is faster than cuBLASLt on an H100 (bf16): up to 16 rows always; 17-64 rows
-    unless K > N (the down projection: a program streams few, long rows of W there and cuBLASLt splits
-    K: at 64 rows 48.2 us with skinny_config's choice, 44.6 at the sweep's best, 44.2 on cuBLASLt; a
-    32-row Llama-3-8B layer chain took 8776 us with it in the kernel against 8419 us on cuBLASLt); never
-    past 64 rows (cuBLASLt faster on every projection at 128)."""
-    return rows <= 16 or (rows <= SKINNY_MAX_ROWS and k <= n)
+from kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
 
 
 @triton.jit

@@ -22,7 +22,8 @@ from kernels import (
     silu_and_mul,
     skinny_linear,
 )
-from kernels.skinny_linear import fuses_rope, skinny_beats_cublas, skinny_linear_rope
+from kernels.skinny_config import skinny_beats_cublas
+from kernels.skinny_linear import fuses_rope, skinny_linear_rope
 from models.config import ModelConfig
 
 

@@ -17,11 +17,12 @@ from test_fused_ops import MAX_POS, cos_sin_table
 
 import models.layers
 from kernels import reference_rope_and_cache, reference_skinny_linear, rope_and_cache, skinny_linear
-from kernels.skinny_linear import SKINNY_MAX_ROWS, fuses_rope, skinny_config, skinny_linear_rope
+from kernels.skinny_config import SKINNY_MAX_ROWS, skinny_config
+from kernels.skinny_linear import fuses_rope, skinny_linear_rope
 from models.loader import load_model
 
-# The module itself: `kernels.skinny_linear` names the function that kernels/__init__ exports.
-skinny_module = importlib.import_module("kernels.skinny_linear")
+# Tests pretend other SM counts and shared-memory sizes by patching what the tile rules read.
+config_module = importlib.import_module("kernels.skinny_config")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -55,7 +56,7 @@ def _expected(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
     # Past 16 rows the W tile depends on the SM count: pretend one SM (128 rows of W a program) or very
     # many (64), so each tile shape runs on any device.
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
     config = skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE))
     assert (config.block_n, config.programs) == (block_n, None)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
@@ -64,8 +65,8 @@ def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
 
 
 def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 132)
-    monkeypatch.setattr(skinny_module, "max_shared_memory", lambda device: 232448)  # an H100's
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 132)
+    monkeypatch.setattr(config_module, "max_shared_memory", lambda device: 232448)  # an H100's
     cpu = torch.device("cpu")
     assert skinny_config(1, 4096, 14336, 2, cpu).num_stages == 5  # the down projection: long rows of W
     assert skinny_config(1, 6144, 4096, 2, cpu).num_stages == 4  # q/k/v
@@ -83,7 +84,7 @@ def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
 )
 def test_persistent_grid_matches_fp32_product(rows, n, k, bias, dtype, monkeypatch):
     # With 8 SMs a matrix of 16-128 blocks of 32 rows is streamed by 8 programs, several blocks each.
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 8)
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 8)
     config = skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE))
     assert (config.programs, config.block_k) == (8, 1024 // dtype.itemsize)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
@@ -108,7 +109,7 @@ def test_leading_dims_and_strided_rows():
     [(5, 1 << 20), (5, 1), (40, 1)],  # a 16-row tile; the same on a persistent grid; W's rows swapped in
 )
 def test_touches_nothing_past_its_inputs(rows, sms, monkeypatch):
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: sms)
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
     persistent = skinny_config(rows, 45, 280, 2, torch.device("cpu")).programs is not None
     assert persistent == ((rows, sms) == (5, 1))
     x, w, b = (against_guard_page(t) for t in _inputs(rows, 45, 280, torch.float16, "cpu", bias=True))
@@ -162,7 +163,7 @@ def _rope_inputs(rows: int, heads: tuple[int, int], head_dim: int, k: int, bias:
     ],
 )
 def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, block_n, monkeypatch):
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1 if block_n != 64 else 1 << 20)
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n != 64 else 1 << 20)
     x, w, b, rope = _rope_inputs(rows, heads, head_dim, k, bias, dtype)
     assert fuses_rope(x, w, head_dim)
     config = skinny_config(rows, *w.shape, dtype.itemsize, torch.device(DEVICE), persistent=False)
@@ -209,7 +210,7 @@ def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, bloc
     ],
 )
 def test_fuses_rope_where_a_tile_holds_whole_pairs_of_one_head(rows, head_dim, sms, fused, monkeypatch):
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: sms)
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
     x = torch.empty(rows, 64, device=DEVICE)
     assert fuses_rope(x, torch.empty(8 * head_dim, 64, device=DEVICE), head_dim) == fused
     assert not fuses_rope(x, torch.empty(8 * head_dim + 2, 64, device=DEVICE), head_dim)  # not whole heads
@@ -235,7 +236,7 @@ def test_fuses_rope_where_a_tile_holds_whole_pairs_of_one_head(rows, head_dim, s
     ids=["x-dims", "k", "heads", "cache-dtype", "slots-dtype", "tile"],
 )
 def test_rope_validation_errors(mutate, message, monkeypatch):
-    monkeypatch.setattr(skinny_module, "sm_count", lambda device: 1)  # 18 rows: the 128-row tile
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 1)  # 18 rows: the 128-row tile
     x, w, b, rope = _rope_inputs(3, (4, 2), 64, 64, True, torch.float32)
     names = ("positions", "cos_sin", "k_cache", "v_cache", "slot_mapping")
     args = {"x": x, "weight": w, "bias": b} | dict(zip(names, rope, strict=True))
