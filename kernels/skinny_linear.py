@@ -228,12 +228,17 @@ def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
     at most SKINNY_MAX_ROWS rows, whole heads, and a tile (one program per block, `persistent=False`) of
     whole rotation pairs of one head: BLOCK_N / 2 divides D / 2, i.e. D a multiple of 32 up to 16 rows
     (tiles of 32 rows of W), of 64 or of 128 past that (64 or 128 rows of W, by skinny_config)."""
+    return _rope_config(x, weight, head_dim) is not None
+
+
+def _rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> SkinnyConfig | None:
+    """The tile skinny_linear_rope runs, or None where it cannot (see fuses_rope)."""
     n, k = weight.shape
     rows = x.numel() // max(k, 1)
     if rows > SKINNY_MAX_ROWS or head_dim <= 0 or head_dim % 2 or n % head_dim:
-        return False
+        return None
     config = skinny_config(rows, n, k, x.element_size(), x.device, persistent=False)
-    return head_dim % config.block_n == 0
+    return config if head_dim % config.block_n == 0 else None
 
 
 def skinny_linear_rope(
@@ -262,7 +267,8 @@ def skinny_linear_rope(
     qkv = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if not fuses_rope(x, weight, head_dim):
+    config = _rope_config(x, weight, head_dim)
+    if config is None:
         raise ValueError(
             f"no fused rope for {x.shape[0]} rows, N={n}, D={head_dim}: a program's rows of W must be whole "
             "rotation pairs of one head (see fuses_rope)"
@@ -282,7 +288,6 @@ def skinny_linear_rope(
             "NUM_KV_HEADS": num_kv_heads,
             "HEAD_DIM": head_dim,
         }
-        config = skinny_config(x.shape[0], *weight.shape, x.element_size(), x.device, persistent=False)
         _launch(_rows_of(x), weight, bias, qkv, config, rope)
     return qkv
 

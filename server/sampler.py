@@ -11,7 +11,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from kernels import argmax_rows
+from kernels import argmax_rows, reference_argmax_rows
 from server.sampling_params import SamplingParams
 
 
@@ -219,8 +219,8 @@ class Sampler:
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B] int64, each row's first maximum: our kernel on CUDA (torch's reduces a 128k row in
-    one block, ~8x slower there), torch elsewhere."""
-    return argmax_rows(x) if x.is_cuda else x.argmax(dim=-1)
+    one block, ~8x slower there), its torch twin elsewhere."""
+    return argmax_rows(x) if x.is_cuda else reference_argmax_rows(x)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
