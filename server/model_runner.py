@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.decode_inputs import DecodeInputs, decode_inputs, staged_size, staged_views
 from models.attention import AttentionBatch, AttentionReading, AttentionTimer
 from models.kv_cache import KVCache
 from models.llama import CausalLM
@@ -221,15 +222,17 @@ class ModelRunner:
     def _capture_decode_graphs(self, max_batch: int) -> None:
         n, width = max_batch, self.max_blocks_per_seq
         dev = self.device
-        self._in_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self._in_pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        self._in_slots = torch.full((n,), self.scratch_block * self.block_size, dtype=torch.int64, device=dev)
-        self._in_tables = torch.full((n, width), self.scratch_block, dtype=torch.int32, device=dev)
-        self._in_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        # Two sets of pinned staging buffers, used in turn (see _replay_decode): ids, positions and slots;
-        # lens and block tables.
-        self._stage64 = [torch.empty(3 * n, dtype=torch.int64).pin_memory() for _ in range(2)]
-        self._stage32 = [torch.empty(n * (width + 1), dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._inputs = DecodeInputs(
+            ids=torch.zeros(n, dtype=torch.int64, device=dev),
+            positions=torch.zeros(n, dtype=torch.int64, device=dev),
+            slots=torch.full((n,), self.scratch_block * self.block_size, dtype=torch.int64, device=dev),
+            seq_lens=torch.ones(n, dtype=torch.int32, device=dev),
+            block_tables=torch.full((n, width), self.scratch_block, dtype=torch.int32, device=dev),
+        )
+        # Each step's lengths, last tokens and tables travel in one copy (kernels.decode_inputs), from one
+        # of two pinned staging arrays used in turn (see _replay_decode).
+        self._staged = torch.empty(staged_size(n, width), dtype=torch.int32, device=dev)
+        self._stage = [torch.empty(staged_size(n, width), dtype=torch.int32).pin_memory() for _ in range(2)]
         self._replays = 0
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
@@ -242,24 +245,25 @@ class ModelRunner:
         # Largest first: later graphs reuse its pool memory.
         for bucket, prefetching in sorted(variants, reverse=True):
             timer = AttentionTimer(dev, self._num_layers) if self.time_attention else None
+            inputs = self._inputs.rows(bucket)
             batch = AttentionBatch(
-                slot_mapping=self._in_slots[:bucket],
+                slot_mapping=inputs.slots,
                 num_prefill_tokens=0,
                 prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
                 prefill_context_lens=empty_i32,
                 prefill_block_tables=torch.zeros(0, width, dtype=torch.int32, device=dev),
-                decode_block_tables=self._in_tables[:bucket],
-                decode_seq_lens=self._in_lens[:bucket],
+                decode_block_tables=inputs.block_tables,
+                decode_seq_lens=inputs.seq_lens,
                 prefill_context_lens_host=[],
                 prefill_query_lens_host=[],
                 timer=None,
                 prefetch=prefetch if prefetching else None,
             )
 
-            def run(batch=batch, n=bucket) -> torch.Tensor:
+            def run(batch=batch, inputs=inputs) -> torch.Tensor:
                 if batch.timer is not None:
                     batch.timer.start()  # captured: each replay resets the stamps it fills
-                hidden = self.model(self._in_ids[:n], self._in_pos[:n], batch, self.kv_cache)
+                hidden = self.model(inputs.ids, inputs.positions, batch, self.kv_cache)
                 return self.model.compute_logits(hidden)
 
             run()  # warm-up outside the graph: kernel compilation, workspace allocation
@@ -284,34 +288,23 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, AttentionReading | None, None]:
         num = len(step.decodes)
         bucket = next(b for b in self._buckets if b >= num)
-        bs = self.block_size
         decode_tables = [tables[seq.seq_id] for seq in step.decodes]
         width = max(len(t) for t in decode_tables)
-        # Inputs are written into persistent pinned buffers and copied from there straight into the
-        # graph's static inputs. The two sets alternate: the previous step may still be in flight with its
-        # copies not yet run, while the one before it has returned its sampled ids to the host.
-        stage64 = self._stage64[self._replays % 2][: 3 * bucket].view(3, bucket)
-        stage32 = self._stage32[self._replays % 2][: bucket * (width + 1)]
+        # The previous step may still be in flight with its copy not yet run, while the one before it has
+        # returned its sampled ids to the host: the two staging arrays alternate.
+        stage = self._stage[self._replays % 2][: staged_size(bucket, width)]
         self._replays += 1
-        ids, pos, slots = stage64.numpy()
-        lens, block_tables = stage32[:bucket].numpy(), stage32[bucket:].numpy().reshape(bucket, width)
+        lens, ids, block_tables = (t.numpy() for t in staged_views(stage, bucket, width))
         lens.fill(1)
         lens[:num] = [len(seq.token_ids) for seq in step.decodes]
         ids.fill(0)
         ids[:num] = [seq.token_ids[-1] for seq in step.decodes]
-        pos[:] = lens - 1
-        slots.fill(self.scratch_block * bs)
-        slots[:num] = [
-            t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(decode_tables, lens.tolist(), strict=False)
-        ]
-        block_tables.fill(self.scratch_block)
+        block_tables.fill(self.scratch_block)  # padded rows write their token to the scratch block
         for i, table in enumerate(decode_tables):
             block_tables[i, : len(table)] = table
-        for dst, src in zip((self._in_ids, self._in_pos, self._in_slots), stage64, strict=True):
-            dst[:bucket].copy_(src, non_blocking=True)
-        self._in_lens[:bucket].copy_(stage32[:bucket], non_blocking=True)
-        self._in_tables[:bucket, :width].copy_(stage32[bucket:].view(bucket, width), non_blocking=True)
-        resolve_placeholders(self._in_ids[:bucket], pending_tokens)
+        staged = self._staged[: stage.numel()]
+        staged.copy_(stage, non_blocking=True)
+        decode_inputs(staged, pending_tokens, self.block_size, self._inputs.rows(bucket))
         prefetching = prefetches(num, int(lens[:num].sum()))
         entry = self._graphs.get((bucket, prefetching)) or self._graphs[(bucket, False)]
         entry.graph.replay()
