@@ -25,13 +25,18 @@ def _silu_and_mul_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
-    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + row * stride_in + inter + offs, mask=mask, other=0.0)
-    # silu rounded to the dtype before the product, as F.silu(gate) * up rounds it.
+    tl.store(out_ptr + row * stride_out + offs, silu_times(gate, up), mask=mask)
+
+
+@triton.jit
+def silu_times(gate, up):
+    """silu(gate) * up in their dtype, rounded as F.silu(gate) * up rounds: silu to the dtype, then the
+    product (also the skinny product's SiLU epilogue, kernels/skinny_linear.py)."""
+    gate = gate.to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(
-        out_ptr + row * stride_out + offs, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=mask
-    )
+    return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
 
 
 # 1024 columns per program at 4 warps: 8 elements per thread, one 16-byte bf16 load each of gate and

@@ -18,9 +18,30 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.activation import silu_times
 from kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from kernels.rotary import check_rope_inputs, rotate_and_store_heads
 from kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
+
+
+@triton.jit
+def _load_rows(ptr, rows, num_rows, stride, k, K, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """The [len(rows), len(k)] tile of a row-major matrix (zeros past num_rows and K)."""
+    mask = rows[:, None] < num_rows
+    if not EVEN_K:
+        mask = mask & (k[None, :] < K)
+    tile = tl.load(ptr + rows[:, None].to(tl.int64) * stride + k[None, :], mask=mask, other=0.0)
+    return tile.to(tl.float32) if UPCAST else tile
+
+
+@triton.jit
+def _dot(x, w, acc, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w.T, or with SWAP its transpose: the tile is y.T's, W's rows fill the MMA's M side."""
+    if SWAP:
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -29,26 +50,9 @@ def _multiply_tile(
     SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """acc + the product of x's rows and W's rows offs_n over the columns k (one K tile)."""
-    m_mask = offs_m[:, None] < M
-    n_mask = offs_n[:, None] < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k[None, :]
-    if EVEN_K:
-        x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-        w = tl.load(w_ptrs, mask=n_mask, other=0.0)
-    else:
-        k_mask = k[None, :] < K
-        x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
-        w = tl.load(w_ptrs, mask=n_mask & k_mask, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-        w = w.to(tl.float32)
-    # With SWAP the tile is y.T's: W's rows fill the MMA's M side.
-    if SWAP:
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
-    else:
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
+    x = _load_rows(x_ptr, offs_m, M, stride_xm, k, K, EVEN_K, UPCAST)
+    w = _load_rows(w_ptr, offs_n, N, stride_wn, k, K, EVEN_K, UPCAST)
+    return _dot(x, w, acc, SWAP, DOT_PRECISION)
 
 
 @triton.jit
@@ -91,6 +95,7 @@ def _skinny_linear_kernel(
     stride_slot,
     stride_head,
     ROPE: tl.constexpr,
+    SILU: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -125,6 +130,24 @@ def _skinny_linear_kernel(
             if i % K_TILES == K_TILES - 1:
                 _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
                 acc = tl.zeros_like(acc)
+    elif SILU:
+        # W is gate || up: a program multiplies BLOCK_N / 2 gate rows and the up rows of the same
+        # columns into two accumulators of one layout, so silu(gate) * up is elementwise in registers
+        # and the product itself is never stored.
+        HALF: tl.constexpr = BLOCK_N // 2
+        cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        gate = tl.zeros([HALF, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, HALF], tl.float32)
+        up = tl.zeros_like(gate)
+        for kt in range(0, K_TILES):
+            k = kt * BLOCK_K + offs_k
+            x = _load_rows(x_ptr, offs_m, M, stride_xm, k, K, EVEN_K, UPCAST)
+            gate = _dot(x, _load_rows(w_ptr, cols, N, stride_wn, k, K, EVEN_K, UPCAST), gate, SWAP,
+                        DOT_PRECISION)  # fmt: skip
+            up = _dot(x, _load_rows(w_ptr, cols + N // 2, N, stride_wn, k, K, EVEN_K, UPCAST), up, SWAP,
+                      DOT_PRECISION)  # fmt: skip
+        # Rounded as silu_and_mul reads the stored product: the two launches' bits.
+        act = silu_times(gate.to(y_ptr.dtype.element_ty), up.to(y_ptr.dtype.element_ty))
+        _store_block(y_ptr, bias_ptr, act, offs_m, cols, M, N // 2, stride_ym, SWAP, HAS_BIAS)
     else:
         if ROPE:
             # A program takes BLOCK_N / 2 rotation pairs (j, j + D/2) of one head: its first BLOCK_N / 2
@@ -153,10 +176,11 @@ def _skinny_linear_kernel(
                                    NUM_KV_HEADS, HEAD_DIM)  # fmt: skip
 
 
-# The plain product passes nothing to the rope epilogue (ROPE=False compiles none of it).
-_NO_ROPE = dict(
+# The plain product passes nothing to the epilogues (ROPE=False and SILU=False compile none of them).
+_NO_EPILOGUE = dict(
     positions_ptr=None, cos_sin_ptr=None, k_cache_ptr=None, v_cache_ptr=None, slot_mapping_ptr=None,
     stride_pos=0, stride_sin=0, stride_slot=0, stride_head=0, NUM_Q_HEADS=0, NUM_KV_HEADS=0, HEAD_DIM=0,
+    ROPE=False, SILU=False,
 )  # fmt: skip
 
 
@@ -166,10 +190,10 @@ def _launch(
     bias: torch.Tensor | None,
     y: torch.Tensor,
     config: SkinnyConfig,
-    rope: dict | None = None,
+    epilogue: dict | None = None,
 ) -> None:
-    """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N]; with `rope`
-    (the epilogue's arguments, see skinny_linear_rope) y's q and k heads rotated and k, v cached too."""
+    """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N]; then the
+    `epilogue` (its arguments: skinny_linear_rope's, skinny_linear_silu's)."""
     pdl = use_pdl(x.device)
     _skinny_linear_kernel[(config.programs or triton.cdiv(weight.shape[0], config.block_n),)](
         x,
@@ -181,8 +205,7 @@ def _launch(
         x.stride(0),
         weight.stride(0),
         y.stride(0),
-        **(rope or _NO_ROPE),
-        ROPE=rope is not None,
+        **{**_NO_EPILOGUE, **(epilogue or {})},
         K=weight.shape[1],
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -287,9 +310,45 @@ def skinny_linear_rope(
             "NUM_Q_HEADS": n // head_dim - 2 * num_kv_heads,
             "NUM_KV_HEADS": num_kv_heads,
             "HEAD_DIM": head_dim,
+            "ROPE": True,
         }
         _launch(_rows_of(x), weight, bias, qkv, config, rope)
     return qkv
+
+
+def fuses_silu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether skinny_linear_silu takes the gate/up product of x [..., K] and weight [2I, K]: 17 to
+    SKINNY_MAX_ROWS rows (up to 16 the persistent grid streams gate/up faster, and dropping the SiLU
+    launch altogether cost time at 1 and 8 rows: docs/benchmarks.md, session 12) and a tile of
+    BLOCK_N / 2 columns that divides I."""
+    return _silu_config(x, weight) is not None
+
+
+def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The tile skinny_linear_silu runs, or None where it cannot (see fuses_silu)."""
+    n, k = weight.shape
+    rows = x.numel() // max(k, 1)
+    if not 16 < rows <= SKINNY_MAX_ROWS or n % 2:
+        return None
+    config = skinny_config(rows, n, k, x.element_size(), x.device, persistent=False)
+    return config if (n // 2) % (config.block_n // 2) == 0 else None
+
+
+def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gate/up product of a gated MLP with SiLU-and-multiply in its epilogue, in one launch:
+    silu_and_mul(skinny_linear(x, weight)) with the same bits, where fuses_silu(x, weight) (ValueError
+    elsewhere). x: [T, K]; weight: [2I, K] contiguous, gate rows first. Returns [T, I]; the [T, 2I]
+    product itself never reaches memory. No host synchronisation."""
+    _validate(x, weight, None)
+    config = _silu_config(x, weight)
+    if x.dim() != 2 or config is None:
+        raise ValueError(
+            f"no fused SiLU for x {tuple(x.shape)} and W {tuple(weight.shape)}: 17-{SKINNY_MAX_ROWS} rows "
+            "of [T, K] and a tile that divides I (see fuses_silu)"
+        )
+    act = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    _launch(_rows_of(x), weight, None, act, config, {"SILU": True})
+    return act
 
 
 reference_skinny_linear = F.linear  # the torch twin: same arguments, same result up to rounding

@@ -16,9 +16,16 @@ from guard_page import against_guard_page
 from test_fused_ops import MAX_POS, cos_sin_table
 
 import models.layers
-from kernels import reference_rope_and_cache, reference_skinny_linear, rope_and_cache, skinny_linear
+from kernels import (
+    reference_rope_and_cache,
+    reference_silu_and_mul,
+    reference_skinny_linear,
+    rope_and_cache,
+    silu_and_mul,
+    skinny_linear,
+)
 from kernels.skinny_config import SKINNY_MAX_ROWS, skinny_config
-from kernels.skinny_linear import fuses_rope, skinny_linear_rope
+from kernels.skinny_linear import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from models.loader import load_model
 
 # Tests pretend other SM counts and shared-memory sizes by patching what the tile rules read.
@@ -245,6 +252,53 @@ def test_rope_validation_errors(mutate, message, monkeypatch):
         skinny_linear_rope(**args)
 
 
+@pytest.mark.parametrize(
+    ("rows", "inter", "k", "dtype", "block_n"),
+    [
+        (17, 128, 200, torch.float32, 128),  # 128 rows of W a program: 64 gate + 64 up rows; ragged K
+        (40, 96, 64, torch.bfloat16, 64),  # 64 rows of W a program, I three tiles of 32 columns
+    ],
+)
+def test_silu_epilogue_matches_twins(rows, inter, k, dtype, block_n, monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
+    x, w, _ = _inputs(rows, 2 * inter, k, dtype, DEVICE, bias=False)
+    assert fuses_silu(x, w)
+    assert skinny_config(rows, 2 * inter, k, dtype.itemsize, torch.device(DEVICE)).block_n == block_n
+    act = skinny_linear_silu(x, w)
+    expected = reference_silu_and_mul(F.linear(x.float(), w.float()))
+    tol = TOLERANCES[dtype]  # the product rounded, then silu and the product: within that of fp32
+    torch.testing.assert_close(act, expected.to(dtype), atol=2 * tol, rtol=2 * tol)
+    # The epilogue reads back what the product stored, as silu_and_mul does: the two launches' bits.
+    torch.testing.assert_close(act, silu_and_mul(skinny_linear(x, w)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "sms", "fused"),
+    [
+        (16, 256, 1, False),  # up to 16 rows gate/up keeps its grid and the SiLU launch
+        (17, 256, 1, True),  # 128 rows of W a program: I = 128 holds whole 64-column halves
+        (17, 192, 1, False),  # I = 96 does not
+        (17, 192, 1 << 20, True),  # 64 rows of W a program: 32-column halves
+        (64, 256, 1, True),
+        (65, 256, 1, False),  # past the kernel's rows
+        (17, 257, 1, False),  # no gate || up split
+    ],
+)
+def test_fuses_silu_where_a_tile_holds_gate_and_up_of_its_columns(rows, n, sms, fused, monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
+    assert fuses_silu(torch.empty(rows, 64, device=DEVICE), torch.empty(n, 64, device=DEVICE)) == fused
+
+
+def test_silu_validation_errors():
+    x, w, _ = _inputs(17, 256, 64, torch.float32, DEVICE, bias=False)
+    with pytest.raises(ValueError, match="no fused SiLU"):
+        skinny_linear_silu(x[:16], w)
+    with pytest.raises(ValueError, match="no fused SiLU"):
+        skinny_linear_silu(x[None], w)
+    with pytest.raises(ValueError, match="to match weight"):
+        skinny_linear_silu(x[:, 1:], w)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests of test_models.py run the model's kernels natively")
 def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     """The CPU model with the (interpreted) kernel in every linear layer of decode-sized steps: same
@@ -277,7 +331,8 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
 @gpu
 @pytest.mark.gpu
 def test_gpu_bf16_model_decode_matches_cublas(tiny_model_factory, monkeypatch):
-    """A bf16 decode step of 40 sequences (64-row tiles with W's rows swapped in, the qwen2 q/k/v bias):
+    """A bf16 decode step of 40 sequences (64-row tiles with W's rows swapped in, the qwen2 q/k/v bias, the
+    SiLU epilogue):
     the logits with the kernel in the linear layers match those with torch's products everywhere."""
     model = load_model(tiny_model_factory("qwen2"), torch.bfloat16, "cuda")
     prompts = [[5 + i, 300, 41 + 7 * i] for i in range(40)]
@@ -287,7 +342,7 @@ def test_gpu_bf16_model_decode_matches_cublas(tiny_model_factory, monkeypatch):
         runner.generate(prompts, new_tokens=2)  # one prefill step (120 rows: cuBLASLt), one decode step
         return runner.last_logits
 
-    kernel_rows = []
+    kernel_rows, silu_rows = [], []
     route = models.layers.use_skinny_linear
 
     def recording_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -297,8 +352,11 @@ def test_gpu_bf16_model_decode_matches_cublas(tiny_model_factory, monkeypatch):
         return False
 
     monkeypatch.setattr(models.layers, "use_skinny_linear", recording_route)
+    monkeypatch.setattr(
+        models.layers, "skinny_linear_silu", lambda x, w: silu_rows.append(len(x)) or skinny_linear_silu(x, w)
+    )
     got = decode_logits()
-    assert 40 in kernel_rows
+    assert 40 in kernel_rows and 40 in silu_rows  # the gate/up product took SiLU into its epilogue
     monkeypatch.setattr(models.layers, "use_skinny_linear", lambda x, w: False)
     torch.testing.assert_close(got, decode_logits(), atol=3e-2, rtol=3e-2)
 
@@ -322,6 +380,17 @@ def test_gpu_projections(name, rows):
     n, k = GPU_SHAPES[name]
     x, w, _ = _inputs(rows, n, k, torch.bfloat16, "cuda", bias=False)
     torch.testing.assert_close(skinny_linear(x, w), _expected(x, w, None), atol=1.6e-2, rtol=1.6e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [17, 64])
+def test_gpu_silu_epilogue_llama3(rows):
+    x, w, _ = _inputs(rows, *GPU_SHAPES["gate_up"], torch.bfloat16, "cuda", bias=False)
+    act = skinny_linear_silu(x, w)
+    torch.testing.assert_close(act, silu_and_mul(skinny_linear(x, w)), atol=0, rtol=0)
+    expected = reference_silu_and_mul(F.linear(x.float(), w.float())).bfloat16()
+    torch.testing.assert_close(act, expected, atol=3.2e-2, rtol=3.2e-2)
 
 
 @gpu
