@@ -13,6 +13,8 @@ launch. Its torch twins: `torch.nn.functional.linear`, then `reference_rope_and_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -42,6 +44,76 @@ def _dot(x, w, acc, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     else:
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@dataclass(frozen=True)
+class StreamNorm:
+    """The RMSNorm of a product's x, where x is a residual stream that `skinny_linear_residual` wrote and
+    summed the squares of (`squares`: [blocks, rows] fp32, one row of partial sums per block of that
+    product's W): the product scales its fp32 rows by rsqrt(mean square + eps), which is the product of
+    the normalised x. The norm's weight is not applied: fold it into W's columns (W * weight). Against
+    the norm kernel (`kernels.rms_norm`) one rounding differs: it rounds the normalised x to the dtype
+    before the product."""
+
+    squares: torch.Tensor
+    eps: float
+
+
+@triton.jit
+def _load_squares(
+    squares_ptr, stride_sq, num_squares, offs_m, M, SQ_BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr
+):
+    """With SCALE_ROWS, the partial sums of squares of x's rows as [SQ_BLOCK, BLOCK_M] (zeros past them):
+    loaded at the start, summed after the K loop (`_scale_rows`), so the loads' latency hides behind it."""
+    squares = 0.0
+    if SCALE_ROWS:
+        p = tl.arange(0, SQ_BLOCK)
+        mask = (p[:, None] < num_squares) & (offs_m[None, :] < M)
+        squares = tl.load(squares_ptr + p[:, None] * stride_sq + offs_m[None, :], mask=mask, other=0.0)
+    return squares
+
+
+@triton.jit
+def _scale_rows(acc, squares, K, eps, SWAP: tl.constexpr, SCALE_ROWS: tl.constexpr):
+    """With SCALE_ROWS, the product's rows times 1 / rms of x's rows."""
+    if SCALE_ROWS:
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        acc = acc * rstd[None, :] if SWAP else acc * rstd[:, None]
+    return acc
+
+
+@triton.jit
+def _load_residual(res_ptr, offs_m, offs_n, M, N, stride_res, SWAP: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """With ADD_RESIDUAL, the residual's tile in the accumulator's orientation (loaded at the start)."""
+    r = 0.0
+    if ADD_RESIDUAL:
+        if SWAP:
+            mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+            r = tl.load(res_ptr + offs_m[None, :] * stride_res + offs_n[:, None], mask=mask, other=0.0)
+        else:
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            r = tl.load(res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask=mask, other=0.0)
+    return r
+
+
+@triton.jit
+def _add_to_stream(
+    y_ptr, acc, r, squares_ptr, stride_sq, block, offs_m, offs_n, M, N, stride_ym, SWAP: tl.constexpr
+):
+    """y = residual + product, rounded as the norm kernel rounds the stream (the product to the dtype,
+    then the sum), and this block's sums of squares of y's rows into row `block` of the squares."""
+    dtype = y_ptr.dtype.element_ty
+    h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
+    hf = h.to(tl.float32)
+    if SWAP:
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], h, mask=mask)
+        sums = tl.sum(tl.where(mask, hf * hf, 0.0), axis=0)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h, mask=mask)
+        sums = tl.sum(tl.where(mask, hf * hf, 0.0), axis=1)
+    tl.store(squares_ptr + block * stride_sq + offs_m, sums, mask=offs_m < M)
 
 
 @triton.jit
@@ -94,6 +166,15 @@ def _skinny_linear_kernel(
     stride_sin,
     stride_slot,
     stride_head,
+    res_ptr,  # from here to eps: skinny_linear_residual's and StreamNorm's arguments
+    stride_res,
+    squares_ptr,
+    stride_sq,
+    num_squares,
+    eps,
+    ADD_RESIDUAL: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    SQ_BLOCK: tl.constexpr,
     ROPE: tl.constexpr,
     SILU: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
@@ -116,6 +197,7 @@ def _skinny_linear_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    squares = _load_squares(squares_ptr, stride_sq, num_squares, offs_m, M, SQ_BLOCK, SCALE_ROWS)
     if PERSISTENT:
         # A contiguous run of blocks of W's rows in one flat loop over (block, K tile): the pipeline keeps
         # loading across block boundaries instead of filling up again for every block.
@@ -128,6 +210,7 @@ def _skinny_linear_kernel(
             acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K, stride_xm, stride_wn,
                                  SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
             if i % K_TILES == K_TILES - 1:
+                acc = _scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
                 _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
                 acc = tl.zeros_like(acc)
     elif SILU:
@@ -145,6 +228,8 @@ def _skinny_linear_kernel(
                         DOT_PRECISION)  # fmt: skip
             up = _dot(x, _load_rows(w_ptr, cols + N // 2, N, stride_wn, k, K, EVEN_K, UPCAST), up, SWAP,
                       DOT_PRECISION)  # fmt: skip
+        gate = _scale_rows(gate, squares, K, eps, SWAP, SCALE_ROWS)
+        up = _scale_rows(up, squares, K, eps, SWAP, SCALE_ROWS)
         # Rounded as silu_and_mul reads the stored product: the two launches' bits.
         act = silu_times(gate.to(y_ptr.dtype.element_ty), up.to(y_ptr.dtype.element_ty))
         _store_block(y_ptr, bias_ptr, act, offs_m, cols, M, N // 2, stride_ym, SWAP, HAS_BIAS)
@@ -161,10 +246,16 @@ def _skinny_linear_kernel(
             offs_n = head * HEAD_DIM + (t // PAIRS) * (HEAD_DIM // 2) + first_pair + t % PAIRS
         else:
             offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = _load_residual(res_ptr, offs_m, offs_n, M, N, stride_res, SWAP, ADD_RESIDUAL)
         for kt in range(0, K_TILES):
             acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
                                  stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
-        _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
+        acc = _scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
+        if ADD_RESIDUAL:
+            _add_to_stream(y_ptr, acc, r, squares_ptr, stride_sq, tl.program_id(0), offs_m, offs_n, M, N,
+                           stride_ym, SWAP)  # fmt: skip
+        else:
+            _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
         if ROPE:
             # Rotate the pairs where the product has just stored them, as rope_and_cache does (same
             # rounding), and write k and v to the caches. The barrier makes the program's stores visible
@@ -182,6 +273,11 @@ _NO_EPILOGUE = dict(
     stride_pos=0, stride_sin=0, stride_slot=0, stride_head=0, NUM_Q_HEADS=0, NUM_KV_HEADS=0, HEAD_DIM=0,
     ROPE=False, SILU=False,
 )  # fmt: skip
+# Nor to the residual stream's epilogue or the norm's scaling (ADD_RESIDUAL=False, SCALE_ROWS=False).
+_NO_STREAM = dict(
+    res_ptr=None, stride_res=0, squares_ptr=None, stride_sq=0, num_squares=0, eps=0.0, ADD_RESIDUAL=False,
+    SCALE_ROWS=False, SQ_BLOCK=1,
+)  # fmt: skip
 
 
 def _launch(
@@ -191,9 +287,11 @@ def _launch(
     y: torch.Tensor,
     config: SkinnyConfig,
     epilogue: dict | None = None,
+    norm: StreamNorm | None = None,
 ) -> None:
-    """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N]; then the
-    `epilogue` (its arguments: skinny_linear_rope's, skinny_linear_silu's)."""
+    """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N], its rows
+    scaled by x's 1 / rms with a `norm`; then the `epilogue` (its arguments: skinny_linear_rope's,
+    skinny_linear_silu's, skinny_linear_residual's)."""
     pdl = use_pdl(x.device)
     _skinny_linear_kernel[(config.programs or triton.cdiv(weight.shape[0], config.block_n),)](
         x,
@@ -205,7 +303,7 @@ def _launch(
         x.stride(0),
         weight.stride(0),
         y.stride(0),
-        **{**_NO_EPILOGUE, **(epilogue or {})},
+        **{**_NO_EPILOGUE, **_NO_STREAM, **(epilogue or {}), **_norm_arguments(x, norm)},
         K=weight.shape[1],
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -222,6 +320,23 @@ def _launch(
     )
 
 
+def _norm_arguments(x: torch.Tensor, norm: StreamNorm | None) -> dict:
+    """The kernel's StreamNorm arguments, checked (ValueError)."""
+    if norm is None:
+        return {}
+    squares = norm.squares
+    if squares.dim() != 2 or squares.shape[1] != x.shape[0] or squares.dtype != torch.float32:
+        raise ValueError(
+            f"the norm's squares must be [blocks, {x.shape[0]}] float32, got {tuple(squares.shape)}"
+        )
+    if squares.stride(1) != 1 or squares.device != x.device:
+        raise ValueError("the norm's squares must have unit column stride and live on x's device")
+    return dict(
+        squares_ptr=squares, stride_sq=squares.stride(0), num_squares=squares.shape[0], eps=norm.eps,
+        SCALE_ROWS=True, SQ_BLOCK=triton.next_power_of_2(squares.shape[0]),
+    )  # fmt: skip
+
+
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
     """x as a [rows, K] matrix of unit column stride (a view where it can be)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -233,16 +348,18 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    norm: StreamNorm | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias for x: [..., K] with at most SKINNY_MAX_ROWS rows in all (any leading shape),
     weight: [N, K] contiguous, bias: [N] or None, all one dtype (fp16, bf16 or fp32) on one device.
-    Returns [..., N] in out_dtype (default: that dtype), accumulated in fp32 and rounded once. No host
-    synchronisation (CUDA-graph safe)."""
+    Returns [..., N] in out_dtype (default: that dtype), accumulated in fp32 and rounded once; with a
+    `norm`, that of x's RMS-normalised rows. No host synchronisation (CUDA-graph safe)."""
     _validate(x, weight, bias)
     x2 = _rows_of(x)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
-        _launch(x2, weight, bias, y, skinny_config(x2.shape[0], *weight.shape, x.element_size(), x.device))
+        config = skinny_config(x2.shape[0], *weight.shape, x.element_size(), x.device)
+        _launch(x2, weight, bias, y, config, norm=norm)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -273,10 +390,11 @@ def skinny_linear_rope(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    norm: StreamNorm | None = None,
 ) -> torch.Tensor:
     """The q/k/v projection of a decode step with `rope_and_cache` in its epilogue, in one launch: the
-    effects of rope_and_cache(skinny_linear(x, weight, bias), positions, cos_sin, k_cache, v_cache,
-    slot_mapping), where fuses_rope(x, weight, D) (ValueError elsewhere).
+    effects of rope_and_cache(skinny_linear(x, weight, bias, norm=norm), positions, cos_sin, k_cache,
+    v_cache, slot_mapping), where fuses_rope(x, weight, D) (ValueError elsewhere).
 
     x: [T, K]; weight: [(Hq + 2 Hkv) * D, K] contiguous; bias: [N] or None; the rest as rope_and_cache
     takes them (caches [num_blocks, block_size, Hkv, D]), all one dtype. Returns qkv [T, N] in that dtype,
@@ -312,7 +430,7 @@ def skinny_linear_rope(
             "HEAD_DIM": head_dim,
             "ROPE": True,
         }
-        _launch(_rows_of(x), weight, bias, qkv, config, rope)
+        _launch(_rows_of(x), weight, bias, qkv, config, rope, norm)
     return qkv
 
 
@@ -334,11 +452,11 @@ def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     return config if (n // 2) % (config.block_n // 2) == 0 else None
 
 
-def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
     """The gate/up product of a gated MLP with SiLU-and-multiply in its epilogue, in one launch:
-    silu_and_mul(skinny_linear(x, weight)) with the same bits, where fuses_silu(x, weight) (ValueError
-    elsewhere). x: [T, K]; weight: [2I, K] contiguous, gate rows first. Returns [T, I]; the [T, 2I]
-    product itself never reaches memory. No host synchronisation."""
+    silu_and_mul(skinny_linear(x, weight, norm=norm)) with the same bits, where fuses_silu(x, weight)
+    (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous, gate rows first. Returns [T, I]; the
+    [T, 2I] product itself never reaches memory. No host synchronisation."""
     _validate(x, weight, None)
     config = _silu_config(x, weight)
     if x.dim() != 2 or config is None:
@@ -347,8 +465,34 @@ def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             "of [T, K] and a tile that divides I (see fuses_silu)"
         )
     act = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
-    _launch(_rows_of(x), weight, None, act, config, {"SILU": True})
+    _launch(_rows_of(x), weight, None, act, config, {"SILU": True}, norm)
     return act
+
+
+def skinny_linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product whose output joins the residual stream (attention's output projection, the MLP's down
+    projection), with the stream's addition and the next norm's statistics in its epilogue: returns
+    (stream, squares), stream = residual + x @ weight.T rounded as `fused_add_rms_norm` rounds the
+    stream, and squares the partial sums of its rows' squares, for the next product's StreamNorm (which
+    then stands for that norm kernel). x: [T, K] with at most SKINNY_MAX_ROWS rows; weight: [N, K]
+    contiguous; residual: [T, N] of unit column stride; one dtype. No host synchronisation."""
+    _validate(x, weight, None)
+    if x.dim() != 2 or residual.shape != (x.shape[0], weight.shape[0]) or residual.stride(1) != 1:
+        raise ValueError(f"x must be [T, K] and residual [T, {weight.shape[0]}], got {tuple(x.shape)}, "
+                         f"{tuple(residual.shape)}")  # fmt: skip
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError("residual must share x's dtype and device")
+    config = skinny_config(x.shape[0], *weight.shape, x.element_size(), x.device, persistent=False)
+    stream = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    squares = torch.empty(triton.cdiv(weight.shape[0], config.block_n), x.shape[0], dtype=torch.float32,
+                          device=x.device)  # fmt: skip
+    if x.shape[0]:
+        epilogue = {"res_ptr": residual, "stride_res": residual.stride(0), "squares_ptr": squares,
+                    "stride_sq": squares.stride(0), "ADD_RESIDUAL": True}  # fmt: skip
+        _launch(_rows_of(x), weight, None, stream, config, epilogue)
+    return stream, squares
 
 
 reference_skinny_linear = F.linear  # the torch twin: same arguments, same result up to rounding

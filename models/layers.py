@@ -23,7 +23,7 @@ from kernels import (
     skinny_linear,
 )
 from kernels.skinny_config import skinny_beats_cublas
-from kernels.skinny_linear import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
+from kernels.skinny_linear import StreamNorm, fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from models.config import ModelConfig
 
 
@@ -57,6 +57,19 @@ def linear(
     else:
         y = F.linear(x, weight, bias)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight: torch.Tensor) -> bool:
+    """Whether a layer's post-attention norm lives in its products' epilogues (the norm's weight folded
+    into gate/up: DecoderLayer.fold_post_attention_norm): the o product adds its output to the residual
+    stream and sums the squares of the sum's rows (`skinny_linear_residual`), the gate/up product scales
+    its rows by 1 / rms (`StreamNorm`). Decode steps of up to 16 sequences on the skinny kernel; Llama-3-8B
+    layer chain on an H100, us a step: 1 x 1k 5663 -> 5598, 16 x 1k 6744 -> 6686, but 64 x 1.5k +171
+    (the o product leaves cuBLASLt there); the input norm in the down product's epilogue as well lost at
+    1 x 1k (+10 against o alone) and 64 x 1.5k (+745) (docs/benchmarks.md, session 13)."""
+    return (
+        attn.shape[0] <= 16 and use_skinny_linear(attn, o_weight) and use_skinny_linear(attn, gate_up_weight)
+    )
 
 
 def prefer_cublaslt(device: torch.device) -> None:
@@ -204,12 +217,15 @@ class GatedMLP(nn.Module):
         self.gate_up_weight = empty_param(2 * intermediate_size, hidden_size, dtype=dtype)
         self.down_weight = empty_param(hidden_size, intermediate_size, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> [T, H]. Decode batches of 17-64 rows on CUDA take SiLU into the gate/up product's
-        epilogue (`fuses_silu`): on an H100 the Llama-3-8B layer chain at 24 / 40 / 64 rows took 22 / 43 /
-        51 us less a step than with the separate SiLU launch (docs/benchmarks.md, session 13)."""
+    def forward(self, x: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
+        """x: [T, H] -> [T, H]; with a `norm`, of x's RMS-normalised rows (the skinny kernel only, the
+        norm's weight folded into gate/up). Decode batches of 17-64 rows on CUDA take SiLU into the gate/up
+        product's epilogue (`fuses_silu`): on an H100 the Llama-3-8B layer chain at 24 / 40 / 64 rows took
+        22 / 43 / 51 us less a step than with the separate SiLU launch (docs/benchmarks.md, session 13)."""
         if use_skinny_linear(x, self.gate_up_weight) and fuses_silu(x, self.gate_up_weight):
-            act = skinny_linear_silu(x, self.gate_up_weight)
+            act = skinny_linear_silu(x, self.gate_up_weight, norm)
+        elif norm is not None:
+            act = silu_and_mul(skinny_linear(x, self.gate_up_weight, norm=norm))
         else:
             gate_up = linear(x, self.gate_up_weight)
             act = silu_and_mul(gate_up) if gate_up.is_cuda else reference_silu_and_mul(gate_up)

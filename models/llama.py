@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.skinny_linear import StreamNorm, skinny_linear_residual
 from models.attention import AttentionBatch, paged_attention
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, linear
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, linear, stream_norm_fuses
 from models.parallel import TensorParallel, check_divisible
 
 # HF tensor name -> (our parameter, first row, end row, checkpoint slice or None). The slice is
@@ -50,7 +51,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
     ) -> torch.Tensor:
-        """x: [T, H]; positions: [T] int64 -> [T, H] (this rank's partial sum under tensor parallelism)"""
+        """x: [T, H]; positions: [T] int64 -> the attention's output [T, Hq * D] before the output
+        projection `o_weight`, which the layer applies (with the residual add in its epilogue, or not)."""
         num_tokens = x.shape[0]
         k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
         # Decode-sized steps on CUDA rotate q and k and write the cache in the product's epilogue; the
@@ -73,8 +75,7 @@ class Attention(nn.Module):
                 qk = qkv[:, : self.qk_norm_weight.numel()].view(num_tokens, *self.qk_norm_weight.shape)
                 torch.mul(F.rms_norm(qk, (self.head_dim,), None, self.eps), self.qk_norm_weight, out=qk)
             q, k, v = self.rope(qkv, positions, k_cache, v_cache, batch.slot_mapping)
-        o = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
-        return linear(o.view(num_tokens, -1), self.o_weight)
+        return paged_attention(q, k, v, k_cache, v_cache, batch, self.scale).view(num_tokens, -1)
 
 
 class DecoderLayer(nn.Module):
@@ -97,6 +98,20 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(config, layer_idx, dtype, rope, tp_size)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size // tp_size, dtype)
+        self.post_attention_norm_folded = False  # see fold_post_attention_norm
+
+    def fold_post_attention_norm(self) -> None:
+        """Multiply the post-attention norm's weight into the gate/up weight's columns (rounded once to
+        the dtype) and make the norm's own weight ones: the same MLP input up to that rounding, and the
+        norm can then live in the products' epilogues (`stream_norm_fuses`). Single device only (the
+        residual add needs the all-reduced output under tensor parallelism)."""
+        if self.tp is not None:
+            raise ValueError("the post-attention norm stays a kernel under tensor parallelism")
+        weight = self.post_attention_norm.weight
+        gate_up = self.mlp.gate_up_weight
+        gate_up.copy_(gate_up.float() * weight.float()[None, :])
+        weight.fill_(1.0)
+        self.post_attention_norm_folded = True
 
     def forward(
         self,
@@ -109,13 +124,20 @@ class DecoderLayer(nn.Module):
         """x: [T, H] the previous layer's MLP output (the embeddings, with residual None, for the first
         layer); residual: [T, H] the stream it has not been added to. Returns (MLP output, stream)."""
         x, residual = self.input_norm(x, residual)
-        x = self.attn(x, positions, batch, kv_cache)
-        # o_proj and down_proj are row-parallel: each rank's output is a partial sum over its heads (its
-        # MLP columns), so one all-reduce after each completes it before it joins the stream.
-        if self.tp is not None:
-            x = self.tp.all_reduce(x)
-        x, residual = self.post_attention_norm(x, residual)
-        x = self.mlp(x)
+        attn = self.attn(x, positions, batch, kv_cache)
+        if self.post_attention_norm_folded and stream_norm_fuses(
+            attn, self.attn.o_weight, self.mlp.gate_up_weight
+        ):
+            residual, squares = skinny_linear_residual(attn, self.attn.o_weight, residual)
+            x = self.mlp(residual, StreamNorm(squares, self.post_attention_norm.eps))
+        else:
+            x = linear(attn, self.attn.o_weight)
+            # o_proj and down_proj are row-parallel: each rank's output is a partial sum over its heads
+            # (its MLP columns), so one all-reduce after each completes it before it joins the stream.
+            if self.tp is not None:
+                x = self.tp.all_reduce(x)
+            x, residual = self.post_attention_norm(x, residual)
+            x = self.mlp(x)
         if self.tp is not None:
             x = self.tp.all_reduce(x)
         return x, residual

@@ -56,6 +56,10 @@ def load_model(
         _load_safetensors(model, model_dir)
     else:
         raise ValueError(f"unsupported load_format '{load_format}' (auto, dummy)")
+    if model.device.type == "cuda" and dtype != torch.float32 and model.tp is None:
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.fold_post_attention_norm()  # the skinny decode products then hold that norm
     return model.eval()
 
 

@@ -16,6 +16,7 @@ from guard_page import against_guard_page
 from test_fused_ops import MAX_POS, cos_sin_table
 
 import models.layers
+import models.llama
 from kernels import (
     reference_rope_and_cache,
     reference_silu_and_mul,
@@ -25,7 +26,14 @@ from kernels import (
     skinny_linear,
 )
 from kernels.skinny_config import SKINNY_MAX_ROWS, skinny_config
-from kernels.skinny_linear import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
+from kernels.skinny_linear import (
+    StreamNorm,
+    fuses_rope,
+    fuses_silu,
+    skinny_linear_residual,
+    skinny_linear_rope,
+    skinny_linear_silu,
+)
 from models.loader import load_model
 
 # Tests pretend other SM counts and shared-memory sizes by patching what the tile rules read.
@@ -299,6 +307,58 @@ def test_silu_validation_errors():
         skinny_linear_silu(x[:, 1:], w)
 
 
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "dtype", "sms"),
+    [
+        (3, 50, 200, torch.float32, 1),  # 16-row tile, ragged N and K
+        (2, 256, 64, torch.bfloat16, 1),  # 8 blocks of W: 8 rows of partial sums
+        (20, 130, 64, torch.float16, 1),  # W's rows on the MMA's M side
+    ],
+)
+def test_residual_epilogue_then_stream_norm(rows, n, k, dtype, sms, monkeypatch):
+    """A product adds itself to the residual stream and sums the squares (o, down); the next product
+    (q/k/v, gate/up) scales by 1 / rms from them: together, the norm kernel between them."""
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
+    x, w, _ = _inputs(rows, n, k, dtype, DEVICE, bias=False)
+    residual = torch.randn(rows, n, generator=torch.Generator().manual_seed(5)).to(dtype=dtype, device=DEVICE)
+    stream, squares = skinny_linear_residual(x, w, residual)
+    # The stream as fused_add_rms_norm rounds it: the product to the dtype, then the sum.
+    want = (_expected(x, w, None).float() + residual.float()).to(dtype)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(stream, want, atol=2 * tol, rtol=2 * tol)
+    assert squares.shape == (
+        -(-n // skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE)).block_n),
+        rows,
+    )
+    torch.testing.assert_close(squares.sum(0), stream.float().square().sum(1), rtol=1e-5, atol=1e-5)
+
+    w_next = (torch.randn(96, n, generator=torch.Generator().manual_seed(6)) / n**0.5).to(
+        dtype=dtype, device=DEVICE
+    )
+    normed = F.rms_norm(stream.float(), (n,), None, 1e-5)
+    got = skinny_linear(stream, w_next, norm=StreamNorm(squares, 1e-5))
+    torch.testing.assert_close(got, F.linear(normed, w_next.float()).to(dtype), atol=2 * tol, rtol=2 * tol)
+
+
+def test_stream_norm_in_rope_and_silu_epilogues(monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 1)
+    rows, dtype = 17, torch.float32  # both epilogues' swapped 128-row tiles
+    x, w, b, rope = _rope_inputs(rows, (4, 2), 128, 64, True, dtype)
+    squares = torch.stack([x.square().sum(1)[:, None].expand(rows, 1)[:, 0] / 2] * 2)  # two partial rows
+    norm = StreamNorm(squares, 1e-5)
+    normed = F.rms_norm(x, (64,), None, 1e-5)
+    caches = [(rope[2].clone(), rope[3].clone()) for _ in range(2)]
+    got = skinny_linear_rope(x, w, b, rope[0], rope[1], *caches[0], rope[4], norm=norm)
+    want = skinny_linear_rope(normed, w, b, rope[0], rope[1], *caches[1], rope[4])
+    tol = 2 * TOLERANCES[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[0], caches[1], atol=tol, rtol=tol)
+    gate_up = torch.randn(256, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE) / 8
+    torch.testing.assert_close(
+        skinny_linear_silu(x, gate_up, norm=norm), skinny_linear_silu(normed, gate_up), atol=tol, rtol=tol
+    )
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests of test_models.py run the model's kernels natively")
 def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     """The CPU model with the (interpreted) kernel in every linear layer of decode-sized steps: same
@@ -327,22 +387,43 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     assert calls and fused and got == expected
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 
+    # The post-attention norm folded into gate/up and left to the o and gate/up products' epilogues.
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.fold_post_attention_norm()
+    in_epilogue = []
+    monkeypatch.setattr(
+        models.llama,
+        "skinny_linear_residual",
+        lambda x, *rest: in_epilogue.append(x.shape) or skinny_linear_residual(x, *rest),
+    )
+    got, logits = run()
+    assert in_epilogue and got == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_bf16_model_decode_matches_cublas(tiny_model_factory, monkeypatch):
-    """A bf16 decode step of 40 sequences (64-row tiles with W's rows swapped in, the qwen2 q/k/v bias, the
-    SiLU epilogue):
-    the logits with the kernel in the linear layers match those with torch's products everywhere."""
-    model = load_model(tiny_model_factory("qwen2"), torch.bfloat16, "cuda")
-    prompts = [[5 + i, 300, 41 + 7 * i] for i in range(40)]
+@pytest.mark.parametrize("num_seqs", [8, 40])
+def test_gpu_bf16_model_decode_matches_cublas(num_seqs, tiny_model_factory, monkeypatch):
+    """A bf16 decode step of 8 sequences (the post-attention norm in the o and gate/up epilogues) and of
+    40 (64-row tiles with W's rows swapped in, the SiLU epilogue), with the qwen2 q/k/v bias: the logits
+    with the kernel in the linear layers are as close to the fp32 model's as those with torch's products
+    and the norm kernels (the epilogue norm rounds differently: it is not bit-identical to those)."""
+    path = tiny_model_factory("qwen2")
+    model = load_model(path, torch.bfloat16, "cuda")  # the norm folded into gate/up
+    assert all(layer.post_attention_norm_folded for layer in model.layers)
+    prompts = [[5 + i, 300, 41 + 7 * i] for i in range(num_seqs)]
+
+    first_tokens = []
 
     def decode_logits() -> torch.Tensor:
         runner = GreedyRunner(model)
-        runner.generate(prompts, new_tokens=2)  # one prefill step (120 rows: cuBLASLt), one decode step
+        tokens = runner.generate(prompts, new_tokens=2)  # one prefill step (cuBLASLt), one decode step
+        first_tokens.append([t[0] for t in tokens])
         return runner.last_logits
 
-    kernel_rows, silu_rows = [], []
+    kernel_rows, silu_rows, stream_rows = [], [], []
     route = models.layers.use_skinny_linear
 
     def recording_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -353,12 +434,29 @@ def test_gpu_bf16_model_decode_matches_cublas(tiny_model_factory, monkeypatch):
 
     monkeypatch.setattr(models.layers, "use_skinny_linear", recording_route)
     monkeypatch.setattr(
-        models.layers, "skinny_linear_silu", lambda x, w: silu_rows.append(len(x)) or skinny_linear_silu(x, w)
+        models.layers,
+        "skinny_linear_silu",
+        lambda x, w, n: silu_rows.append(len(x)) or skinny_linear_silu(x, w, n),
+    )
+    monkeypatch.setattr(
+        models.llama,
+        "skinny_linear_residual",
+        lambda x, *rest: stream_rows.append(len(x)) or skinny_linear_residual(x, *rest),
     )
     got = decode_logits()
-    assert 40 in kernel_rows and 40 in silu_rows  # the gate/up product took SiLU into its epilogue
+    assert num_seqs in kernel_rows
+    # 40 rows: the gate/up product took SiLU into its epilogue; 8: the o product added to the stream.
+    assert (num_seqs in silu_rows, num_seqs in stream_rows) == (num_seqs == 40, num_seqs == 8)
     monkeypatch.setattr(models.layers, "use_skinny_linear", lambda x, w: False)
-    torch.testing.assert_close(got, decode_logits(), atol=3e-2, rtol=3e-2)
+    unfused = decode_logits()
+    assert first_tokens[0] == first_tokens[1]
+    # The fp32 model's logits at the same positions: the prompts and their first tokens, prefilled.
+    truth_runner = GreedyRunner(load_model(path, torch.float32, "cuda"))
+    truth_runner.generate([[*p, t] for p, t in zip(prompts, first_tokens[0], strict=True)], new_tokens=1)
+    truth = truth_runner.last_logits
+    torch.testing.assert_close(got, unfused, atol=0.2, rtol=0.2)
+    errors = float((got - truth).abs().max()), float((unfused - truth).abs().max())
+    assert errors[0] <= 1.25 * errors[1], errors
 
 
 # -- GPU: Llama-3-8B's projections, and the default model's (K = 576: the masked K loop), in bf16 -----
