@@ -1,8 +1,10 @@
 """Triton kernels, each with its plain-torch twin (the CPU path and the tests' reference): decode
 attention over a paged KV cache (LeanAttention, stream-K), RMSNorm fused with the residual add, rotary
-embedding fused with the KV-cache write (alone or in the q/k/v product's epilogue), SiLU-and-multiply,
-the skinny matrix product of decode batches and the row-wise argmax of the logits. `kernels.launch` says
-how they are launched (interpreted on CPU; programmatic dependent launch on Hopper).
+embedding fused with the KV-cache write, SiLU-and-multiply, the skinny matrix product of decode batches
+(which can also take RoPE + cache write, SiLU, or the residual add and an RMSNorm into its epilogues),
+the row-wise argmax of the logits and the staging of a decode graph's inputs (`kernels.decode_inputs`).
+`kernels.launch` says how they are launched (interpreted on CPU; programmatic dependent launch on
+Hopper).
 
 Note: a PyPI distribution named `kernels` (Hugging Face's kernel hub) exists and transformers probes
 for it by import name. Ours is found under the `leanserve` distribution (version 0.x, outside the
@@ -15,7 +17,8 @@ from kernels.lean_attention import lean_attention_decode
 from kernels.reference import reference_decode_attention
 from kernels.rms_norm import fused_add_rms_norm, reference_fused_add_rms_norm, reference_rms_norm, rms_norm
 from kernels.rotary import reference_rope_and_cache, rope_and_cache
-from kernels.skinny_linear import reference_skinny_linear, skinny_linear, skinny_linear_rope
+from kernels.skinny_fused import skinny_linear_rope
+from kernels.skinny_linear import reference_skinny_linear, skinny_linear
 
 __all__ = [
     "argmax_rows",

@@ -23,7 +23,8 @@ from kernels import (
     skinny_linear,
 )
 from kernels.skinny_config import skinny_beats_cublas
-from kernels.skinny_linear import StreamNorm, fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
+from kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
+from kernels.stream_norm import StreamNorm
 from models.config import ModelConfig
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.skinny_linear import StreamNorm, skinny_linear_residual
+from kernels.skinny_fused import skinny_linear_residual
+from kernels.stream_norm import StreamNorm
 from models.attention import AttentionBatch, paged_attention
 from models.config import ModelConfig
 from models.kv_cache import KVCache

@@ -26,14 +26,14 @@ from kernels import (
     skinny_linear,
 )
 from kernels.skinny_config import SKINNY_MAX_ROWS, skinny_config
-from kernels.skinny_linear import (
-    StreamNorm,
+from kernels.skinny_fused import (
     fuses_rope,
     fuses_silu,
     skinny_linear_residual,
     skinny_linear_rope,
     skinny_linear_silu,
 )
+from kernels.stream_norm import StreamNorm
 from models.loader import load_model
 
 # Tests pretend other SM counts and shared-memory sizes by patching what the tile rules read.
