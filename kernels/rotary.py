@@ -14,17 +14,23 @@ from kernels.launch import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
+def _rotate_pair(x1, x2, cos, sin):
+    """The rotated halves (x1, x2) of head elements j and j + D/2, in fp32: x * [cos, cos] +
+    rotate_half(x) * [sin, sin], with rotate_half(x) = [-x2, x1]."""
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotate(
     ptr, cos, sin, offs_h, offs_d, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr
 ):
     """Rotate heads [0, NUM_HEADS) of one token at `ptr` in place; returns the rotated halves (fp32)."""
     mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
     first = ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    # x * [cos, cos] + rotate_half(x) * [sin, sin], with rotate_half(x) = [-x2, x1].
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    out1, out2 = _rotate_pair(x1, x2, cos, sin)
     tl.store(first, out1.to(ptr.dtype.element_ty), mask=mask)
     tl.store(first + HALF, out2.to(ptr.dtype.element_ty), mask=mask)
     return out1, out2
@@ -102,11 +108,8 @@ def rotate_and_store_heads(
         table = cos_sin_ptr + positions[:, None] * stride_pos + pairs[None, :]
         cos = tl.load(table, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(table + stride_sin + HALF, mask=mask, other=0.0).to(tl.float32)
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-        x1, x2 = (
-            (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty),
-            (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty),
-        )
+        x1, x2 = _rotate_pair(x1, x2, cos, sin)
+        x1, x2 = x1.to(qkv_ptr.dtype.element_ty), x2.to(qkv_ptr.dtype.element_ty)
         tl.store(first, x1, mask=mask)
         tl.store(first + HALF, x2, mask=mask)
     if head >= NUM_Q_HEADS:
