@@ -80,10 +80,7 @@ def decode_inputs(
     table width; every length >= 1 and within its table) and the pending sampled ids [R] int64 that
     placeholders index (None when there are none). Only the first W entries of each table row are
     written. No host synchronisation."""
-    rows, max_width = out.block_tables.shape
-    width = staged.numel() // rows - 2 if rows else 0
-    if staged.dtype != torch.int32 or staged.numel() != staged_size(rows, width) or width > max_width:
-        raise ValueError(f"staged must be int32 of {rows} x (2 + W <= {2 + max_width}) elements")
+    rows, width = out.block_tables.shape[0], _table_width(staged, out)
     if rows:
         _decode_inputs_kernel[(rows,)](
             staged, out.ids if pending_tokens is None else pending_tokens, out.ids, out.positions, out.slots,
@@ -92,18 +89,32 @@ def decode_inputs(
         )  # fmt: skip
 
 
+def _table_width(staged: torch.Tensor, out: DecodeInputs) -> int:
+    """W of a staged array for out's rows, checked (ValueError)."""
+    rows, max_width = out.block_tables.shape
+    width = staged.numel() // rows - 2 if rows else 0
+    if staged.dtype != torch.int32 or staged.numel() != staged_size(rows, width) or width > max_width:
+        raise ValueError(f"staged must be int32 of {rows} x (2 + W <= {2 + max_width}) elements")
+    return width
+
+
+def resolve_placeholders(ids: torch.Tensor, pending_tokens: torch.Tensor | None) -> torch.Tensor:
+    """In place: every placeholder -(r + 1) in the int64 `ids` becomes pending_tokens[r] (torch ops on
+    ids' device, no sync). The eager steps' form of what `decode_inputs` does for graph replays."""
+    if pending_tokens is not None and pending_tokens.numel():
+        rows = (-1 - ids).clamp_(min=0)
+        ids.copy_(torch.where(ids < 0, pending_tokens[rows], ids))
+    return ids
+
+
 def reference_decode_inputs(
     staged: torch.Tensor, pending_tokens: torch.Tensor | None, block_size: int, out: DecodeInputs
 ) -> None:
     """Torch twin of `decode_inputs`."""
-    rows = out.ids.shape[0]
-    width = staged.numel() // rows - 2 if rows else 0
-    seq_lens, tokens, tables = staged_views(staged, rows, width)
-    tokens = tokens.long()
-    if pending_tokens is not None and pending_tokens.numel():
-        tokens = torch.where(tokens < 0, pending_tokens[(-1 - tokens).clamp(min=0)], tokens)
+    width = _table_width(staged, out)
+    seq_lens, tokens, tables = staged_views(staged, out.ids.shape[0], width)
     last = seq_lens.long() - 1
-    out.ids.copy_(tokens)
+    out.ids.copy_(resolve_placeholders(tokens.long(), pending_tokens))
     out.positions.copy_(last)
     out.seq_lens.copy_(seq_lens)
     out.block_tables[:, :width].copy_(tables)

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.decode_inputs import DecodeInputs, decode_inputs, staged_size, staged_views
+from kernels.decode_inputs import (
+    DecodeInputs,
+    decode_inputs,
+    resolve_placeholders,
+    staged_size,
+    staged_views,
+)
 from models.attention import AttentionBatch, AttentionReading, AttentionTimer
 from models.kv_cache import KVCache
 from models.llama import CausalLM
@@ -55,14 +61,6 @@ class _DecodeGraph:
 def prefetches(num_seqs: int, kv_tokens: int) -> bool:
     """A decode step this small is latency-bound in attention: replay its graph with the L2 prefetch."""
     return num_seqs <= PREFETCH_MAX_BATCH and kv_tokens <= PREFETCH_MAX_KV_TOKENS
-
-
-def resolve_placeholders(ids: torch.Tensor, pending_tokens: torch.Tensor | None) -> torch.Tensor:
-    """In place: every placeholder -(r + 1) in `ids` becomes pending_tokens[r] (device ops, no sync)."""
-    if pending_tokens is not None and pending_tokens.numel():
-        rows = (-1 - ids).clamp_(min=0)
-        ids.copy_(torch.where(ids < 0, pending_tokens[rows], ids))
-    return ids
 
 
 class ModelRunner:
