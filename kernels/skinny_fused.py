@@ -124,7 +124,7 @@ def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm |
 def skinny_linear_residual(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A product whose output joins the residual stream (attention's output projection, the MLP's down
+    """A product whose output joins the residual stream (the model uses it for attention's output
     projection), with the stream's addition and the next norm's statistics in its epilogue: returns
     (stream, squares), stream = residual + x @ weight.T rounded as `fused_add_rms_norm` rounds the
     stream, and squares the partial sums of its rows' squares, for the next product's StreamNorm (which

@@ -316,8 +316,8 @@ def test_silu_validation_errors():
     ],
 )
 def test_residual_epilogue_then_stream_norm(rows, n, k, dtype, sms, monkeypatch):
-    """A product adds itself to the residual stream and sums the squares (o, down); the next product
-    (q/k/v, gate/up) scales by 1 / rms from them: together, the norm kernel between them."""
+    """A product adds itself to the residual stream and sums the squares (the o projection); the next
+    product (gate/up) scales by 1 / rms from them: together, the norm kernel between them."""
     monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
     x, w, _ = _inputs(rows, n, k, dtype, DEVICE, bias=False)
     residual = torch.randn(rows, n, generator=torch.Generator().manual_seed(5)).to(dtype=dtype, device=DEVICE)
@@ -344,7 +344,7 @@ def test_stream_norm_in_rope_and_silu_epilogues(monkeypatch):
     monkeypatch.setattr(config_module, "sm_count", lambda device: 1)
     rows, dtype = 17, torch.float32  # both epilogues' swapped 128-row tiles
     x, w, b, rope = _rope_inputs(rows, (4, 2), 128, 64, True, dtype)
-    squares = torch.stack([x.square().sum(1)[:, None].expand(rows, 1)[:, 0] / 2] * 2)  # two partial rows
+    squares = torch.stack([x.square().sum(1) / 2] * 2)  # the rows' squares in two partial sums
     norm = StreamNorm(squares, 1e-5)
     normed = F.rms_norm(x, (64,), None, 1e-5)
     caches = [(rope[2].clone(), rope[3].clone()) for _ in range(2)]
