@@ -54,10 +54,27 @@ def _program_ranges(units_per_seq: list[int], num_programs: int) -> list[tuple[i
     return [(p * total // num_programs, (p + 1) * total // num_programs) for p in range(num_programs)]
 
 
+def _active_programs(lens: list[int], num_kv_heads: int, config: LeanConfig, num_programs: int) -> int:
+    """Host mirror of the kernel's grid choice: whole outputs per program for one tile count, where
+    that leaves at most 1/16 of the programs idle; else an even split, >= min_tiles a program."""
+    tiles = [math.ceil(n / config.tile) for n in lens]
+    outputs = len(lens) * num_kv_heads
+    per_program = -(-outputs // num_programs)
+    whole = outputs // per_program
+    if (
+        min(tiles) > 0
+        and len(set(tiles)) == 1
+        and outputs % per_program == 0
+        and 16 * whole >= 15 * num_programs
+        and per_program * tiles[0] >= config.min_tiles
+    ):
+        return whole
+    return max(min(sum(tiles) * num_kv_heads // config.min_tiles, num_programs), 1)
+
+
 def _max_contributors(lens: list[int], num_kv_heads: int, config: LeanConfig, num_programs: int) -> int:
     tiles = [math.ceil(n / config.tile) for n in lens for _ in range(num_kv_heads)]
-    active = max(min(sum(tiles) // config.min_tiles, num_programs), 1)
-    ranges = _program_ranges(tiles, active)
+    ranges = _program_ranges(tiles, _active_programs(lens, num_kv_heads, config, num_programs))
     most, begin = 0, 0
     for n in tiles:
         most = max(most, sum(1 for lo, hi in ranges if lo < begin + n and hi > begin))
@@ -149,6 +166,29 @@ def test_output_merged_from_many_programs(group, head_dim):
     q, k, v, bt, sl = _make_inputs(2, group, 1, head_dim, 16, lens, torch.float16, DEVICE)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("lens", "split"),
+    [([129, 192], False), ([65, 100, 128, 70], False), ([65, 129], True), ([64, 65, 1, 1], True)],
+)
+def test_one_tile_count_gives_whole_outputs(lens, split):
+    """Sequences of one tile count on a grid where whole outputs per program leave 1 of 17 programs idle:
+    no output is split, so no partial is written (the workspace keeps its NaNs); different tile counts
+    split as before. The outputs match the reference either way."""
+    from kernels.lean_attention import _workspace
+
+    config, num_programs = _CONFIGS[64], 17
+    heads = (16, 8)
+    whole = len(lens) * heads[1] // -(-len(lens) * heads[1] // num_programs)
+    assert (_active_programs(lens, heads[1], config, num_programs) == whole) is not split
+    assert (_max_contributors(lens, heads[1], config, num_programs) > 1) is split
+    q, k, v, bt, sl = _make_inputs(len(lens), *heads, 64, 16, lens, torch.float16, DEVICE)
+    workspace = _workspace(q.device, num_programs, 16, 64)
+    workspace.part_acc.fill_(float("nan"))
+    out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
+    torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
+    assert bool(workspace.part_acc.isnan().all()) is not split
 
 
 def test_default_launch_and_out_buffer():
