@@ -16,6 +16,7 @@ import json
 import platform
 import random
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class DecodeRun:
     batch: list[int] = field(default_factory=list)
     kv_tokens: list[int] = field(default_factory=list)
     attention_s: float = 0.0  # attention time attributed to the requests, summed
+    # Python's cyclic garbage collections during the run: (pure-decode steps before it, generation, ms).
+    gc_pauses: list[tuple[int, int, float]] = field(default_factory=list)
 
     def floor_s(self, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float) -> list[float]:
         return [(weight_bytes + kv_bytes_per_token * kv) / bandwidth for kv in self.kv_tokens]
@@ -78,6 +81,24 @@ def run_decode(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     for i, prompt in enumerate(prompts):
         engine.add_request(f"b{i}", prompt, params)
     run = DecodeRun()
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pause_ms = 1e3 * (time.perf_counter() - started[0])
+            run.gc_pauses.append((len(run.step_s), info["generation"], pause_ms))
+
+    gc.callbacks.append(on_gc)
+    try:
+        _decode_until_done(engine, run)
+    finally:
+        gc.callbacks.remove(on_gc)
+    return run
+
+
+def _decode_until_done(engine: LLMEngine, run: DecodeRun) -> None:
     while engine.has_work:
         running = engine.scheduler.running
         pure_decode = not engine.scheduler.waiting and all(s.num_uncomputed == 1 for s in running)
@@ -91,7 +112,6 @@ def run_decode(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
             run.sync_s.append(engine.sync_seconds)
             run.batch.append(batch)
             run.kv_tokens.append(kv)
-    return run
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -162,6 +182,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
             "concurrent_step_ms_list": [1e3 * s for s in steps],
             "concurrent_floor_ms_list": [1e3 * f for f in conc_floor],
             "attention_seconds_attributed": concurrent.attention_s,
+            "concurrent_gc_pauses": concurrent.gc_pauses,
             "preemptions": engine.scheduler.num_preemptions,
         }
         del engine
@@ -294,6 +315,11 @@ def main() -> None:
         print(
             f"host time per step (not waiting on the GPU): batch 1 {on['tpot_host_ms']:.2f} ms, "
             f"batch {args.concurrency} {on['concurrent_host_ms']:.2f} ms"
+        )
+        pause_ms = [p[2] for p in on["concurrent_gc_pauses"]]
+        print(
+            f"garbage collections in the {args.concurrency}-way run: {len(pause_ms)}, "
+            f"{sum(pause_ms):.1f} ms in all, longest {max(pause_ms, default=0):.1f} ms"
         )
         print(
             f"attention timing overhead: TPOT {results['timing_overhead_tpot_pct']:+.2f}% "
