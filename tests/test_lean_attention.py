@@ -12,7 +12,8 @@ import torch
 from guard_page import against_guard_page
 
 from kernels import lean_attention_decode, reference_decode_attention
-from kernels.lean_attention import _CONFIGS, LeanConfig, _launch, red_chunk
+from kernels.lean_attention import _CONFIGS, LeanConfig, _launch
+from kernels.lean_merge import red_chunk, workspace
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -176,19 +177,17 @@ def test_one_tile_count_gives_whole_outputs(lens, split):
     """Sequences of one tile count on a grid where whole outputs per program leave 1 of 17 programs idle:
     no output is split, so no partial is written (the workspace keeps its NaNs); different tile counts
     split as before. The outputs match the reference either way."""
-    from kernels.lean_attention import _workspace
-
     config, num_programs = _CONFIGS[64], 17
     heads = (16, 8)
     whole = len(lens) * heads[1] // -(-len(lens) * heads[1] // num_programs)
     assert (_active_programs(lens, heads[1], config, num_programs) == whole) is not split
     assert (_max_contributors(lens, heads[1], config, num_programs) > 1) is split
     q, k, v, bt, sl = _make_inputs(len(lens), *heads, 64, 16, lens, torch.float16, DEVICE)
-    workspace = _workspace(q.device, num_programs, 16, 64)
-    workspace.part_acc.fill_(float("nan"))
+    scratch = workspace(q.device, num_programs, 16, 64)
+    scratch.part_acc.fill_(float("nan"))
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
-    assert bool(workspace.part_acc.isnan().all()) is not split
+    assert bool(scratch.part_acc.isnan().all()) is not split
 
 
 def test_default_launch_and_out_buffer():
@@ -222,7 +221,7 @@ def test_empty_sequences_give_zeros():
 def test_strided_query_and_repeated_launches_reset_counters():
     """q as a view with a head stride wider than D; the second launch (new lengths) reuses the same
     workspace, so it is only right if the reducers of the first reset every counter."""
-    from kernels.lean_attention import _WORKSPACES
+    from kernels.lean_merge import _WORKSPACES
 
     config = _CONFIGS[64]
     for lens in ([300, 129, 64], [65, 400, 1]):
