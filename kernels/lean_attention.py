@@ -222,7 +222,7 @@ def _active_programs(units, batch, total, num_progs, min_tiles, NUM_KV_HEADS: tl
     sum). Short batches use fewer (>= min_tiles each): fewer partials per output to merge. Where every
     sequence has the same tile count and a grid of whole outputs per program leaves at most 1/16 of the
     programs idle, that grid: no output is split, so there is no partial, count-in or merge at all (an
-    H100 at 64 x 1.5k tokens: 151 -> 147 us; B=32 x 4k 193 -> 189; docs/kernel_notes.md, session 14)."""
+    H100 at 64 x 1.5k tokens: 154 -> 148 us; B=32 x 4k 193 -> 189; docs/kernel_notes.md, session 14)."""
     active = tl.maximum(tl.minimum(total // min_tiles, num_progs), 1)
     # One reduction: every sequence has the most units iff the units sum to batch x the most.
     most = tl.max(units, axis=0)  # 0 past the batch
