@@ -55,6 +55,7 @@ def graph_buckets(max_batch: int) -> list[int]:
 class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     timer: AttentionTimer | None
+    inputs: DecodeInputs  # the first `bucket` rows of the static inputs, read by each replay
     logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
 
 
@@ -220,7 +221,8 @@ class ModelRunner:
     def _capture_decode_graphs(self, max_batch: int) -> None:
         n, width = max_batch, self.max_blocks_per_seq
         dev = self.device
-        self._inputs = DecodeInputs(
+        # The graphs' static inputs: every graph reads the first rows of these (its _DecodeGraph.inputs).
+        static = DecodeInputs(
             ids=torch.zeros(n, dtype=torch.int64, device=dev),
             positions=torch.zeros(n, dtype=torch.int64, device=dev),
             slots=torch.full((n,), self.scratch_block * self.block_size, dtype=torch.int64, device=dev),
@@ -243,7 +245,7 @@ class ModelRunner:
         # Largest first: later graphs reuse its pool memory.
         for bucket, prefetching in sorted(variants, reverse=True):
             timer = AttentionTimer(dev, self._num_layers) if self.time_attention else None
-            inputs = self._inputs.rows(bucket)
+            inputs = static.rows(bucket)
             batch = AttentionBatch(
                 slot_mapping=inputs.slots,
                 num_prefill_tokens=0,
@@ -270,7 +272,7 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = run()
-            self._graphs[(bucket, prefetching)] = _DecodeGraph(graph, timer, logits)
+            self._graphs[(bucket, prefetching)] = _DecodeGraph(graph, timer, inputs, logits)
         torch.cuda.synchronize()
         # Most of this is Triton compiling kernel variants on the first start; later starts find them in
         # Triton's cache (TRITON_CACHE_DIR, ~/.triton/cache by default; docs/deployment.md).
@@ -300,11 +302,11 @@ class ModelRunner:
         block_tables.fill(self.scratch_block)  # padded rows write their token to the scratch block
         for i, table in enumerate(decode_tables):
             block_tables[i, : len(table)] = table
-        staged = self._staged[: stage.numel()]
-        staged.copy_(stage, non_blocking=True)
-        decode_inputs(staged, pending_tokens, self.block_size, self._inputs.rows(bucket))
         prefetching = prefetches(num, int(lens[:num].sum()))
         entry = self._graphs.get((bucket, prefetching)) or self._graphs[(bucket, False)]
+        staged = self._staged[: stage.numel()]
+        staged.copy_(stage, non_blocking=True)
+        decode_inputs(staged, pending_tokens, self.block_size, entry.inputs)
         entry.graph.replay()
         return entry.logits[:num], entry.timer.finish() if entry.timer is not None else None, None
 
