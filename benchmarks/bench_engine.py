@@ -81,14 +81,14 @@ def run_decode(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     for i, prompt in enumerate(prompts):
         engine.add_request(f"b{i}", prompt, params)
     run = DecodeRun()
-    started = [0.0]
+    started = 0.0
 
     def on_gc(phase: str, info: dict) -> None:
+        nonlocal started
         if phase == "start":
-            started[0] = time.perf_counter()
+            started = time.perf_counter()
         else:
-            pause_ms = 1e3 * (time.perf_counter() - started[0])
-            run.gc_pauses.append((len(run.step_s), info["generation"], pause_ms))
+            run.gc_pauses.append((len(run.step_s), info["generation"], 1e3 * (time.perf_counter() - started)))
 
     gc.callbacks.append(on_gc)
     try:

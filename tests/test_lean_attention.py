@@ -179,8 +179,7 @@ def test_one_tile_count_gives_whole_outputs(lens, split):
     split as before. The outputs match the reference either way."""
     config, num_programs = _CONFIGS[64], 17
     heads = (16, 8)
-    whole = len(lens) * heads[1] // -(-len(lens) * heads[1] // num_programs)
-    assert (_active_programs(lens, heads[1], config, num_programs) == whole) is not split
+    assert _active_programs(lens, heads[1], config, num_programs) == (num_programs if split else 16)
     assert (_max_contributors(lens, heads[1], config, num_programs) > 1) is split
     q, k, v, bt, sl = _make_inputs(len(lens), *heads, 64, 16, lens, torch.float16, DEVICE)
     scratch = workspace(q.device, num_programs, 16, 64)
