@@ -11,21 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import (
+from leanserve.kernels.activation import reference_silu_and_mul, silu_and_mul
+from leanserve.kernels.rms_norm import (
     fused_add_rms_norm,
     reference_fused_add_rms_norm,
     reference_rms_norm,
-    reference_rope_and_cache,
-    reference_silu_and_mul,
     rms_norm,
-    rope_and_cache,
-    silu_and_mul,
-    skinny_linear,
 )
-from kernels.skinny_config import skinny_beats_cublas
-from kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
-from kernels.stream_norm import StreamNorm
-from models.config import ModelConfig
+from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
+from leanserve.kernels.skinny_config import skinny_beats_cublas
+from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
+from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.kernels.stream_norm import StreamNorm
+from leanserve.models.config import ModelConfig
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -92,17 +90,26 @@ def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return skinny_beats_cublas(x.numel() // k, n, k)
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN computes bf16 natively (AVX-512 BF16, AVX-NE-CONVERT or AMX): only then is bf16 the faster
+    CPU dtype, and only then can bf16 weights take its blocked layout (`prepack_linear_weights`)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def prepack_linear_weights(model: nn.Module) -> None:
     """CPU only: store every linear weight in oneDNN's blocked layout, so decode's matrix-vector products
     stop re-laying out the weights at each call. Measured on the 2-core AVX-512 CPU for the matmuls of one
     SmolLM2 decode step: bf16 19.0 -> 13.3 ms, fp32 44.9 -> 27.6 ms, identical results. Packed weights
-    can no longer be sliced or loaded into: call this after loading, for serving only."""
+    can no longer be sliced or loaded into: call this after loading, for serving only. bf16 weights stay
+    dense on a CPU without native bf16, where oneDNN has no bf16 layout."""
     if not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
         for name in LINEAR_WEIGHTS:
             weight = module._parameters.get(name)
             if weight is None or weight.device.type != "cpu":
+                continue
+            if weight.dtype == torch.bfloat16 and not cpu_has_native_bf16():
                 continue
             # The batch-size hint only tunes the layout; any number of rows works (prefill included).
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)

@@ -13,24 +13,26 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from models.config import ModelConfig
-from models.layers import prefer_cublaslt
-from models.llama import CausalLM
-from models.parallel import TensorParallel
+from leanserve.models.config import ModelConfig
+from leanserve.models.layers import cpu_has_native_bf16, prefer_cublaslt
+from leanserve.models.llama import CausalLM
+from leanserve.models.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Measured for SmolLM2-135M decode on the 2-core CPU (docs/cpu_dtype.md).
-CPU_AUTO_DTYPE = torch.bfloat16
+
+
 # Checkpoint tensors that are not weights of ours (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """`--dtype` value -> torch dtype. "auto" is bf16 on GPU and the measured fastest on CPU."""
+    """`--dtype` value -> torch dtype. "auto" is bf16 on GPU and the measured fastest on CPU: bf16 where
+    oneDNN has native bf16 (1.7-1.8x faster than fp32, docs/cpu_dtype.md), fp32 elsewhere (AVX2 only)."""
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else CPU_AUTO_DTYPE
+        on_gpu = torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_gpu or cpu_has_native_bf16() else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype '{name}' (auto, {', '.join(_DTYPES)})")
     return _DTYPES[name]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from greedy_runner import NEW_TOKENS, GreedyRunner, Seq
 
-from models.attention import AttentionBatch, AttentionTimer
-from models.kv_cache import KVCache
-from models.layers import prepack_linear_weights
-from models.loader import load_model, resolve_dtype
+from leanserve.models.attention import AttentionBatch, AttentionTimer
+from leanserve.models.kv_cache import KVCache
+from leanserve.models.layers import prepack_linear_weights
+from leanserve.models.loader import load_model, resolve_dtype
 
 PROMPTS = ["def fibonacci(n):", "Once upon a time, in a land far away, there lived a"]
 
@@ -195,7 +195,6 @@ def test_wrong_shape_and_unknown_load_format_are_errors(tiny_model_factory, tmp_
     ("name", "device", "expected"),
     [
         ("auto", "cuda", torch.bfloat16),
-        ("auto", "cpu", torch.bfloat16),  # measured: docs/cpu_dtype.md
         ("float32", "cuda", torch.float32),
         ("bfloat16", "cpu", torch.bfloat16),
         ("float16", "cpu", torch.float16),
@@ -203,6 +202,20 @@ def test_wrong_shape_and_unknown_load_format_are_errors(tiny_model_factory, tmp_
 )
 def test_resolve_dtype(name, device, expected):
     assert resolve_dtype(name, device) == expected
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native_bf16):
+    # measured: docs/cpu_dtype.md; without native bf16 oneDNN cannot even lay out bf16 weights
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
+
+
+def test_bf16_model_prepacks_without_native_bf16(tiny_model_path, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model = load_model(tiny_model_path, torch.bfloat16, "cpu")
+    prepack_linear_weights(model)  # bf16 weights stay dense instead of failing in oneDNN's reorder
+    assert not any(buffer.is_mkldnn for buffer in model.buffers())
 
 
 def test_resolve_dtype_rejects_unknown():
