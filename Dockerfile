@@ -9,11 +9,11 @@ ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime@sha256:bfbb4a2b4fd
 
 FROM ${BASE_IMAGE} AS builder
 # A virtual environment that sees the base image's CUDA torch and triton (install.sh keeps an importable
-# torch) and holds only what leanserve adds: the runtime stage copies it without duplicating torch.
+# torch and its triton) and holds only what leanserve adds, at the versions of constraints.txt: the runtime stage copies it without duplicating torch.
 RUN python -m venv --system-site-packages /opt/leanserve/venv
 WORKDIR /src
 # Only what the install reads, least often changed first: edits to tests, docs or docker/ reuse this layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY scripts/install.sh scripts/
 COPY kernels kernels/
 COPY models models/
@@ -24,7 +24,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # /src). Files follow the builder's umask: make them readable by the non-root runtime user whatever it is.
 ENV LEANSERVE_CACHE=/opt/leanserve/cache
 WORKDIR /opt/leanserve
-RUN /opt/leanserve/venv/bin/python -c "from models.weights_source import default_model_dir; print(default_model_dir())" \
+RUN /opt/leanserve/venv/bin/python -c "from leanserve.models.weights_source import default_model_dir; print(default_model_dir())" \
     && chmod -R a+rX /opt/leanserve/cache
 
 FROM ${BASE_IMAGE} AS runtime

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.lean_attention import _CONFIGS, LeanConfig, _launch
+from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16

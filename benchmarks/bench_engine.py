@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from kernels import launch
-from server.config import EngineConfig
-from server.llm_engine import LLMEngine
-from server.sampling_params import SamplingParams
+from leanserve.kernels import launch
+from leanserve.server.config import EngineConfig
+from leanserve.server.llm_engine import LLMEngine
+from leanserve.server.sampling_params import SamplingParams
 
 
 @dataclass

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
-from kernels import fused_add_rms_norm, rope_and_cache, silu_and_mul
+from leanserve.kernels.activation import silu_and_mul
+from leanserve.kernels.rms_norm import fused_add_rms_norm
+from leanserve.kernels.rotary import rope_and_cache
 
 DTYPE = torch.bfloat16
 HIDDEN, INTER, HQ, HKV, HEAD_DIM, BLOCK_SIZE = 4096, 14336, 32, 8, 128, 16  # Llama-3-8B

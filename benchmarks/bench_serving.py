@@ -222,7 +222,7 @@ def _launched_server(extra_args: str, log_path: Path):
     argv = [
         sys.executable,
         "-m",
-        "server",
+        "leanserve.server",
         "--host",
         "127.0.0.1",
         "--port",
@@ -259,7 +259,7 @@ def main() -> None:
     )
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running server (localhost)")
     parser.add_argument(
-        "--launch", default=None, help="start `python -m server` with these arguments instead"
+        "--launch", default=None, help="start `python -m leanserve.server` with these arguments instead"
     )
     parser.add_argument("--model", default=None, help="served model name (default: the server's)")
     parser.add_argument("--num-prompts", type=int, default=64)

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
-from kernels import skinny_linear
-from kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
-from models.layers import prefer_cublaslt
+from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
+from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.models.layers import prefer_cublaslt
 
 DTYPE = torch.bfloat16
 SHAPES = {  # name: (N, K), Llama-3-8B

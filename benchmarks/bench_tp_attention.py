@@ -26,7 +26,7 @@ from benchmarks.bench_decode_attention import (
     gpu_env,
     read_bandwidth,
 )
-from kernels.lean_attention import _CONFIGS
+from leanserve.kernels.lean_attention import _CONFIGS
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B
 PEERS = ("sdpa_cudnn", "sdpa_flash", "varlen_fa2")

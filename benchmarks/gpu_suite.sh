@@ -25,7 +25,12 @@ prepare)
 run)
     out=${OUT:-out/gpu}
     mkdir -p "$out"
-    export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LEANSERVE_CACHE=$PWD/.cache/leanserve
+    # The GPU image lacks setuptools' editable hook: the leanserve namespace is a folder of links to the
+    # checkout's packages instead.
+    site=$(mktemp -d)
+    mkdir "$site/leanserve"
+    for package in server models kernels; do ln -s "$PWD/$package" "$site/leanserve/$package"; done
+    export PYTHONPATH=$site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LEANSERVE_CACHE=$PWD/.cache/leanserve
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     parts=("${@:2}")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import use_pdl, wait_for_previous_kernel
+from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit

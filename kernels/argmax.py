@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import use_pdl, wait_for_previous_kernel
+from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 # Larger than any column: the min() below never picks it over a real one.
 _NO_INDEX = tl.constexpr(2**31 - 1)

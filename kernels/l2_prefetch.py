@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted
+from leanserve.kernels.launch import interpreted
 
 # One bulk prefetch per 16 KB piece; each program issues PIECES_PER_STEP of them per loop step.
 _PIECE = 16384

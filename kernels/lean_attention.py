@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreted, sm_count, use_pdl
-from kernels.lean_merge import count_in, red_chunk, workspace
+from leanserve.kernels.launch import interpreted, sm_count, use_pdl
+from leanserve.kernels.lean_merge import count_in, red_chunk, workspace
 
 _LOG2E = 1.4426950408889634
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import use_pdl, wait_for_previous_kernel
+from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from kernels.launch import max_shared_memory, sm_count
+from leanserve.kernels.launch import max_shared_memory, sm_count
 
 # Rows of x the kernel takes: decode batches up to this size (where it pays: skinny_beats_cublas).
 SKINNY_MAX_ROWS = 64

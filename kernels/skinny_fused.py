@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.rotary import check_rope_inputs
-from kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
-from kernels.skinny_linear import check_product, launch_skinny, rows_of
-from kernels.stream_norm import StreamNorm
+from leanserve.kernels.rotary import check_rope_inputs
+from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
+from leanserve.kernels.skinny_linear import check_product, launch_skinny, rows_of
+from leanserve.kernels.stream_norm import StreamNorm
 
 
 def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:

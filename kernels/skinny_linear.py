@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.activation import silu_times
-from kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
-from kernels.rotary import rotate_and_store_heads
-from kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
-from kernels.stream_norm import StreamNorm, add_to_stream, load_residual, load_squares, scale_rows
+from leanserve.kernels.activation import silu_times
+from leanserve.kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
+from leanserve.kernels.rotary import rotate_and_store_heads
+from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
+from leanserve.kernels.stream_norm import StreamNorm, add_to_stream, load_residual, load_squares, scale_rows
 
 
 @triton.jit

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kernels import lean_attention_decode, reference_decode_attention
-from models.prefetch import SideStreamPrefetch
+from leanserve.kernels.lean_attention import lean_attention_decode
+from leanserve.kernels.reference import reference_decode_attention
+from leanserve.models.prefetch import SideStreamPrefetch
 
 
 @dataclass

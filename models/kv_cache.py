@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ModelConfig
+from leanserve.models.config import ModelConfig
 
 
 class KVCache:

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.skinny_fused import skinny_linear_residual
-from kernels.stream_norm import StreamNorm
-from models.attention import AttentionBatch, paged_attention
-from models.config import ModelConfig
-from models.kv_cache import KVCache
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, linear, stream_norm_fuses
-from models.parallel import TensorParallel, check_divisible
+from leanserve.kernels.skinny_fused import skinny_linear_residual
+from leanserve.kernels.stream_norm import StreamNorm
+from leanserve.models.attention import AttentionBatch, paged_attention
+from leanserve.models.config import ModelConfig
+from leanserve.models.kv_cache import KVCache
+from leanserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, linear, stream_norm_fuses
+from leanserve.models.parallel import TensorParallel, check_divisible
 
 # HF tensor name -> (our parameter, first row, end row, checkpoint slice or None). The slice is
 # (dim, start, end) of the checkpoint tensor this rank reads (tensor parallelism); None reads it whole.

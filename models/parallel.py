@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from models.config import ModelConfig
+from leanserve.models.config import ModelConfig
 
 NVLINK_MULTICAST_OFF = {
     "NCCL_NVLS_ENABLE": "0",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.l2_prefetch import prefetch_l2, supports_l2_prefetch
+from leanserve.kernels.l2_prefetch import prefetch_l2, supports_l2_prefetch
 
 
 class SideStreamPrefetch:

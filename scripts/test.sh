@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install leanserve with its dev tools into .venv, then lint and run the whole test suite.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k kernel
+# Install leanserve with its dev tools (into .venv, or PYTHON's environment), then lint and run the
+# whole test suite. Extra arguments go to pytest, e.g. scripts/test.sh -k kernel
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh dev
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+python=${PYTHON:-.venv/bin/python}
+"$python" -m ruff check .
+"$python" -m ruff format --check .
 # Two workers: the CI machine has two cores and interpreted Triton kernels are CPU-bound.
-exec .venv/bin/python -m pytest -n 2 --durations=15 "$@"
+exec "$python" -m pytest -n 2 --durations=15 "$@"

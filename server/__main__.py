@@ -1,5 +1,5 @@
-"""`python -m server` is the `leanserve` command."""
+"""`python -m leanserve.server` is the `leanserve` command."""
 
-from server.cli import main
+from leanserve.server.cli import main
 
 main()

@@ -16,10 +16,10 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from server import metrics
-from server.errors import APIError, bad_request, install_error_handlers
-from server.middleware import STATUS_CLIENT_GONE, RequestMiddleware
-from server.protocol import (
+from leanserve.server import metrics
+from leanserve.server.errors import APIError, bad_request, install_error_handlers
+from leanserve.server.middleware import STATUS_CLIENT_GONE, RequestMiddleware
+from leanserve.server.protocol import (
     ChatRequest,
     ChatResponse,
     CompletionRequest,
@@ -32,8 +32,8 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.renderers import ChatRenderer, CompletionRenderer, Renderer
-from server.request_inputs import (
+from leanserve.server.renderers import ChatRenderer, CompletionRenderer, Renderer
+from leanserve.server.request_inputs import (
     chat_prompt,
     check_context,
     check_token_ids,
@@ -43,12 +43,12 @@ from server.request_inputs import (
     reject_unsupported,
     sampling_params,
 )
-from server.sampling_params import SamplingParams
-from server.serving import Admission, Job, RequestTracker, collect_response, stream_events
-from server.settings import Settings
+from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.serving import Admission, Job, RequestTracker, collect_response, stream_events
+from leanserve.server.settings import Settings
 
 if TYPE_CHECKING:
-    from server.engine import AsyncEngine
+    from leanserve.server.engine import AsyncEngine
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""`leanserve` / `python -m server`: settings from the command line and LEANSERVE_* env vars; uvicorn
-listens at once while the engine loads in the background (/health answers 503 until it is ready);
+"""`leanserve` / `python -m leanserve.server`: settings from the command line and LEANSERVE_* env vars;
+uvicorn listens at once while the engine loads in the background (/health answers 503 until it is ready);
 SIGTERM stops admitting, lets in-flight requests finish within the grace period (aborts the rest) and
 exits 0. A model that fails to load exits 1."""
 
@@ -14,8 +14,8 @@ import threading
 
 import uvicorn
 
-from server.app import ServerState, create_app
-from server.settings import Settings, parse_settings
+from leanserve.server.app import ServerState, create_app
+from leanserve.server.settings import Settings, parse_settings
 
 logger = logging.getLogger("leanserve")
 
@@ -41,7 +41,7 @@ def configure_logging(settings: Settings) -> None:
 
 
 def _load_engine(state: ServerState, server: uvicorn.Server) -> None:
-    from server.engine import AsyncEngine  # heavy (torch, the model code): off the startup path
+    from leanserve.server.engine import AsyncEngine  # heavy (torch, the model code): off the startup path
 
     try:
         engine = AsyncEngine.from_config(state.settings.engine_config())

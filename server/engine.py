@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from models.weights_source import resolve_model_dir
-from server.config import EngineConfig
-from server.llm_engine import EngineStats, LLMEngine
-from server.outputs import RequestOutput, RequestTimings, SampleDelta
-from server.sampling_params import SamplingParams
+from leanserve.models.weights_source import resolve_model_dir
+from leanserve.server.config import EngineConfig
+from leanserve.server.llm_engine import EngineStats, LLMEngine
+from leanserve.server.outputs import RequestOutput, RequestTimings, SampleDelta
+from leanserve.server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -23,20 +23,20 @@ from dataclasses import dataclass
 
 import torch
 
-from models.attention import AttentionReading
-from models.block_manager import BlockManager
-from server import metrics
-from server.config import EngineConfig
-from server.detokenizer import IncrementalDetokenizer
-from server.engine_setup import load_engine_parts
-from server.model_runner import ModelRunner
-from server.output_builder import drain_output, logprob_entries, token_texts
-from server.outputs import FinishReason, RequestOutput, RequestTimings, TokenLogprob
-from server.request import Request, SeqStatus, Sequence
-from server.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
-from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
-from server.warm_up import warm_up
+from leanserve.models.attention import AttentionReading
+from leanserve.models.block_manager import BlockManager
+from leanserve.server import metrics
+from leanserve.server.config import EngineConfig
+from leanserve.server.detokenizer import IncrementalDetokenizer
+from leanserve.server.engine_setup import load_engine_parts
+from leanserve.server.model_runner import ModelRunner
+from leanserve.server.output_builder import drain_output, logprob_entries, token_texts
+from leanserve.server.outputs import FinishReason, RequestOutput, RequestTimings, TokenLogprob
+from leanserve.server.request import Request, SeqStatus, Sequence
+from leanserve.server.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
+from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.scheduler import Scheduler, SchedulerOutput
+from leanserve.server.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 

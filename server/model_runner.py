@@ -15,20 +15,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.decode_inputs import (
+from leanserve.kernels.decode_inputs import (
     DecodeInputs,
     decode_inputs,
     resolve_placeholders,
     staged_size,
     staged_views,
 )
-from models.attention import AttentionBatch, AttentionReading, AttentionTimer
-from models.kv_cache import KVCache
-from models.llama import CausalLM
-from models.prefetch import SideStreamPrefetch
-from server.sampler import SamplerOutput, token_logprobs
-from server.scheduler import PrefillChunk, SchedulerOutput
-from server.tp_worker import TPWorkers
+from leanserve.models.attention import AttentionBatch, AttentionReading, AttentionTimer
+from leanserve.models.kv_cache import KVCache
+from leanserve.models.llama import CausalLM
+from leanserve.models.prefetch import SideStreamPrefetch
+from leanserve.server.sampler import SamplerOutput, token_logprobs
+from leanserve.server.scheduler import PrefillChunk, SchedulerOutput
+from leanserve.server.tp_worker import TPWorkers
 
 logger = logging.getLogger(__name__)
 

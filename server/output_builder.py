@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from server.outputs import RequestOutput, SampleDelta, TokenLogprob
-from server.request import Request
-from server.sampler import SamplerOutput
+from leanserve.server.outputs import RequestOutput, SampleDelta, TokenLogprob
+from leanserve.server.request import Request
+from leanserve.server.sampler import SamplerOutput
 
 
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel
 
-from server.outputs import RequestOutput, SampleDelta, TokenLogprob
-from server.protocol import (
+from leanserve.server.outputs import RequestOutput, SampleDelta, TokenLogprob
+from leanserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChoiceLogprobs,
@@ -28,7 +28,7 @@ from server.protocol import (
 )
 
 if TYPE_CHECKING:
-    from server.serving import Job
+    from leanserve.server.serving import Job
 
 
 def usage_of(out: RequestOutput) -> Usage:

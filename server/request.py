@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from server.outputs import FinishReason, RequestTimings, TokenLogprob
-from server.sampling_params import SamplingParams
+from leanserve.server.outputs import FinishReason, RequestTimings, TokenLogprob
+from leanserve.server.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
 
-    from server.detokenizer import IncrementalDetokenizer
+    from leanserve.server.detokenizer import IncrementalDetokenizer
 
 _seq_ids = itertools.count()
 

@@ -11,8 +11,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from kernels import argmax_rows, reference_argmax_rows
-from server.sampling_params import SamplingParams
+from leanserve.kernels.argmax import argmax_rows, reference_argmax_rows
+from leanserve.server.sampling_params import SamplingParams
 
 
 @dataclass

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from server import metrics
-from server.errors import APIError
-from server.outputs import RequestOutput, RequestTimings, TokenLogprob
-from server.renderers import Renderer, SampleTotal, has_news, usage_of
+from leanserve.server import metrics
+from leanserve.server.errors import APIError
+from leanserve.server.outputs import RequestOutput, RequestTimings, TokenLogprob
+from leanserve.server.renderers import Renderer, SampleTotal, has_news, usage_of
 
 if TYPE_CHECKING:
-    from server.engine import AsyncEngine
+    from leanserve.server.engine import AsyncEngine
 
 DONE_EVENT = "data: [DONE]\n\n"
 HEARTBEAT_EVENT = ": keep-alive\n\n"

@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.attention import AttentionBatch
-from models.config import ModelConfig
-from models.kv_cache import KVCache
-from models.layers import prepack_linear_weights
-from models.llama import CausalLM
-from models.loader import load_model
-from models.parallel import TensorParallel, check_divisible, destroy_distributed, init_distributed
+from leanserve.models.attention import AttentionBatch
+from leanserve.models.config import ModelConfig
+from leanserve.models.kv_cache import KVCache
+from leanserve.models.layers import prepack_linear_weights
+from leanserve.models.llama import CausalLM
+from leanserve.models.loader import load_model
+from leanserve.models.parallel import TensorParallel, check_divisible, destroy_distributed, init_distributed
 
 logger = logging.getLogger(__name__)
 

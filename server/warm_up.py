@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from server.config import EngineConfig
-from server.model_runner import ModelRunner
-from server.outputs import RequestTimings
-from server.request import Request, Sequence
-from server.sampler import Sampler, SamplingRow
-from server.sampling_params import SamplingParams
-from server.scheduler import PrefillChunk, SchedulerOutput
+from leanserve.server.config import EngineConfig
+from leanserve.server.model_runner import ModelRunner
+from leanserve.server.outputs import RequestTimings
+from leanserve.server.request import Request, Sequence
+from leanserve.server.sampler import Sampler, SamplingRow
+from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.scheduler import PrefillChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.weights_source import default_model_dir
+from leanserve.models.weights_source import default_model_dir
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from server.app import create_app
-from server.config import EngineConfig
-from server.engine import AsyncEngine
-from server.settings import Settings
+from leanserve.server.app import create_app
+from leanserve.server.config import EngineConfig
+from leanserve.server.engine import AsyncEngine
+from leanserve.server.settings import Settings
 
 
 @contextmanager

@@ -16,9 +16,9 @@ import openai
 import pytest
 from http_server import real_engine, serve, wait_until
 
-from server.cli import JsonLogFormatter, main
-from server.config import EngineConfig
-from server.settings import Settings, parse_settings
+from leanserve.server.cli import JsonLogFormatter, main
+from leanserve.server.config import EngineConfig
+from leanserve.server.settings import Settings, parse_settings
 
 PROMPT = "The quick brown fox jumps over"
 PROMPTS = [PROMPT, "Once upon a time"]

@@ -21,8 +21,8 @@ import openai
 import pytest
 from http_server import metric_value, real_engine, serve, wait_until
 
-from server.llm_engine import EngineStats
-from server.request_inputs import MAX_CHOICES
+from leanserve.server.llm_engine import EngineStats
+from leanserve.server.request_inputs import MAX_CHOICES
 
 MAX_MODEL_LEN = 256
 
@@ -469,7 +469,7 @@ def _free_port() -> int:
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_path, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "server", "--model", str(tiny_model_path), "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "leanserve.server", "--model", str(tiny_model_path), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--device", "cpu", "--dtype", "float32", "--shutdown-grace-seconds", "1"]
     root = Path(__file__).resolve().parents[1]
     log = (tmp_path / "server.log").open("w")

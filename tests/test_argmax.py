@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import argmax_rows, reference_argmax_rows
+from leanserve.kernels.argmax import argmax_rows, reference_argmax_rows
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_inputs import (
+from leanserve.kernels.decode_inputs import (
     DecodeInputs,
     decode_inputs,
     reference_decode_inputs,

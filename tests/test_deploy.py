@@ -95,7 +95,7 @@ def test_runtime_stage_serves_the_baked_model_as_non_root():
     healthcheck = _args(runtime, "HEALTHCHECK")[-1]
     assert "/health" in healthcheck and "python" in healthcheck and "curl" not in healthcheck
     assert json.loads(_args(runtime, "ENTRYPOINT")[-1]) == ["leanserve"]
-    assert 'leanserve = "server.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'leanserve = "leanserve.server.cli:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_dockerignore_keeps_the_context_small_but_not_what_the_image_copies():
@@ -203,7 +203,7 @@ def test_compose_services_gpu_and_model_volume(compose):
     assert leanserve["environment"]["LEANSERVE_DEVICE"] == "cuda"
     # The default model is the one baked into the image under LEANSERVE_CACHE.
     cache = re.search(r"LEANSERVE_CACHE=(\S+)", (ROOT / "Dockerfile").read_text())[1]
-    from models.weights_source import DEFAULT_MODEL_NAME
+    from leanserve.models.weights_source import DEFAULT_MODEL_NAME
 
     assert leanserve["environment"]["LEANSERVE_MODEL"].endswith(f":-{cache}/{DEFAULT_MODEL_NAME}}}")
     for service in services.values():
@@ -260,7 +260,7 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose):
 
 @pytest.mark.parametrize("path", _ENV_FILES)
 def test_leanserve_env_vars_are_real_options(path):
-    from server.settings import Settings
+    from leanserve.server.settings import Settings
 
     # LEANSERVE_CACHE is where converted models live (models/weights_source.py), not a CLI option.
     known = {f"LEANSERVE_{name.upper()}" for name in Settings.model_fields} | {"LEANSERVE_CACHE"}

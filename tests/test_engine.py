@@ -12,14 +12,14 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from models.attention import AttentionReading
-from server import engine_setup, model_runner
-from server.config import EngineConfig
-from server.engine import AsyncEngine
-from server.llm_engine import LLMEngine
-from server.sampling_params import SamplingParams
-from server.scheduler import SchedulerOutput
-from server.warm_up import warm_up, warm_up_steps
+from leanserve.models.attention import AttentionReading
+from leanserve.server import engine_setup, model_runner
+from leanserve.server.config import EngineConfig
+from leanserve.server.engine import AsyncEngine
+from leanserve.server.llm_engine import LLMEngine
+from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.scheduler import SchedulerOutput
+from leanserve.server.warm_up import warm_up, warm_up_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPT_LENS = [1, 5, 17, 33, 40, 64]

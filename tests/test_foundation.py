@@ -1,4 +1,4 @@
-"""The package foundation: layout, import direction, the embedded model and the kernels-name guard."""
+"""The package foundation: layout, import direction and the embedded model."""
 
 from __future__ import annotations
 
@@ -14,13 +14,22 @@ ALLOWED = {"server": {"models", "kernels"}, "models": {"kernels"}, "kernels": se
 
 
 def _first_party_imports(path: Path) -> set[str]:
-    found = set()
+    """The leanserve packages a file imports; a bare `server`, `models` or `kernels` counts as itself,
+    so that an import that skips the namespace is an offender too."""
+    modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            modules |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & set(ALLOWED)
+            modules.add(node.module)
+    found = set()
+    for module in modules:
+        parts = module.split(".")
+        if parts[0] in ALLOWED:
+            found.add(f"bare {parts[0]}")
+        elif parts[0] == "leanserve" and len(parts) > 1:
+            found.add(parts[1])
+    return found
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -33,19 +42,28 @@ def test_imports_go_one_way(package):
     assert not offenders, f"imports against server -> models -> kernels: {offenders}"
 
 
+@pytest.mark.parametrize("folder", ["tests", "benchmarks"])
+def test_tests_and_benchmarks_import_through_the_namespace(folder):
+    offenders = {
+        str(path.relative_to(ROOT)): bad
+        for path in (ROOT / folder).rglob("*.py")
+        if (bad := {name for name in _first_party_imports(path) if name.startswith("bare ")})
+    }
+    assert not offenders, offenders
+
+
+def test_package_folders_are_not_regular_top_level_packages():
+    # Without __init__.py a folder on the current directory's path is at most a namespace portion, so a
+    # regular package of the same name (Hugging Face's `kernels`, imported by transformers) wins.
+    for name in ALLOWED:
+        assert not (ROOT / name / "__init__.py").exists(), name
+
+
 def test_layout_exists():
     for name in ("server", "models", "kernels", "tests", "docker", "benchmarks", "docs", ".ci"):
         assert (ROOT / name).is_dir(), name
     for name in ("Dockerfile", "pyproject.toml", "README.md", ".ci/run"):
         assert (ROOT / name).is_file(), name
-
-
-def test_our_kernels_package_is_not_taken_for_hf_kernels():
-    # transformers probes `import kernels` (Hugging Face's kernel hub) and would call into it.
-    from transformers.utils import import_utils
-
-    import_utils.is_kernels_available.cache_clear()
-    assert import_utils.is_kernels_available() is False
 
 
 def test_default_model_converted_to_plain_hf_dir(default_model_path):

@@ -14,18 +14,16 @@ import torch
 from greedy_runner import GreedyRunner
 from guard_page import against_guard_page
 
-import models.layers
-from kernels import (
+from leanserve.kernels.activation import reference_silu_and_mul, silu_and_mul
+from leanserve.kernels.rms_norm import (
     fused_add_rms_norm,
     reference_fused_add_rms_norm,
     reference_rms_norm,
-    reference_rope_and_cache,
-    reference_silu_and_mul,
     rms_norm,
-    rope_and_cache,
-    silu_and_mul,
 )
-from models.loader import load_model
+from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
+from leanserve.models import layers as model_layers
+from leanserve.models.loader import load_model
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -348,7 +346,7 @@ def test_model_with_kernels_matches_twins(tiny_model_factory, monkeypatch, kind)
         "reference_silu_and_mul": silu_and_mul,
     }
     for name, kernel in kernels.items():
-        monkeypatch.setattr(models.layers, name, kernel)
+        monkeypatch.setattr(model_layers, name, kernel)
     got, logits = run()
     assert got == expected
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)

@@ -9,17 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (
-    fused_add_rms_norm,
-    launch,
-    lean_attention_decode,
-    rms_norm,
-    rope_and_cache,
-    silu_and_mul,
-    skinny_linear,
-)
-from kernels.l2_prefetch import prefetch_l2, supports_l2_prefetch
-from kernels.launch import use_pdl
+from leanserve.kernels import launch
+from leanserve.kernels.activation import silu_and_mul
+from leanserve.kernels.l2_prefetch import prefetch_l2, supports_l2_prefetch
+from leanserve.kernels.launch import use_pdl
+from leanserve.kernels.lean_attention import lean_attention_decode
+from leanserve.kernels.rms_norm import fused_add_rms_norm, rms_norm
+from leanserve.kernels.rotary import rope_and_cache
+from leanserve.kernels.skinny_linear import skinny_linear
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

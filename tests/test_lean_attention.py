@@ -11,9 +11,9 @@ import pytest
 import torch
 from guard_page import against_guard_page
 
-from kernels import lean_attention_decode, reference_decode_attention
-from kernels.lean_attention import _CONFIGS, LeanConfig, _launch
-from kernels.lean_merge import red_chunk, workspace
+from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch, lean_attention_decode
+from leanserve.kernels.lean_merge import red_chunk, workspace
+from leanserve.kernels.reference import reference_decode_attention
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -220,7 +220,7 @@ def test_empty_sequences_give_zeros():
 def test_strided_query_and_repeated_launches_reset_counters():
     """q as a view with a head stride wider than D; the second launch (new lengths) reuses the same
     workspace, so it is only right if the reducers of the first reset every counter."""
-    from kernels.lean_merge import _WORKSPACES
+    from leanserve.kernels.lean_merge import _WORKSPACES
 
     config = _CONFIGS[64]
     for lens in ([300, 129, 64], [65, 400, 1]):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.layers import rope_inv_freq
+from leanserve.models.config import ModelConfig
+from leanserve.models.layers import rope_inv_freq
 
 LLAMA3_8B = Path("/work/shared/bench-models/llama-3-8b")
 LLAMA3_SCALING = {

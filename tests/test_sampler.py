@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from server.sampler import Sampler, SamplingRow, apply_penalties
-from server.sampling_params import SamplingParams
+from leanserve.server.sampler import Sampler, SamplingRow, apply_penalties
+from leanserve.server.sampling_params import SamplingParams
 
 
 def reference_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from models.block_manager import BlockManager
-from server.outputs import RequestTimings
-from server.request import Request, SeqStatus, Sequence
-from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
+from leanserve.models.block_manager import BlockManager
+from leanserve.server.outputs import RequestTimings
+from leanserve.server.request import Request, SeqStatus, Sequence
+from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.scheduler import Scheduler, SchedulerOutput
 
 BS = 4
 

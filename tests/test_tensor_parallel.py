@@ -12,16 +12,16 @@ import pytest
 import torch
 from greedy_runner import BLOCK_SIZE, GreedyRunner
 
-from models.config import ModelConfig
-from models.kv_cache import KVCache
-from models.llama import CausalLM
-from models.loader import load_model
-from models.parallel import TensorParallel, check_divisible
-from server import engine_setup
-from server.config import EngineConfig
-from server.llm_engine import LLMEngine
-from server.sampling_params import SamplingParams
-from server.tp_worker import TPWorkers, WorkerSpec
+from leanserve.models.config import ModelConfig
+from leanserve.models.kv_cache import KVCache
+from leanserve.models.llama import CausalLM
+from leanserve.models.loader import load_model
+from leanserve.models.parallel import TensorParallel, check_divisible
+from leanserve.server import engine_setup
+from leanserve.server.config import EngineConfig
+from leanserve.server.llm_engine import LLMEngine
+from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.tp_worker import TPWorkers, WorkerSpec
 
 CHUNK = 5  # prefill chunk: prompts longer than it also take the cached-prefix prefill path
 NEW_TOKENS = 12

@@ -1,1 +1,0 @@
-"""The leanserve HTTP service: OpenAI-compatible API, engine loop, scheduler, sampling and metrics."""
