@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from leanserve.kernels import launch
-from leanserve.server.config import EngineConfig
-from leanserve.server.llm_engine import LLMEngine
-from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`python -m leanserve.server` is the `leanserve` command."""
 
-from leanserve.server.cli import main
+from leanserve.server.api.cli import main
 
 main()

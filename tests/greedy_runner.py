@@ -12,7 +12,7 @@ import torch
 from leanserve.models.attention import AttentionBatch, AttentionTimer
 from leanserve.models.kv_cache import KVCache
 from leanserve.models.llama import CausalLM
-from leanserve.server.tp_worker import TPWorkers
+from leanserve.server.engine.tp_worker import TPWorkers
 
 NEW_TOKENS = 32
 BLOCK_SIZE = 4  # small, so that prompts span several non-contiguous pages

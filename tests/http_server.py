@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from leanserve.server.app import create_app
-from leanserve.server.config import EngineConfig
-from leanserve.server.engine import AsyncEngine
-from leanserve.server.settings import Settings
+from leanserve.server.api.app import create_app
+from leanserve.server.api.settings import Settings
+from leanserve.server.engine.async_engine import AsyncEngine
+from leanserve.server.engine.config import EngineConfig
 
 
 @contextmanager

@@ -16,9 +16,9 @@ import openai
 import pytest
 from http_server import real_engine, serve, wait_until
 
-from leanserve.server.cli import JsonLogFormatter, main
-from leanserve.server.config import EngineConfig
-from leanserve.server.settings import Settings, parse_settings
+from leanserve.server.api.cli import JsonLogFormatter, main
+from leanserve.server.api.settings import Settings, parse_settings
+from leanserve.server.engine.config import EngineConfig
 
 PROMPT = "The quick brown fox jumps over"
 PROMPTS = [PROMPT, "Once upon a time"]

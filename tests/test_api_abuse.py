@@ -21,8 +21,8 @@ import openai
 import pytest
 from http_server import metric_value, real_engine, serve, wait_until
 
-from leanserve.server.llm_engine import EngineStats
-from leanserve.server.request_inputs import MAX_CHOICES
+from leanserve.server.api.request_inputs import MAX_CHOICES
+from leanserve.server.engine.llm_engine import EngineStats
 
 MAX_MODEL_LEN = 256
 

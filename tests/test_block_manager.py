@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leanserve.models.block_manager import BlockManager, BlockPool
+from leanserve.server.engine.block_manager import BlockManager, BlockPool
 
 BS = 4
 

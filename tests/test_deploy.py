@@ -95,7 +95,7 @@ def test_runtime_stage_serves_the_baked_model_as_non_root():
     healthcheck = _args(runtime, "HEALTHCHECK")[-1]
     assert "/health" in healthcheck and "python" in healthcheck and "curl" not in healthcheck
     assert json.loads(_args(runtime, "ENTRYPOINT")[-1]) == ["leanserve"]
-    assert 'leanserve = "leanserve.server.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'leanserve = "leanserve.server.api.cli:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_dockerignore_keeps_the_context_small_but_not_what_the_image_copies():
@@ -260,7 +260,7 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose):
 
 @pytest.mark.parametrize("path", _ENV_FILES)
 def test_leanserve_env_vars_are_real_options(path):
-    from leanserve.server.settings import Settings
+    from leanserve.server.api.settings import Settings
 
     # LEANSERVE_CACHE is where converted models live (models/weights_source.py), not a CLI option.
     known = {f"LEANSERVE_{name.upper()}" for name in Settings.model_fields} | {"LEANSERVE_CACHE"}

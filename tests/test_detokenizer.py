@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from leanserve.server.detokenizer import DetokenizedDelta, IncrementalDetokenizer
+from leanserve.server.engine.detokenizer import DetokenizedDelta, IncrementalDetokenizer
 
 CHAT_PROMPT = "<|im_start|>user\nSay something<|im_end|>\n<|im_start|>assistant\n"
 

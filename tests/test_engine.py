@@ -13,13 +13,13 @@ import torch
 from prometheus_client import REGISTRY
 
 from leanserve.models.attention import AttentionReading
-from leanserve.server import engine_setup, model_runner
-from leanserve.server.config import EngineConfig
-from leanserve.server.engine import AsyncEngine
-from leanserve.server.llm_engine import LLMEngine
-from leanserve.server.sampling_params import SamplingParams
-from leanserve.server.scheduler import SchedulerOutput
-from leanserve.server.warm_up import warm_up, warm_up_steps
+from leanserve.server.engine import engine_setup, model_runner
+from leanserve.server.engine.async_engine import AsyncEngine
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.scheduler import SchedulerOutput
+from leanserve.server.engine.warm_up import warm_up, warm_up_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPT_LENS = [1, 5, 17, 33, 40, 64]

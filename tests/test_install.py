@@ -55,7 +55,7 @@ def test_distribution_installs_only_the_leanserve_name(wheel):
         "models",
         "server",
     }
-    assert "leanserve = leanserve.server.cli:main" in entry_points
+    assert "leanserve = leanserve.server.api.cli:main" in entry_points
 
 
 def _copied_install(wheel: Path, venv: Path) -> Path:

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from leanserve.server.sampler import Sampler, SamplingRow, apply_penalties
-from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.engine.sampler import Sampler, SamplingRow, apply_penalties
+from leanserve.server.engine.sampling_params import SamplingParams
 
 
 def reference_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

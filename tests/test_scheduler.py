@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from leanserve.models.block_manager import BlockManager
-from leanserve.server.outputs import RequestTimings
-from leanserve.server.request import Request, SeqStatus, Sequence
-from leanserve.server.sampling_params import SamplingParams
-from leanserve.server.scheduler import Scheduler, SchedulerOutput
+from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.outputs import RequestTimings
+from leanserve.server.engine.request import Request, SeqStatus, Sequence
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.scheduler import Scheduler, SchedulerOutput
 
 BS = 4
 

@@ -9,8 +9,8 @@ import schemathesis
 from http_server import real_engine, serve
 from hypothesis import HealthCheck, settings
 
-from leanserve.server.app import create_app
-from leanserve.server.settings import Settings
+from leanserve.server.api.app import create_app
+from leanserve.server.api.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from leanserve.models.kv_cache import KVCache
 from leanserve.models.llama import CausalLM
 from leanserve.models.loader import load_model
 from leanserve.models.parallel import TensorParallel, check_divisible
-from leanserve.server import engine_setup
-from leanserve.server.config import EngineConfig
-from leanserve.server.llm_engine import LLMEngine
-from leanserve.server.sampling_params import SamplingParams
-from leanserve.server.tp_worker import TPWorkers, WorkerSpec
+from leanserve.server.engine import engine_setup
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.tp_worker import TPWorkers, WorkerSpec
 
 CHUNK = 5  # prefill chunk: prompts longer than it also take the cached-prefix prefill path
 NEW_TOKENS = 12

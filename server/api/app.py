@@ -16,10 +16,10 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
-from leanserve.server import metrics
-from leanserve.server.errors import APIError, bad_request, install_error_handlers
-from leanserve.server.middleware import STATUS_CLIENT_GONE, RequestMiddleware
-from leanserve.server.protocol import (
+from leanserve.server.api import metrics
+from leanserve.server.api.errors import APIError, bad_request, install_error_handlers
+from leanserve.server.api.middleware import STATUS_CLIENT_GONE, RequestMiddleware
+from leanserve.server.api.protocol import (
     ChatRequest,
     ChatResponse,
     CompletionRequest,
@@ -32,8 +32,8 @@ from leanserve.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from leanserve.server.renderers import ChatRenderer, CompletionRenderer, Renderer
-from leanserve.server.request_inputs import (
+from leanserve.server.api.renderers import ChatRenderer, CompletionRenderer, Renderer
+from leanserve.server.api.request_inputs import (
     chat_prompt,
     check_context,
     check_token_ids,
@@ -43,12 +43,12 @@ from leanserve.server.request_inputs import (
     reject_unsupported,
     sampling_params,
 )
-from leanserve.server.sampling_params import SamplingParams
-from leanserve.server.serving import Admission, Job, RequestTracker, collect_response, stream_events
-from leanserve.server.settings import Settings
+from leanserve.server.api.serving import Admission, Job, RequestTracker, collect_response, stream_events
+from leanserve.server.api.settings import Settings
+from leanserve.server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from leanserve.server.engine import AsyncEngine
+    from leanserve.server.engine.async_engine import AsyncEngine
 
 
 @dataclass

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel
 
-from leanserve.server.outputs import RequestOutput, SampleDelta, TokenLogprob
-from leanserve.server.protocol import (
+from leanserve.server.api.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChoiceLogprobs,
@@ -26,9 +25,10 @@ from leanserve.server.protocol import (
     TopLogprob,
     Usage,
 )
+from leanserve.server.engine.outputs import RequestOutput, SampleDelta, TokenLogprob
 
 if TYPE_CHECKING:
-    from leanserve.server.serving import Job
+    from leanserve.server.api.serving import Job
 
 
 def usage_of(out: RequestOutput) -> Usage:

@@ -26,9 +26,9 @@ from leanserve.models.attention import AttentionBatch, AttentionReading, Attenti
 from leanserve.models.kv_cache import KVCache
 from leanserve.models.llama import CausalLM
 from leanserve.models.prefetch import SideStreamPrefetch
-from leanserve.server.sampler import SamplerOutput, token_logprobs
-from leanserve.server.scheduler import PrefillChunk, SchedulerOutput
-from leanserve.server.tp_worker import TPWorkers
+from leanserve.server.engine.sampler import SamplerOutput, token_logprobs
+from leanserve.server.engine.scheduler import PrefillChunk, SchedulerOutput
+from leanserve.server.engine.tp_worker import TPWorkers
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import threading
 
 import uvicorn
 
-from leanserve.server.app import ServerState, create_app
-from leanserve.server.settings import Settings, parse_settings
+from leanserve.server.api.app import ServerState, create_app
+from leanserve.server.api.settings import Settings, parse_settings
 
 logger = logging.getLogger("leanserve")
 
@@ -41,7 +41,9 @@ def configure_logging(settings: Settings) -> None:
 
 
 def _load_engine(state: ServerState, server: uvicorn.Server) -> None:
-    from leanserve.server.engine import AsyncEngine  # heavy (torch, the model code): off the startup path
+    from leanserve.server.engine.async_engine import (
+        AsyncEngine,  # heavy (torch, the model code): off the startup path
+    )
 
     try:
         engine = AsyncEngine.from_config(state.settings.engine_config())

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 from transformers import PreTrainedTokenizerBase
 
 from leanserve.models.weights_source import resolve_model_dir
-from leanserve.server.config import EngineConfig
-from leanserve.server.llm_engine import EngineStats, LLMEngine
-from leanserve.server.outputs import RequestOutput, RequestTimings, SampleDelta
-from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.llm_engine import EngineStats, LLMEngine
+from leanserve.server.engine.outputs import RequestOutput, RequestTimings, SampleDelta
+from leanserve.server.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

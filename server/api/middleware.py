@@ -15,7 +15,7 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from leanserve.server.errors import APIError
+from leanserve.server.api.errors import APIError
 
 access_logger = logging.getLogger("leanserve.access")
 

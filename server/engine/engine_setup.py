@@ -12,9 +12,9 @@ from leanserve.models.kv_cache import KVCache
 from leanserve.models.layers import prepack_linear_weights
 from leanserve.models.loader import load_model, resolve_dtype
 from leanserve.models.weights_source import resolve_model_dir
-from leanserve.server.config import EngineConfig
-from leanserve.server.model_runner import ModelRunner
-from leanserve.server.tp_worker import TPWorkers, WorkerSpec
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.model_runner import ModelRunner
+from leanserve.server.engine.tp_worker import TPWorkers, WorkerSpec
 
 # GPU memory kept out of the KV pool, estimated with margin for Llama-3-8B: activations of a full prefill
 # step (hidden states, fused qkv and gate/up outputs, fp32 norm temporaries: under 160 KiB per token of

@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from leanserve.server.errors import bad_request
-from leanserve.server.protocol import ChatMessage, ChatRequest, ChatTemplateFields, CompletionRequest
-from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.api.errors import bad_request
+from leanserve.server.api.protocol import ChatMessage, ChatRequest, ChatTemplateFields, CompletionRequest
+from leanserve.server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from leanserve.server.engine import AsyncEngine
+    from leanserve.server.engine.async_engine import AsyncEngine
 
 _PARAM_IN_MESSAGE = re.compile(r"'(\w+)'")
 # Most choices (prompts x n) of one completion request: its prompts are tokenized and checked on the event

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from leanserve.kernels.argmax import argmax_rows, reference_argmax_rows
-from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -24,19 +24,19 @@ from dataclasses import dataclass
 import torch
 
 from leanserve.models.attention import AttentionReading
-from leanserve.models.block_manager import BlockManager
-from leanserve.server import metrics
-from leanserve.server.config import EngineConfig
-from leanserve.server.detokenizer import IncrementalDetokenizer
-from leanserve.server.engine_setup import load_engine_parts
-from leanserve.server.model_runner import ModelRunner
-from leanserve.server.output_builder import drain_output, logprob_entries, token_texts
-from leanserve.server.outputs import FinishReason, RequestOutput, RequestTimings, TokenLogprob
-from leanserve.server.request import Request, SeqStatus, Sequence
-from leanserve.server.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
-from leanserve.server.sampling_params import SamplingParams
-from leanserve.server.scheduler import Scheduler, SchedulerOutput
-from leanserve.server.warm_up import warm_up
+from leanserve.server.api import metrics
+from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.detokenizer import IncrementalDetokenizer
+from leanserve.server.engine.engine_setup import load_engine_parts
+from leanserve.server.engine.model_runner import ModelRunner
+from leanserve.server.engine.output_builder import drain_output, logprob_entries, token_texts
+from leanserve.server.engine.outputs import FinishReason, RequestOutput, RequestTimings, TokenLogprob
+from leanserve.server.engine.request import Request, SeqStatus, Sequence
+from leanserve.server.engine.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.scheduler import Scheduler, SchedulerOutput
+from leanserve.server.engine.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 

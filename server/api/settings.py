@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from leanserve.server.config import Device, Dtype, EngineConfig, LoadFormat
+from leanserve.server.engine.config import Device, Dtype, EngineConfig, LoadFormat
 
 _E = EngineConfig  # engine defaults live in one place: the dataclass
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from leanserve.server import metrics
-from leanserve.server.errors import APIError
-from leanserve.server.outputs import RequestOutput, RequestTimings, TokenLogprob
-from leanserve.server.renderers import Renderer, SampleTotal, has_news, usage_of
+from leanserve.server.api import metrics
+from leanserve.server.api.errors import APIError
+from leanserve.server.api.renderers import Renderer, SampleTotal, has_news, usage_of
+from leanserve.server.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
 
 if TYPE_CHECKING:
-    from leanserve.server.engine import AsyncEngine
+    from leanserve.server.engine.async_engine import AsyncEngine
 
 DONE_EVENT = "data: [DONE]\n\n"
 HEARTBEAT_EVENT = ": keep-alive\n\n"

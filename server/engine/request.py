@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from leanserve.server.outputs import FinishReason, RequestTimings, TokenLogprob
-from leanserve.server.sampling_params import SamplingParams
+from leanserve.server.engine.outputs import FinishReason, RequestTimings, TokenLogprob
+from leanserve.server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
 
-    from leanserve.server.detokenizer import IncrementalDetokenizer
+    from leanserve.server.engine.detokenizer import IncrementalDetokenizer
 
 _seq_ids = itertools.count()
 

@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from leanserve.server.config import EngineConfig
-from leanserve.server.model_runner import ModelRunner
-from leanserve.server.outputs import RequestTimings
-from leanserve.server.request import Request, Sequence
-from leanserve.server.sampler import Sampler, SamplingRow
-from leanserve.server.sampling_params import SamplingParams
-from leanserve.server.scheduler import PrefillChunk, SchedulerOutput
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.model_runner import ModelRunner
+from leanserve.server.engine.outputs import RequestTimings
+from leanserve.server.engine.request import Request, Sequence
+from leanserve.server.engine.sampler import Sampler, SamplingRow
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.scheduler import PrefillChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from leanserve.models.block_manager import BlockManager
-from leanserve.server.request import SeqStatus, Sequence
+from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.request import SeqStatus, Sequence
 
 
 @dataclass

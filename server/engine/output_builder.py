@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from leanserve.server.outputs import RequestOutput, SampleDelta, TokenLogprob
-from leanserve.server.request import Request
-from leanserve.server.sampler import SamplerOutput
+from leanserve.server.engine.outputs import RequestOutput, SampleDelta, TokenLogprob
+from leanserve.server.engine.request import Request
+from leanserve.server.engine.sampler import SamplerOutput
 
 
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
