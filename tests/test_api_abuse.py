@@ -448,7 +448,7 @@ class _DeadLoopEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            0, 0, 0.0, 0, 0, 0, 0, 0, loop_alive=False, last_error="RuntimeError: loop crashed"
+            0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0, loop_alive=False, last_error="RuntimeError: loop crashed"
         )
 
 

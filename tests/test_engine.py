@@ -10,14 +10,13 @@ import random
 
 import pytest
 import torch
-from prometheus_client import REGISTRY
 
 from leanserve.models.attention import AttentionReading
 from leanserve.server.engine import engine_setup, model_runner
 from leanserve.server.engine.async_engine import AsyncEngine
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
-from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.sampling_params import InvalidParameter, SamplingParams
 from leanserve.server.engine.scheduler import SchedulerOutput
 from leanserve.server.engine.warm_up import warm_up, warm_up_steps
 
@@ -173,11 +172,11 @@ def test_repeated_prompt_hits_prefix_cache(make_engine, reference):
     prompt = prompts()[5]  # 64 tokens
     first = run_all(engine, {"a": (prompt, greedy())})["a"]
     hits = engine.block_manager.prefix_hits
-    metric_hits = REGISTRY.get_sample_value("leanserve_prefix_cache_hits_total")
+    stats_hits = engine.stats().prefix_cache_hits
     second = run_all(engine, {"b": (prompt, greedy())})["b"]
     assert second[0].cached_prompt_tokens == 48  # three full blocks; the last token is always computed
     assert engine.block_manager.prefix_hits - hits == 48
-    assert REGISTRY.get_sample_value("leanserve_prefix_cache_hits_total") - metric_hits == 48
+    assert engine.stats().prefix_cache_hits - stats_hits == 48
     assert first[1] == second[1] == [reference[5]]
 
 
@@ -243,7 +242,7 @@ def test_a_prompt_preempted_while_scored_is_scored_whole_once(make_engine, full_
     engine.add_request("s", prompt, greedy(max_tokens=2, prompt_logprobs=2))
     outputs = engine.step() + engine.step()
     seq = engine.requests["s"].sequences[0]
-    assert seq.num_computed_tokens == 32 and engine._inflight is not None
+    assert seq.num_computed_tokens == 32 and engine.pipeline.in_flight is not None
     engine.scheduler._preempt(seq, SchedulerOutput())  # as a decode that finds no free block does
     while engine.has_work:
         outputs += engine.step()
@@ -311,7 +310,7 @@ def test_async_scheduling_gives_the_same_outputs(make_engine, monkeypatch):
     }
     sync_engine, async_engine = make_engine(async_scheduling=False), make_engine(async_scheduling=True)
     for engine in (sync_engine, async_engine):
-        monkeypatch.setattr(engine, "eos_token_ids", frozenset({probe[3]}))
+        monkeypatch.setattr(engine.scheduler, "eos_token_ids", frozenset({probe[3]}))
 
     def summary(results):
         return {
@@ -332,7 +331,7 @@ def test_async_scheduling_gives_the_same_outputs(make_engine, monkeypatch):
         while engine.has_work:
             for out in engine.step():
                 texts[out.request_id] = texts.get(out.request_id, "") + "".join(s.text for s in out.samples)
-            ran_ahead += engine._inflight is not None
+            ran_ahead += engine.pipeline.in_flight is not None
         assert_pool_free(engine)
         return texts, ran_ahead
 
@@ -350,7 +349,7 @@ def test_abort_while_a_step_is_in_flight(make_engine):
         engine.add_request(f"a{i}", prompt, greedy(max_tokens=40))
     for _ in range(4):
         engine.step()
-    assert engine._inflight is not None
+    assert engine.pipeline.in_flight is not None
     out = engine.abort("a1")[-1]
     assert out.finished and out.samples[-1].finish_reason == "abort"
     assert all(t >= 0 for s in out.samples for t in s.token_ids)
@@ -425,10 +424,13 @@ def test_failing_step_fails_only_its_requests(make_engine, reference, monkeypatc
 
 def test_too_long_request_is_rejected(make_engine):
     engine = make_engine()
-    with pytest.raises(ValueError, match="maximum context length"):
+    with pytest.raises(InvalidParameter, match=r"\+ max_tokens \(100\) > context") as error:
         engine.add_request("long", [1] * 2000, greedy(max_tokens=100))
-    with pytest.raises(ValueError, match="empty"):
+    assert error.value.param == "max_tokens"
+    with pytest.raises(InvalidParameter, match="the prompt is empty") as error:
         engine.add_request("empty", [], greedy())
+    assert error.value.param == "prompt"
+    assert not engine.requests
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -503,7 +505,7 @@ def test_engine_loop_survives_a_bug_outside_a_step(make_engine, reference, monke
         calls += 1
         outputs = real_step()
         if calls == 3:  # after launching a step whose tokens are not read yet
-            assert engine._inflight is not None
+            assert engine.pipeline.in_flight is not None
             raise RuntimeError("bug in the loop")
         return outputs
 
@@ -548,19 +550,14 @@ def test_warm_up_steps_cover_every_kernel_variant(max_num_seqs, budget, max_mode
         assert all(s.num_uncomputed == 1 for s in step.decodes)
 
 
-def _our_metric_samples() -> dict:
-    samples = (s for m in REGISTRY.collect() for s in m.samples if s.name.startswith("leanserve_"))
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples}
-
-
-def test_warm_up_leaves_requests_blocks_and_metrics_alone(make_engine, reference):
+def test_warm_up_leaves_requests_blocks_and_stats_alone(make_engine, reference):
     engine = make_engine(max_num_seqs=5, max_num_batched_tokens=64)
     first = run_all(engine, {"before": (prompts()[3], greedy())})
     cache = engine.runner.kv_cache.data[:, :, : engine.runner.scratch_block].clone()  # all but scratch
-    metrics_before = _our_metric_samples()
+    stats_before = engine.stats()
     assert warm_up(engine.runner, engine.sampler, engine.config, engine.max_model_len) > 0
     torch.testing.assert_close(engine.runner.kv_cache.data[:, :, : engine.runner.scratch_block], cache)
-    assert _our_metric_samples() == metrics_before
+    assert engine.stats() == stats_before
     assert_pool_free(engine)
     assert not engine.scheduler.has_work
     after = run_all(engine, {"after": (prompts()[3], greedy())})

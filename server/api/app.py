@@ -35,17 +35,15 @@ from leanserve.server.api.protocol import (
 from leanserve.server.api.renderers import ChatRenderer, CompletionRenderer, Renderer
 from leanserve.server.api.request_inputs import (
     chat_prompt,
-    check_context,
     check_token_ids,
     completion_prompts,
     echo_texts,
-    prompt_name,
     reject_unsupported,
     sampling_params,
 )
 from leanserve.server.api.serving import Admission, Job, RequestTracker, collect_response, stream_events
 from leanserve.server.api.settings import Settings
-from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.sampling_params import InvalidParameter, SamplingParams
 
 if TYPE_CHECKING:
     from leanserve.server.engine.async_engine import AsyncEngine
@@ -62,6 +60,13 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings.max_queued_requests)
+        if self.engine is not None:
+            self.attach(self.engine)
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """Serve `engine` (loaded) and publish its metrics."""
+        self.engine = engine
+        metrics.publish(engine)
 
     def unavailable(self) -> str | None:
         """Why the server cannot take requests now (None when it can)."""
@@ -103,11 +108,13 @@ async def _serve(
     prompts: list[list[int]],
     params: SamplingParams,
     renderer: Renderer,
+    params_named: dict[str, str] | None = None,
     echo: list[str] | None = None,
 ) -> Response:
     """Admit, start one engine request per prompt and answer them as one (stream or whole body). A
     batch of prompts takes one place in the admission queue, as one prompt with n choices does.
-    `echo`: the text of each prompt, which its choices start with."""
+    `params_named`: what the client calls the engine's parameters ("prompt", "max_tokens") when it names
+    them otherwise. `echo`: the text of each prompt, which its choices start with."""
     state = _state(request)
     if not state.admission.try_enter():
         raise APIError(
@@ -121,7 +128,9 @@ async def _serve(
         outputs = engine.add_requests(by_engine_id, params, arrival_time=arrival)
     except Exception as e:
         tracker.discard()  # it never started
-        if isinstance(e, ValueError):  # the engine's message for the client
+        if isinstance(e, InvalidParameter):  # the engine's message for the client
+            raise bad_request(e.message, (params_named or {}).get(e.param, e.param)) from e
+        if isinstance(e, ValueError):
             raise bad_request(str(e)) from e
         if state.draining or not engine.stats().loop_alive:  # the engine stopped admitting meanwhile
             raise APIError(503, str(e), code="unavailable") from e
@@ -197,11 +206,8 @@ async def completions(request: Request, body: CompletionRequest):
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     params = sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer), echo=body.echo)
     prompts = completion_prompts(body.prompt, params.n, engine)
-    for i, prompt_ids in enumerate(prompts):
-        which = prompt_name(i, len(prompts))
-        check_context(len(prompt_ids), max_tokens, engine.max_model_len, "prompt", which=which)
     echo = echo_texts(body.prompt, prompts, engine) if body.echo else None
-    return await _serve(request, engine, body, prompts, params, CompletionRenderer(), echo)
+    return await _serve(request, engine, body, prompts, params, CompletionRenderer(), echo=echo)
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_responses(ChatResponse))
@@ -217,8 +223,8 @@ async def chat_completions(request: Request, body: ChatRequest):
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
-    check_context(len(prompt_ids), max_tokens, engine.max_model_len, "messages", name)
-    return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer())
+    params_named = {"prompt": "messages", "max_tokens": name}
+    return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer(), params_named)
 
 
 # vLLM's routes for clients that check a prompt against the context before they send it. No engine work:
@@ -264,12 +270,6 @@ async def health(request: Request) -> dict:
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
-    engine = _state(request).engine
-    if engine is not None:  # gauges as of now, also when the engine loop is idle
-        stats = engine.stats()
-        metrics.num_requests_running.set(stats.num_running)
-        metrics.num_requests_waiting.set(stats.num_waiting)
-        metrics.kv_cache_usage.set(stats.kv_usage)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -53,7 +53,7 @@ def _load_engine(state: ServerState, server: uvicorn.Server) -> None:
         state.load_error = f"{type(e).__name__}: {e}"
         server.should_exit = True
         return
-    state.engine = engine
+    state.attach(engine)
     logger.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
 
 

@@ -1,9 +1,20 @@
-"""Prometheus metrics (names fixed in docs/architecture contracts). Engine-level series are observed by
-the engine loop, request-level series by the HTTP layer. Labels are bounded: never a request id."""
+"""Prometheus metrics (names documented in docs/api.md), published by the HTTP layer alone: request-level
+series as requests finish (serving.py), per-step series from the engine's `StepStats` (`observe_step`),
+the engine's gauges and totals read from `EngineStats` at each scrape (`EngineCollector`). Labels are
+bounded: never a request id."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from leanserve.server.engine.async_engine import AsyncEngine
+    from leanserve.server.engine.llm_engine import StepStats
 
 # vLLM-like latency buckets (seconds).
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -48,18 +59,62 @@ request_queue_time = Histogram(
     "Time a request waited before it was first scheduled.",
     buckets=_E2E_BUCKETS,
 )
-num_requests_running = Gauge("leanserve_num_requests_running", "Requests in the running batch.")
-num_requests_waiting = Gauge("leanserve_num_requests_waiting", "Requests waiting to be scheduled.")
-kv_cache_usage = Gauge("leanserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).")
-prompt_tokens = Counter("leanserve_prompt_tokens", "Prompt tokens processed.")
-generation_tokens = Counter("leanserve_generation_tokens", "Tokens generated.")
 request_success = Counter(
     "leanserve_request_success", "Finished requests by finish reason.", labelnames=["finished_reason"]
 )
-num_preemptions = Counter(
-    "leanserve_num_preemptions", "Requests preempted (recompute) for lack of KV blocks."
-)
-prefix_cache_queries = Counter(
-    "leanserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
-)
-prefix_cache_hits = Counter("leanserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+
+
+def observe_step(stats: StepStats) -> None:
+    """The engine loop's step observer (runs on the engine thread)."""
+    for seconds in stats.decode_attention_seconds:
+        step_attention.observe(seconds)
+
+
+class EngineCollector(Collector):
+    """The serving engine's gauges and totals, read at scrape time (also while the engine loop idles)."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncEngine | None = None  # the engine the app serves; None while it loads
+
+    def collect(self) -> Iterator[Metric]:
+        if self.engine is None:
+            return
+        stats = self.engine.stats()
+        gauges = (
+            ("leanserve_num_requests_running", "Requests in the running batch.", stats.num_running),
+            ("leanserve_num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            ("leanserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", stats.kv_usage),
+        )
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=value)
+        counters = (
+            ("leanserve_prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens),
+            ("leanserve_generation_tokens", "Tokens generated.", stats.generation_tokens),
+            (
+                "leanserve_num_preemptions",
+                "Requests preempted (recompute) for lack of KV blocks.",
+                stats.num_preemptions,
+            ),
+            (
+                "leanserve_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
+            (
+                "leanserve_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                stats.prefix_cache_hits,
+            ),
+        )
+        for name, documentation, value in counters:
+            yield CounterMetricFamily(name, documentation, value=value)
+
+
+engine_collector = EngineCollector()
+REGISTRY.register(engine_collector)
+
+
+def publish(engine: AsyncEngine) -> None:
+    """Publish `engine`'s metrics: its gauges and totals at each scrape, its steps as they run."""
+    engine_collector.engine = engine
+    engine.step_observer = observe_step

@@ -1,20 +1,20 @@
 """From an OpenAI request body to what the engine takes: the token ids of its prompts (a completion's
 prompt or batch, chat messages through the model's chat template) and its SamplingParams; every input
-that cannot run is a 400 naming its parameter here, before any engine work."""
+that cannot be turned into them is a 400 naming its parameter here. Whether the prompts fit the model and
+its cache is the engine's to say (`LLMEngine.validate`, through `AsyncEngine.add_requests`), also before
+any engine work."""
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from leanserve.server.api.errors import bad_request
 from leanserve.server.api.protocol import ChatMessage, ChatRequest, ChatTemplateFields, CompletionRequest
-from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.sampling_params import InvalidParameter, SamplingParams
 
 if TYPE_CHECKING:
     from leanserve.server.engine.async_engine import AsyncEngine
 
-_PARAM_IN_MESSAGE = re.compile(r"'(\w+)'")
 # Most choices (prompts x n) of one completion request: its prompts are tokenized and checked on the event
 # loop before any engine work, and each choice takes a sequence slot and KV blocks. 256, the default
 # --max-num-seqs, lets one request fill a batch but not flood the queue.
@@ -29,8 +29,8 @@ def sampling_params(
     max_tokens_name: str = "max_tokens",
     echo: bool = False,
 ) -> SamplingParams:
-    """SamplingParams from the request; its ValueError names the parameter, which we pass on (under
-    the name the client used for max_tokens). With `echo` the prompt is scored too (when `logprobs`
+    """SamplingParams from the request; its InvalidParameter names the parameter, which we pass on
+    (under the name the client used for max_tokens). With `echo` the prompt is scored too (when `logprobs`
     asks) and max_tokens may be 0: the answer is then the prompt alone."""
     # The engine takes 0 (the request ends after its prefill), but only echo has something to return then.
     if max_tokens == 0 and not echo:
@@ -62,17 +62,15 @@ def sampling_params(
             logit_bias=logit_bias,
             **given,
         )
-    except ValueError as e:
-        match = _PARAM_IN_MESSAGE.search(str(e))
-        param = match.group(1) if match else None
-        raise bad_request(str(e), max_tokens_name if param == "max_tokens" else param) from e
+    except InvalidParameter as e:
+        raise bad_request(e.message, max_tokens_name if e.param == "max_tokens" else e.param) from e
 
 
-def check_token_ids(ids: list[int], vocab: int, param: str, which: str | None = None) -> None:
-    """Token ids from the client index the embedding and the tokenizer's vocabulary: outside it is a 400
-    (`which` names them in the message, by default `param`)."""
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    """Token ids from the client that the tokenizer must know (stop tokens, /detokenize): outside its
+    vocabulary is a 400."""
     if any(not 0 <= t < vocab for t in ids):
-        raise bad_request(f"{which or param} has token ids outside [0, {vocab})", param)
+        raise bad_request(f"{param} has token ids outside [0, {vocab})", param)
 
 
 def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
@@ -104,26 +102,6 @@ def reject_unsupported(body: CompletionRequest | ChatRequest) -> None:
             raise bad_request(f"{name} is not supported (no tool calling)", name)
 
 
-def check_context(
-    prompt_len: int,
-    max_tokens: int,
-    max_model_len: int,
-    prompt_param: str,
-    max_tokens_name: str = "max_tokens",
-    which: str = "the prompt",
-) -> None:
-    if prompt_len >= max_model_len:
-        raise bad_request(
-            f"{which} is {prompt_len} tokens; the context holds {max_model_len} with the output",
-            prompt_param,
-        )
-    if prompt_len + max_tokens > max_model_len:
-        raise bad_request(
-            f"{which} ({prompt_len} tokens) + {max_tokens_name} ({max_tokens}) > context ({max_model_len})",
-            max_tokens_name,
-        )
-
-
 def completion_prompts(prompt: str | list, n: int, engine: AsyncEngine) -> list[list[int]]:
     """The token ids of each prompt: OpenAI's `prompt` is one string or token-id list, or a list of
     them (a batch, answered with `n` choices per prompt)."""
@@ -132,12 +110,6 @@ def completion_prompts(prompt: str | list, n: int, engine: AsyncEngine) -> list[
         raise bad_request(
             f"{len(batch)} prompts x n={n} choices: at most {MAX_CHOICES} choices a request", "prompt"
         )
-    vocab = len(engine.tokenizer)
-    for i, one in enumerate(batch):
-        if not one:
-            raise bad_request(f"{prompt_name(i, len(batch))} is empty", "prompt")
-        if isinstance(one, list):
-            check_token_ids(one, vocab, "prompt", prompt_name(i, len(batch)))
     if isinstance(batch[0], str):  # the schema allows no mix of strings and token lists
         return engine.tokenizer(batch).input_ids
     return [list(one) for one in batch]
@@ -150,11 +122,6 @@ def echo_texts(prompt: str | list, prompts: list[list[int]], engine: AsyncEngine
     if isinstance(prompt[0], str):
         return prompt
     return engine.tokenizer.batch_decode(prompts)
-
-
-def prompt_name(index: int, count: int) -> str:
-    """How errors name a prompt: by its position when the request has several."""
-    return "the prompt" if count == 1 else f"prompt[{index}]"
 
 
 # apply_chat_template's parameters other than add_generation_prompt: not template variables.

@@ -1,6 +1,6 @@
 """`AsyncEngine`: the engine loop thread that owns the device, around the synchronous `LLMEngine`
-(server/llm_engine.py). Requests and aborts reach the thread through a queue; outputs go back to each
-caller's asyncio loop with `call_soon_threadsafe`."""
+(llm_engine.py). Requests and aborts reach the thread through a queue; outputs go back to each
+caller's asyncio loop with `call_soon_threadsafe`; each step's `StepStats` go to `step_observer`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from transformers import PreTrainedTokenizerBase
 
 from leanserve.models.weights_source import resolve_model_dir
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.llm_engine import EngineStats, LLMEngine
+from leanserve.server.engine.llm_engine import EngineStats, LLMEngine, StepStats
 from leanserve.server.engine.outputs import RequestOutput, RequestTimings, SampleDelta
 from leanserve.server.engine.sampling_params import SamplingParams
 
@@ -40,6 +40,8 @@ class AsyncEngine:
         self._stopping = False  # no new requests
         self._stop = False  # loop exits
         self.last_error: str | None = None
+        # Called on the engine thread after every step (the HTTP layer records its metrics); keep it short.
+        self.step_observer: Callable[[StepStats], None] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -59,19 +61,20 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Start one engine request per (request id, prompt), all with `params`: the prompts of one HTTP
         request. Their outputs come in one stream, in the order the engine makes them, until every one has
-        finished. All start or none: a ValueError about any prompt starts none."""
+        finished. All start or none: an InvalidParameter about any prompt (named by its position when
+        there are several) starts none. The engine keeps the prompt lists (the caller hands them over)."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
-        for prompt in prompts.values():
-            self.engine.validate(prompt, params)  # reads only immutable settings: safe here
+        for i, prompt in enumerate(prompts.values()):
+            name = "the prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            self.engine.validate(prompt, params, name)  # reads only immutable settings: safe here
         stream: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if taken := self._streams.keys() & prompts.keys():
                 raise ValueError(f"duplicate request id {taken.pop()!r}")
             self._streams.update(dict.fromkeys(prompts, (asyncio.get_running_loop(), stream)))
-        # One command, so that the engine admits them in the same step (copies: the caller keeps its lists).
-        copies = {request_id: list(prompt) for request_id, prompt in prompts.items()}
-        self._send(("add", copies, params, arrival_time or time.monotonic()))
+        # One command, so that the engine admits them in the same step.
+        self._send(("add", dict(prompts), params, arrival_time or time.monotonic()))
         return self._iterate(list(prompts), stream)
 
     async def _iterate(self, request_ids: list[str], stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
@@ -125,6 +128,8 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+                if self.step_observer is not None:
+                    self.step_observer(self.engine.last_step)
             except Exception as e:  # a bug outside the model step: fail everything in flight, live on
                 logger.exception("engine loop error")
                 self.last_error = f"{type(e).__name__}: {e}"

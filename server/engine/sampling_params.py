@@ -9,10 +9,20 @@ from dataclasses import dataclass, field
 MAX_LOGIT_BIAS_TOKENS = 300
 
 
+class InvalidParameter(ValueError):
+    """A request the engine cannot run, because of the request parameter `param`: the HTTP layer answers
+    400 with `message`, naming the parameter under the name its client used."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
 @dataclass
 class SamplingParams:
-    """OpenAI/vLLM-style sampling knobs. Validates itself: a bad value raises ValueError naming the
-    parameter, which the HTTP layer turns into a 400 with that `param`."""
+    """OpenAI/vLLM-style sampling knobs. Validates itself: a bad value raises InvalidParameter naming the
+    parameter."""
 
     n: int = 1
     max_tokens: int = 16  # 0: the request ends after its prefill, no token (an echo of the prompt alone)
@@ -56,7 +66,7 @@ class SamplingParams:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"invalid value for '{name}': {getattr(self, name)!r}")
+                raise InvalidParameter(name, f"invalid value for '{name}': {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

@@ -3,14 +3,17 @@
 FCFS over sequences. Each step spends a token budget: first one token per running decode (growing its
 block table; when the pool is empty the newest running sequence is preempted by recompute), then prefill
 chunks of running sequences, then new admissions, each chunked to what is left of the budget, so a long
-prompt never stalls decode. Pure bookkeeping: no tensors."""
+prompt never stalls decode. After a step's tokens reach the host, `update_from_output` appends them and
+ends the sequences they finish (stop token, EOS, length). Pure bookkeeping: no tensors."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.outputs import FinishReason
 from leanserve.server.engine.request import SeqStatus, Sequence
 
 
@@ -55,14 +58,35 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.prefills) + len(self.decodes)
 
 
+@dataclass
+class StepUpdate:
+    """What `update_from_output` did with a step's tokens."""
+
+    # (row, sequence, token id) per token appended; token None: the sequence ended with its prefill and
+    # no token (max_tokens 0), only its output is due.
+    appended: list[tuple[int, Sequence, int | None]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # forks to apply before the next step
+    prompt_tokens: int = 0  # prompts of the requests whose first token this was
+    generated_tokens: int = 0
+
+
 class Scheduler:
     """Owns the waiting queue and the running list (in admission order: the newest is last).
     Invariant: a sequence has blocks exactly when it is running."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -155,14 +179,56 @@ class Scheduler:
         self.running.append(child)
         return copies
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence wherever it is and release its blocks."""
+    def update_from_output(
+        self, row_seqs: list[Sequence], positions: list[int], forked: list[Sequence], token_ids: list[int]
+    ) -> StepUpdate:
+        """A step's sampled tokens are on the host: fork its n > 1 siblings (sharing the parent's prompt
+        blocks), fill the placeholders at `positions`, and end the sequences a stop token, EOS or their
+        length finishes. Text (stop strings) is the output processor's."""
+        update = StepUpdate()
+        for seq in forked:
+            if not seq.finished:  # before the parent can finish below
+                update.block_copies += self.fork(seq.request.sequences[0], seq)
+        now = time.monotonic()
+        for row, (seq, position, token_id) in enumerate(zip(row_seqs, positions, token_ids, strict=True)):
+            if seq.finished:  # ended (stop string, abort) after this step was launched: token dropped
+                continue
+            request, params = seq.request, seq.request.params
+            if request.timings.first_token is None:
+                request.timings.first_token = now
+                update.prompt_tokens += len(request.prompt_token_ids)
+            if params.max_tokens == 0:  # the prompt alone (echo): the token its prefill sampled is dropped
+                self.finish(seq, "length")
+                update.appended.append((row, seq, None))
+                continue
+            seq.token_ids[position] = token_id
+            seq.new_token_ids.append(token_id)
+            update.appended.append((row, seq, token_id))
+            if token_id in params.stop_token_ids:
+                self.finish(seq, "stop", token_id)
+            elif not params.ignore_eos and token_id in self.eos_token_ids:
+                self.finish(seq, "stop")
+            elif position + 1 >= seq.num_prompt_tokens + params.max_tokens or (
+                self.max_model_len is not None and position + 1 >= self.max_model_len
+            ):
+                self.finish(seq, "length")
+        update.generated_tokens = sum(token is not None for _, _, token in update.appended)
+        return update
+
+    def finish(
+        self, seq: Sequence, reason: FinishReason = "abort", stop_reason: str | int | None = None
+    ) -> None:
+        """End a sequence wherever it is and release its blocks; a token a later in-flight step is still
+        sampling for it (a placeholder at the end of its tokens) is dropped."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq.seq_id)
         elif seq in self.waiting:  # a sibling created by a failed step was never queued
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        while seq.token_ids and seq.token_ids[-1] < 0:
+            seq.token_ids.pop()
 
     @property
     def has_work(self) -> bool:
