@@ -25,6 +25,7 @@ import torch
 from leanserve.kernels import launch
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.runtime import settle_process, setup_process
 from leanserve.server.engine.sampling_params import SamplingParams
 
 
@@ -153,6 +154,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     ):
         launch.PDL_ENABLED = pdl
         engine = LLMEngine.from_config(gpu_config(args, async_scheduling), time_attention=timing)
+        settle_process()
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
         vocab = len(engine.tokenizer)
         run_decode(engine, make_prompts(2, 64, vocab, seed=9), 16)  # warm-up (caches, allocator)
@@ -207,6 +209,7 @@ def profile(args: argparse.Namespace) -> None:
 
     launch.PDL_ENABLED = False
     engine = LLMEngine.from_config(gpu_config(args))
+    settle_process()
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for batch in (1, args.concurrency):
         for i, prompt in enumerate(make_prompts(batch, args.context, len(engine.tokenizer), seed=batch)):
@@ -235,6 +238,7 @@ def profile(args: argparse.Namespace) -> None:
 
 def cpu_benchmark(args: argparse.Namespace) -> dict:
     engine = LLMEngine.from_config(EngineConfig(device="cpu", kv_cache_tokens=8192))
+    settle_process()
     tok = engine.tokenizer
     messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -288,6 +292,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="kernel time per step instead (GPU)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    setup_process(args.device, seed=0)
     if args.profile:
         profile(args)
         return

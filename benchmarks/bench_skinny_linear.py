@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from leanserve.kernels.skinny_linear import skinny_linear
-from leanserve.models.layers import prefer_cublaslt
+from leanserve.server.engine.runtime import setup_process
 
 DTYPE = torch.bfloat16
 SHAPES = {  # name: (N, K), Llama-3-8B
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    prefer_cublaslt(torch.device("cuda"))
+    setup_process("cuda")
     bandwidth = read_bandwidth()
     env = gpu_env(bandwidth)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, read {bandwidth / 1e9:.0f} GB/s")

@@ -71,15 +71,6 @@ def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight
     )
 
 
-def prefer_cublaslt(device: torch.device) -> None:
-    """On CUDA, route torch's matrix products (those the skinny kernel does not take: larger decode
-    batches, prefill, the down projection past 16 rows) to cuBLASLt. Process-wide. Measured on an H100
-    (bf16, Llama-3-8B, docs/benchmarks.md): the down projection at 128 rows 53.2 -> 45.2 us (cuBLAS
-    splits K there and adds a reduction kernel); the other products within 1% at 8-2048 rows."""
-    if device.type == "cuda":
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-
-
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Half-precision CUDA inputs where the kernel was tuned and beats cuBLASLt (`skinny_beats_cublas`:
     decode-sized batches); fp32 keeps torch's products, so the fp32 checks against Hugging Face compare

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from leanserve.models.config import ModelConfig
-from leanserve.models.layers import cpu_has_native_bf16, prefer_cublaslt
+from leanserve.models.layers import cpu_has_native_bf16
 from leanserve.models.llama import CausalLM
 from leanserve.models.parallel import TensorParallel
 
@@ -49,7 +49,6 @@ def load_model(
     with `tp`, this rank's shard of it."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    prefer_cublaslt(torch.device(device))
     with torch.device(device):
         model = CausalLM(config, dtype, tp)
     if load_format == "dummy":

@@ -4,7 +4,6 @@ gloo group for host-side messages). Attention heads, KV heads and the MLP width 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,9 +65,6 @@ def init_distributed(
     """Join the default process group (NCCL on CUDA, gloo on CPU) through `store`; on CUDA also make a
     gloo group for host-side messages, so broadcasting step metadata never touches the GPU."""
     if device_type == "cuda":
-        # NVLink multicast stays off (the shared multi-GPU hosts we run on require it; the small
-        # all-reduces of decode do not need it). Spawned workers inherit the environment too.
-        os.environ.update(NVLINK_MULTICAST_OFF)
         torch.cuda.set_device(rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)

@@ -19,8 +19,11 @@ import pytest
 import torch
 
 from leanserve.models.weights_source import default_model_dir
+from leanserve.server.engine.runtime import setup_process
 
 HAS_CUDA = torch.cuda.is_available()
+# As the CLI sets up a serving process: cuBLASLt for torch's products, NVLink multicast off for NCCL.
+setup_process("cuda" if HAS_CUDA else "cpu")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist workers share the cores: one intra-op thread each, or OpenMP spin-waits oversubscribe them.

@@ -41,12 +41,16 @@ def configure_logging(settings: Settings) -> None:
 
 
 def _load_engine(state: ServerState, server: uvicorn.Server) -> None:
-    from leanserve.server.engine.async_engine import (
-        AsyncEngine,  # heavy (torch, the model code): off the startup path
-    )
+    # Heavy (torch, the model code): off the startup path.
+    from leanserve.server.engine.async_engine import AsyncEngine
+    from leanserve.server.engine.engine_setup import resolve_device
+    from leanserve.server.engine.runtime import settle_process, setup_process
 
+    config = state.settings.engine_config()
     try:
-        engine = AsyncEngine.from_config(state.settings.engine_config())
+        setup_process(resolve_device(config.device).type, config.seed)
+        engine = AsyncEngine.from_config(config)
+        settle_process()
         engine.start()
     except Exception as e:
         logger.exception("the model failed to load")
@@ -94,9 +98,8 @@ def _exit_zero(sig: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(argv)
     try:
-        settings.engine_config()  # fail fast on bad engine settings, before anything starts
+        settings = parse_settings(argv)  # bad values fail here, before anything starts
     except ValueError as e:
         sys.exit(f"leanserve: {e}")
     configure_logging(settings)

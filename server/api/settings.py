@@ -1,22 +1,19 @@
 """Every `leanserve` option in one pydantic-settings model: read from the command line, else from the
-environment variable `LEANSERVE_<OPTION>`, else the default. `engine_config()` hands the engine part
-over as the typed `EngineConfig` dataclass; the rest configures the HTTP server."""
+environment variable `LEANSERVE_<OPTION>`, else the default. The engine's options are `EngineConfig`'s
+own fields (declared once, there); `engine_config()` hands them over, the rest configures the HTTP server."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from leanserve.server.engine.config import Device, Dtype, EngineConfig, LoadFormat
-
-_E = EngineConfig  # engine defaults live in one place: the dataclass
+from leanserve.server.engine.config import EngineConfig
 
 
-class Settings(BaseSettings):
-    """Engine options (see server/config.py) followed by HTTP server options."""
+class Settings(BaseSettings, EngineConfig):
+    """Engine options (EngineConfig's fields) followed by HTTP server options."""
 
     model_config = SettingsConfigDict(
         env_prefix="LEANSERVE_",
@@ -28,35 +25,6 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    # Engine.
-    model: str | None = Field(
-        None, description="HF model directory or cached hub name; unset: the embedded default model"
-    )
-    tokenizer: str | None = Field(None, description="tokenizer directory; unset: the model directory")
-    served_model_name: str | None = Field(
-        None, description="model name clients use; unset: the model directory name"
-    )
-    dtype: Dtype = Field(_E.dtype, description="weights and KV cache dtype")
-    device: Device = Field(_E.device, description="cuda when available under auto")
-    load_format: LoadFormat = Field(_E.load_format, description="dummy: random weights from config.json")
-    block_size: int = Field(_E.block_size, description="tokens per KV cache block")
-    max_num_seqs: int = Field(_E.max_num_seqs, description="most sequences in one batch")
-    max_num_batched_tokens: int = Field(_E.max_num_batched_tokens, description="token budget of a step")
-    max_model_len: int | None = Field(
-        None, description="context length; unset: the model's max_position_embeddings"
-    )
-    gpu_memory_utilization: float = Field(_E.gpu_memory_utilization, description="GPU memory share to use")
-    kv_cache_tokens: int = Field(_E.kv_cache_tokens, description="KV cache size in tokens on CPU")
-    enable_prefix_caching: bool = Field(_E.enable_prefix_caching, description="reuse cached prompt blocks")
-    enforce_eager: bool = Field(_E.enforce_eager, description="no CUDA graphs for decode")
-    async_scheduling: bool | None = Field(
-        None, description="launch step N+1 before step N's tokens reach the host; unset: on for CUDA"
-    )
-    tensor_parallel_size: int = Field(
-        _E.tensor_parallel_size, ge=1, description="GPUs sharing each layer's heads (worker processes)"
-    )
-    seed: int = Field(_E.seed, description="engine seed (dummy weights, unseeded sampling)")
-    # HTTP server.
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: str | None = Field(
@@ -74,7 +42,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
+        return EngineConfig(**self.model_dump(include=set(EngineConfig.model_fields)))
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:

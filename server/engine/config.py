@@ -1,47 +1,63 @@
-"""Engine configuration: one typed dataclass filled by the CLI / environment (server/settings.py)."""
+"""Engine configuration: one pydantic model, which the CLI and the LEANSERVE_* environment variables fill
+(server/api/settings.py extends it with the HTTP server's options) and the engine takes as it is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "dummy"]
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 
 
-@dataclass
-class EngineConfig:
-    model: str | None = None  # HF directory or cached hub name; None = embedded default model
-    tokenizer: str | None = None  # defaults to the model directory
-    served_model_name: str | None = None  # name clients use; defaults to the model dir's name
-    dtype: Dtype = "auto"
-    device: Device = "auto"
-    load_format: LoadFormat = "auto"  # dummy: random weights from config.json alone
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    gpu_memory_utilization: float = 0.9
-    kv_cache_tokens: int = 65536  # KV cache size on CPU
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True disables CUDA graphs for decode
-    # Launch step N+1 before step N's tokens reach the host (None: on for CUDA, where it hides the host
-    # work of a step behind the device; on CPU nothing overlaps and it would only waste the last step).
-    async_scheduling: bool | None = None
-    tensor_parallel_size: int = 1  # ranks (one per GPU) sharing every layer's heads; > 1 runs eager
-    seed: int = 0
+class EngineConfig(BaseModel):
+    """Every engine option, with its default and its bounds; a bad value raises a ValueError naming it."""
 
-    def __post_init__(self) -> None:
-        checks = {
-            "block_size": self.block_size in (1, 8, 16, 32, 64, 128),
-            "max_num_seqs": self.max_num_seqs >= 1,
-            "max_num_batched_tokens": self.max_num_batched_tokens >= 16,
-            "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
-            "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
-            "kv_cache_tokens": self.kv_cache_tokens >= self.block_size,
-            "tensor_parallel_size": self.tensor_parallel_size >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid engine setting {name}={getattr(self, name)!r}")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(
+        None, description="HF model directory or cached hub name; unset: the embedded default model"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer directory; unset: the model directory")
+    served_model_name: str | None = Field(
+        None, description="model name clients use; unset: the model directory name"
+    )
+    dtype: Dtype = Field("auto", description="weights and KV cache dtype")
+    device: Device = Field("auto", description="cuda when available under auto")
+    load_format: LoadFormat = Field("auto", description="dummy: random weights from config.json")
+    block_size: int = Field(16, description=f"tokens per KV cache block, one of {BLOCK_SIZES}")
+    max_num_seqs: int = Field(256, ge=1, description="most sequences in one batch")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of a step (chunked prefill)")
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length; unset: the model's max_position_embeddings"
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU memory share to use")
+    kv_cache_tokens: int = Field(65536, ge=1, description="KV cache size in tokens on CPU")
+    enable_prefix_caching: bool = Field(True, description="reuse cached prompt blocks")
+    enforce_eager: bool = Field(False, description="no CUDA graphs for decode")
+    # On CUDA it hides the host work of a step behind the device; on CPU nothing overlaps and it would only
+    # waste the last step.
+    async_scheduling: bool | None = Field(
+        None, description="launch step N+1 before step N's tokens reach the host; unset: on for CUDA"
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs sharing each layer's heads (worker processes); > 1 runs eager"
+    )
+    seed: int = Field(0, description="engine seed (dummy weights, unseeded sampling)")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}")
+        return value
+
+    @field_validator("kv_cache_tokens")
+    @classmethod
+    def _kv_cache_tokens(cls, value: int, info) -> int:
+        if value < info.data.get("block_size", 1):
+            raise ValueError("kv_cache_tokens must hold at least one block")
+        return value

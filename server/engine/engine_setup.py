@@ -33,14 +33,17 @@ class EngineParts:
     max_model_len: int
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device` value -> device: "auto" is CUDA when there is a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> EngineParts:
     model_dir = resolve_model_dir(config.model)
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    torch.manual_seed(config.seed)
     workers = None
     if config.tensor_parallel_size > 1:
         spec = WorkerSpec(str(model_dir), dtype, device.type, config.load_format, torch.get_num_threads())

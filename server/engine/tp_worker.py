@@ -22,6 +22,7 @@ from leanserve.models.layers import prepack_linear_weights
 from leanserve.models.llama import CausalLM
 from leanserve.models.loader import load_model
 from leanserve.models.parallel import TensorParallel, check_divisible, destroy_distributed, init_distributed
+from leanserve.server.engine.runtime import setup_process
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ def _receive(tp: TensorParallel) -> object:
 def _worker_main(rank: int, world_size: int, port: int, spec: WorkerSpec) -> None:
     """Entry point of a spawned rank: join the group, load the shard, then run rank 0's steps."""
     torch.set_num_threads(spec.num_threads)
+    setup_process(spec.device_type)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_STARTUP_TIMEOUT)
     tp = init_distributed(rank, world_size, store, spec.device_type)
     device = torch.device("cuda", rank) if spec.device_type == "cuda" else torch.device("cpu")
