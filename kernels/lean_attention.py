@@ -1,7 +1,8 @@
-"""LeanAttention decode kernel (Triton): one persistent launch splits all lean tiles (sequence x KV head x
-context tile) of a paged KV cache evenly over the programs, stream-K style; outputs split between
-programs are merged in the same launch by the last contributor to arrive (kernels/lean_merge.py). See
-shared/design/lean_attention.md for the algorithm and the fix-up protocol."""
+"""LeanAttention decode attention: the launch parameters per head dim, input checks and the launcher of
+the Triton kernel (kernels/lean_decode.py). One persistent launch splits all lean tiles (sequence x KV
+head x context tile) of a paged KV cache evenly over the programs, stream-K style
+(kernels/lean_partition.py); outputs split between programs are merged in the same launch by the last
+contributor to arrive (kernels/lean_merge.py). Algorithm and fix-up protocol: docs/kernel_notes.md."""
 
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ class LeanConfig:
     min_tiles: int = 2
 
 
-# Tuned on an H100 (sweep 3 of docs/kernel_notes.md: tile 64/128 x warps 4/8 x stages 2-4 x programs per
-# SM 1-3 x min_tiles 1/2/4; best geometric mean of % floor over B=1 1k/4k/128k, B=32 4k, B=256 1k and a
-# ragged batch, within 1% of the runner-up). The page ids are prefetched a tile ahead, so num_stages - 1
-# K/V tiles are in flight per program: D=128 64-token tiles (32 KB of K+V) x 2 in flight x 2 programs per
-# SM (~200 registers a thread allow 2). 8 warps lost everywhere. min_tiles 2 puts short batches on fewer
-# programs, so fewer partials per output are merged. D=64 shares the D=128 choice (best on the batched
-# default-model shape); D=96 pads to 128; D=256 is checked for correctness only (not tuned).
+# Tuned on an H100 (`bench_decode_attention.py --tune`, docs/kernel_notes.md: tile 64/128 x warps 4/8 x
+# stages 2-4 x programs per SM 1-3 x min_tiles 1/2/4; best geometric mean of % floor over B=1 1k/4k/128k,
+# B=32 4k, B=256 1k and a ragged batch, within 1% of the runner-up). The page ids are prefetched a tile
+# ahead, so num_stages - 1 K/V tiles are in flight per program: D=128 64-token tiles (32 KB of K+V) x 2 in
+# flight x 2 programs per SM (what the kernel's registers allow). 8 warps are slower on every shape.
+# min_tiles 2 puts short batches on fewer programs, so fewer partials per output are merged. D=64 shares
+# the D=128 choice (best on the batched default-model shape); D=96 pads to 128; D=256 is checked for
+# correctness only (not tuned).
 _CONFIGS: dict[int, LeanConfig] = {
     64: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
     96: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
@@ -220,7 +222,8 @@ def lean_attention_decode(
     timestamps (CUDA only): an int64 [2] tensor the launch folds its GPU-side span into, in ns of the
     global timer: [0] = min(itself, first program start), [1] = max(itself, last program end). Fill it
     with (int64 max, 0) before the launch; end - start is then the kernel's own duration, measured
-    without timing events (which cost ~3.5 us each inside a CUDA graph).
+    without timing events (64 event nodes in a 32-layer decode graph add ~230 us of device time a step:
+    a microbenchmark at batch 8, docs/benchmarks.md).
     """
     config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
     if config is None:

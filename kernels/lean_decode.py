@@ -254,7 +254,7 @@ def _load_q(
 
 @triton.jit
 def _global_time_ns():
-    """[1] int64: the GPU's global timer in ns (%globaltimer; it ticks every 32 ns on an H100).
+    """[1] int64: the GPU's global timer in ns (%globaltimer; 32 ns ticks on an H100, docs/kernel_notes.md).
     The dummy operand gives the result its shape; is_pure=False keeps each read where it is written."""
     zero = tl.zeros([1], tl.int32)
     return tl.inline_asm_elementwise(
