@@ -134,9 +134,9 @@ class Workspace:
     """Scratch for split outputs, sized by the grid only (never by lengths), allocated once and reused
     so a warmed-up call can be captured in a CUDA graph. Counters start at 0 and the reducer resets them."""
 
-    part_acc: torch.Tensor  # [2P, GROUP_PAD, BLOCK_D] fp32
-    part_ml: torch.Tensor  # [2P, 2, GROUP_PAD] fp32
-    counters: torch.Tensor  # [2P] int32
+    part_acc: torch.Tensor  # [2P, GROUP_PAD, BLOCK_D] fp32: 2p program p's first split output, 2p+1 its last
+    part_ml: torch.Tensor  # [2P, 2, GROUP_PAD] fp32: running max (log2 units) and softmax denominator
+    counters: torch.Tensor  # [2P] int32: tiles merged so far per split output, at its first partial's slot
 
 
 _WORKSPACES: dict[tuple, Workspace] = {}
