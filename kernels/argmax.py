@@ -1,7 +1,8 @@
 """Row-wise argmax of the logits (Triton): the greedy token, and the winner of the sampler's exponential
 race. torch's argmax on CUDA reduces a whole [B, 128256] row in one block: on an H100 27 us at 1 row and
-40 us at 64 (docs/benchmarks.md, session 12). Here one launch takes the maximum of 4096-column chunks,
-spread over the GPU, and a second folds each row's chunks: 3.4 / 9.1 us. The torch twin is
+40 us at 64 (bench_engine.py --profile, docs/benchmarks.md). Here one launch takes the maximum of
+4096-column chunks, spread over the GPU, and a second folds each row's chunks: 3.4 / 9.1 us in a CUDA
+graph (docs/benchmarks.md, Engine). The torch twin is
 `torch.argmax(x, dim=-1)`, whose ties and NaNs this follows: the first index of the maximum, NaN
 counting as larger than any number."""
 
@@ -54,8 +55,8 @@ def _fold_chunks_kernel(best_ptr, index_ptr, out_ptr, num_chunks, BLOCK: tl.cons
 
 
 # 4096 columns a program at 8 warps (16 fp32 values a thread): 32 programs a 128k-vocabulary row.
-# Measured on an H100 (us, 1 / 8 / 64 rows): chunks of 2048 3.4 / 4.2 / 9.6, 4096 3.7 / 4.4 / 9.1,
-# 8192 4.1 / 4.6 / 10.0.
+# On an H100 (us, 1 / 8 / 64 rows, in a CUDA graph; docs/benchmarks.md, Engine): chunks of 2048 3.4 / 4.2
+# / 9.6, 4096 3.7 / 4.4 / 9.1, 8192 4.1 / 4.6 / 10.0.
 _CHUNK = 4096
 _NUM_WARPS = 8
 

@@ -3,7 +3,7 @@ lengths, last tokens and block tables, the token ids (placeholders resolved agai
 sampled ids), positions, KV-cache slots, lengths and the block tables at their full row stride.
 
 A CUDA-graph decode step reads these from static buffers that must be refilled before every replay.
-Filled tensor by tensor that was five host->device copies (one of them through a copy kernel into the
+Filling them tensor by tensor takes five host->device copies (one of them through a copy kernel into the
 strided table) and six small torch kernels resolving placeholders: about a dozen stream operations of a
 few microseconds each ahead of every replay. Here it is one copy and one kernel. The torch twin is
 `reference_decode_inputs`."""
@@ -50,7 +50,8 @@ def staged_views(
 
 
 # The table width changes as sequences grow: specialising on it (Triton's divisible-by-16 and == 1 variants)
-# would compile the kernel again mid-serving (~70 ms steps in a Llama-3-8B run on an H100).
+# would compile the kernel again mid-serving (~70 ms steps in a 64-way Llama-3-8B bench_engine.py run on an
+# H100, docs/benchmarks.md).
 @triton.jit(do_not_specialize=["rows", "width", "stride_table", "block_size"])
 def _decode_inputs_kernel(
     staged_ptr, pending_ptr, ids_ptr, positions_ptr, slots_ptr, seq_lens_ptr, tables_ptr,

@@ -2,11 +2,12 @@
 so that a later kernel reads it from L2 instead of DRAM.
 
 Why: at decode batch 1 with a short context, LeanAttention is latency-bound (a Llama-3-8B layer's 4 MB
-of KV in ~9 us, 1.4 us of DRAM time) and DRAM idles meanwhile. Prefetching the first 16 MB of the next
-product's weights (the attention output projection) on a side stream while attention runs took the
-batch-1 layer chain on an H100 from 5810 to 5722 us; past a few thousand KV tokens in the step the
-prefetch competes with attention's own reads and loses (docs/benchmarks.md, sessions 11-12), so the
-model runner only uses it for small steps. A prefetch is a hint: it changes no value, only timing."""
+of KV in ~9 us against 1.4 us of DRAM time; bench_engine.py --profile, docs/benchmarks.md) and DRAM idles
+meanwhile. Prefetching the first 16 MB of the next product's weights (the attention output projection)
+on a side stream while attention runs takes a batch-1 Llama-3-8B layer chain on an H100 to 5722 us a
+step against 5810 without; past a few thousand KV tokens in the step the prefetch competes with
+attention's own reads and loses (docs/benchmarks.md, Engine), so the model runner only uses it for
+small steps. A prefetch is a hint: it changes no value, only timing."""
 
 from __future__ import annotations
 

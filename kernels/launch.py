@@ -8,13 +8,13 @@ scheduled while the previous one still runs. Our elementwise kernels and the ski
 follow each other: a kernel first waits (`gdc_wait`: the previous grid has finished and its writes are
 visible; since that grid waited in turn, so has everything before it in the stream), then lets its
 successor be scheduled (`gdc_launch_dependents`), then works. At most one grid is ever waiting ahead of
-the running one. Measured on an H100 (docs/kernel_notes.md, session 4): Llama-3-8B's layer chain at
-batch 1 6.15 -> 5.96 ms. Letting the successor in before the wait (two grids ahead) and prefetching the
-next product's weights into L2 while waiting were measured and lost.
+the running one. On an H100 a Llama-3-8B layer chain at batch 1 (one CUDA graph) takes 5.96 ms a step
+with PDL and 6.15 ms without (docs/benchmarks.md, Engine); letting the successor in before the wait (two
+grids ahead) and prefetching the next product's weights into L2 while waiting were slower there.
 LeanAttention takes part differently: it reads the lengths and block tables and partitions the work
-before its wait (inputs of the step, written long before the kernel ahead of it ran), and never lets
-its successor in early (the output projection's programs queued beside it cost 40-80 us a step);
-session 5: the layer chain 6009 -> 5968 us (mean of three passes). Kernels launched without PDL
+before its wait (inputs of the step, written long before the kernel ahead of it ran): 5968 us a step in
+that chain against 6009 us waiting first (mean of three passes). It never lets its successor in early
+(the output projection's programs queued beside it cost 40-80 us a step there). Kernels launched without PDL
 (torch's) keep full stream order."""
 
 from __future__ import annotations

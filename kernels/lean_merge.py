@@ -1,7 +1,7 @@
 """The fix-up of LeanAttention's split outputs (kernels/lean_attention.py): every program that holds part
 of an output publishes its partial (running max, denominator, accumulator) and counts its tiles in; the one
 that completes the count merges all partials into the output. Also the scratch memory the partials live in.
-Protocol: shared/design/lean_attention.md."""
+Protocol: docs/kernel_notes.md."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def merge_partials(
     (denominator, accumulator) pair over GROUP_RED rows. Contributors are folded in one at a time with
     the online-softmax update, which is elementwise per row: no reduction across threads. The loop is
     unrolled RED_CHUNK contributors deep with masked loads whose addresses depend on nothing loaded, so a
-    chunk's loads are in flight together (one L2 round trip per chunk; merging one contributor per round
-    trip cost ~0.5 us each). No per-contributor divisions here: a 64-bit division is a ~100-instruction
-    routine per element (it made a merge take 4-10 us on an H100)."""
+    chunk's loads are in flight together: one L2 round trip per chunk instead of one (~0.5 us on an H100)
+    per contributor. No per-contributor divisions here: a 64-bit division is a ~100-instruction routine
+    per element, and with one per contributor a round takes 3-4 us on an H100 (bench_decode_attention.py
+    and a %globaltimer trace, docs/kernel_notes.md)."""
     offs_r = tl.arange(0, GROUP_RED)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_r < GROUP
@@ -133,9 +134,9 @@ class Workspace:
     """Scratch for split outputs, sized by the grid only (never by lengths), allocated once and reused
     so a warmed-up call can be captured in a CUDA graph. Counters start at 0 and the reducer resets them."""
 
-    part_acc: torch.Tensor  # [2P, GROUP_PAD, BLOCK_D] fp32
-    part_ml: torch.Tensor  # [2P, 2, GROUP_PAD] fp32
-    counters: torch.Tensor  # [2P] int32
+    part_acc: torch.Tensor  # [2P, GROUP_PAD, BLOCK_D] fp32: 2p program p's first split output, 2p+1 its last
+    part_ml: torch.Tensor  # [2P, 2, GROUP_PAD] fp32: running max (log2 units) and softmax denominator
+    counters: torch.Tensor  # [2P] int32: tiles merged so far per split output, at its first partial's slot
 
 
 _WORKSPACES: dict[tuple, Workspace] = {}

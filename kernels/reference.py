@@ -35,7 +35,7 @@ def reference_decode_attention(
 
     # Whole pages of every sequence, padded to the longest (padding and table entries past a sequence's
     # pages read some block, masked): one gather per cache. The CPU engine runs this once per layer
-    # and step, so it is kept to few ops (2-3x faster than gathering slot by slot at short contexts).
+    # and step, so it is kept to few ops (faster than gathering slot by slot at short contexts).
     num_pages = -(-max_len // block_size)
     pages = block_tables[:, :num_pages].reshape(-1).clamp(0, k_cache.shape[0] - 1)
     padded = (batch, num_pages * block_size, num_kv_heads, head_dim)
@@ -43,7 +43,7 @@ def reference_decode_attention(
     v = v_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)
 
     # The query heads of a KV group attend together: [B, Hkv, group, D] against [B, Hkv, L, D]. One
-    # fused SDPA call (fp32) is the CPU engine's decode path: ~1.5x faster than spelled-out einsums.
+    # fused SDPA call (fp32) is the CPU engine's decode path, faster than spelled-out einsums.
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     mask = None
     if min(lens) != max_len:

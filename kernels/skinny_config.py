@@ -33,20 +33,22 @@ class SkinnyConfig:
 def skinny_config(
     rows: int, n: int, k: int, itemsize: int, device: torch.device, persistent: bool = True
 ) -> SkinnyConfig:
-    """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head; docs/benchmarks.md). Up to 16 rows:
-    32 rows of W x 256 columns per stage, 4 stages (geometric mean 88.0% of the read floor at 1 row, cuBLAS
-    84.3%), 5 where W's rows are longer than W is tall (the down projection; Llama-3-8B layer chain at 1 /
-    8 / 16 rows, us a step: 5 stages -20 / -40 / -54, 6 stages +9 / -44 / -11, 3 stages +139 / +135 /
-    +160). A matrix of 2-16 such blocks per SM (gate/up) is streamed by a persistent grid instead, one
-    program of 512-column stages per SM, the SMs rounded down to a multiple of 8 (at 1 / 8 / 16 rows
-    gate/up 86.6 -> 83.2 / 88.8 -> 85.0 / 87.2 -> 84.7 us; 2 programs per SM 83.2-83.5 at 1 row, 132
-    programs of 256-column stages 86.0; the LM head and the smaller matrices gain nothing). 17-64 rows:
-    W's rows on the MMA's M side, 128 of them per program where that still gives every SM a program
-    (gate/up, LM head; 8 warps), else 64; 128 columns per stage, 3 / 5 stages. Sweep at 64 rows (tiles of
-    W 32-256 x K 64-256, 2-8 stages, 4/8 warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5
-    vs 14.7, gate/up 85.4 vs 89.0, LM head 360.5 vs 391.5 (the best o: 14.0); persistent grids lost there
-    (gate/up 86.4 us at best). `persistent=False` never takes the persistent grid (the rope epilogue needs
-    one program per block). fp32 stages are twice the size: stages are dropped until they fit."""
+    """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head): per-call times from
+    bench_skinny_linear.py, us a step from a Llama-3-8B layer chain in one CUDA graph (both in
+    docs/benchmarks.md). Up to 16 rows: 32 rows of W x 256 columns per stage, 4 stages (geometric mean
+    88.0% of the read floor at 1 row, cuBLAS 84.3%), 5 where W's rows are longer than W is tall (the down
+    projection; layer chain at 1 / 8 / 16 rows, us a step against 4 stages: 5 stages -20 / -40 / -54, 6
+    stages +9 / -44 / -11, 3 stages +139 / +135 / +160). A matrix of 2-16 such blocks per SM (gate/up) is
+    streamed by a persistent grid instead, one program of 512-column stages per SM, the SMs rounded down
+    to a multiple of 8 (gate/up at 1 / 8 / 16 rows 83.2 / 85.0 / 84.7 us, one program per block 86.6 /
+    88.8 / 87.2; 2 programs per SM 83.2-83.5 at 1 row, 132 programs of 256-column stages 86.0; the LM
+    head and the smaller matrices gain nothing). 17-64 rows: W's rows on the MMA's M side, 128 of them
+    per program where that still gives every SM a program (gate/up, LM head; 8 warps), else 64; 128
+    columns per stage, 3 / 5 stages. Sweep at 64 rows (tiles of W 32-256 x K 64-256, 2-8 stages, 4/8
+    warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM
+    head 360.5 vs 391.5 (the best o: 14.0); persistent grids are slower there (gate/up 86.4 us at best).
+    `persistent=False` never takes the persistent grid (the rope epilogue needs one program per block).
+    fp32 stages are twice the size: stages are dropped until they fit."""
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
         grid = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
@@ -74,9 +76,10 @@ def _fits(config: SkinnyConfig, itemsize: int, device: torch.device) -> bool:
 
 
 def skinny_beats_cublas(rows: int, n: int, k: int) -> bool:
-    """Where the kernel is faster than cuBLASLt on an H100 (bf16): up to 16 rows always; 17-64 rows
-    unless K > N (the down projection: a program streams few, long rows of W there and cuBLASLt splits
-    K: at 64 rows 48.2 us with skinny_config's choice, 44.6 at the sweep's best, 44.2 on cuBLASLt; a
-    32-row Llama-3-8B layer chain took 8776 us with it in the kernel against 8419 us on cuBLASLt); never
-    past 64 rows (cuBLASLt faster on every projection at 128)."""
+    """Where the kernel is faster than cuBLASLt on an H100 (bf16; bench_skinny_linear.py and a Llama-3-8B
+    layer chain, docs/benchmarks.md): up to 16 rows always; 17-64 rows unless K > N (the down projection:
+    a program streams few, long rows of W there and cuBLASLt splits K: at 64 rows 48.2 us with
+    skinny_config's choice, 44.6 at the sweep's best, 44.2 on cuBLASLt; a 32-row layer chain takes 8776
+    us with it in the kernel against 8419 us on cuBLASLt); never past 64 rows (cuBLASLt faster on every
+    projection at 128)."""
     return rows <= 16 or (rows <= SKINNY_MAX_ROWS and k <= n)

@@ -88,8 +88,8 @@ def skinny_linear_rope(
 
 def fuses_silu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether skinny_linear_silu takes the gate/up product of x [..., K] and weight [2I, K]: 17 to
-    SKINNY_MAX_ROWS rows (up to 16 the persistent grid streams gate/up faster, and dropping the SiLU
-    launch altogether cost time at 1 and 8 rows: docs/benchmarks.md, session 12) and a tile of
+    SKINNY_MAX_ROWS rows (up to 16 the persistent grid streams gate/up faster, and the fused SiLU is
+    slower at 1 and 8 rows in a Llama-3-8B layer chain: docs/benchmarks.md, Engine) and a tile of
     BLOCK_N / 2 columns that divides I."""
     return _silu_config(x, weight) is not None
 

@@ -2,14 +2,15 @@
 
 At decode batch sizes a linear layer is a pure weight stream: each weight byte is read once and used for
 a few multiply-adds. cuBLAS's choices for these shapes on an H100 leave bandwidth unused on the small
-matrices (attention's output projection at 71% of the read floor) and split K with a separate reduction
-kernel for others. Here each program streams BLOCK_N whole rows of W through a multi-stage pipeline and
-keeps the rows of x against them in one tensor-core tile; no split K, no second kernel. Matrices of many
-such blocks (gate/up) run on a persistent grid whose programs stream several blocks in one loop (which
-tile for which shape: kernels/skinny_config.py). It takes part in programmatic dependent launch
-(kernels.launch), which torch's products cannot. Its epilogue can also take the layer's next step: RoPE
-and the KV-cache write, SiLU-and-multiply, or the residual add with an RMSNorm's statistics (their
-launchers: kernels/skinny_fused.py; the stream's helpers: kernels/stream_norm.py). Its torch twin is
+matrices (attention's output projection at 71% of the read floor; bench_skinny_linear.py,
+docs/benchmarks.md) and split K with a separate reduction kernel for others. Here each program streams
+BLOCK_N whole rows of W through a multi-stage pipeline and keeps the rows of x against them in one
+tensor-core tile (kernels/skinny_tiles.py); no split K, no second kernel. Matrices of many such blocks
+(gate/up) run on a persistent grid whose programs stream several blocks in one loop (which tile for
+which shape: kernels/skinny_config.py). It takes part in programmatic dependent launch (kernels.launch),
+which torch's products cannot. Its epilogue can also take the layer's next step: RoPE and the KV-cache
+write, SiLU-and-multiply, or the residual add with an RMSNorm's statistics (their launchers:
+kernels/skinny_fused.py; the stream's helpers: kernels/stream_norm.py). Its torch twin is
 `torch.nn.functional.linear`."""
 
 from __future__ import annotations
@@ -23,57 +24,8 @@ from leanserve.kernels.activation import silu_times
 from leanserve.kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from leanserve.kernels.rotary import rotate_and_store_heads
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
+from leanserve.kernels.skinny_tiles import dot_acc, load_rows, multiply_tile, store_block
 from leanserve.kernels.stream_norm import StreamNorm, add_to_stream, load_residual, load_squares, scale_rows
-
-
-@triton.jit
-def _load_rows(ptr, rows, num_rows, stride, k, K, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
-    """The [len(rows), len(k)] tile of a row-major matrix (zeros past num_rows and K)."""
-    mask = rows[:, None] < num_rows
-    if not EVEN_K:
-        mask = mask & (k[None, :] < K)
-    tile = tl.load(ptr + rows[:, None].to(tl.int64) * stride + k[None, :], mask=mask, other=0.0)
-    return tile.to(tl.float32) if UPCAST else tile
-
-
-@triton.jit
-def _dot(x, w, acc, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + x @ w.T, or with SWAP its transpose: the tile is y.T's, W's rows fill the MMA's M side."""
-    if SWAP:
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
-    else:
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _multiply_tile(
-    x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K: tl.constexpr, stride_xm, stride_wn,
-    SWAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """acc + the product of x's rows and W's rows offs_n over the columns k (one K tile)."""
-    x = _load_rows(x_ptr, offs_m, M, stride_xm, k, K, EVEN_K, UPCAST)
-    w = _load_rows(w_ptr, offs_n, N, stride_wn, k, K, EVEN_K, UPCAST)
-    return _dot(x, w, acc, SWAP, DOT_PRECISION)
-
-
-@triton.jit
-def _store_block(
-    y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr
-):
-    """y[offs_m, offs_n] = acc (+ bias), in y's dtype."""
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    if SWAP:
-        if HAS_BIAS:
-            acc += bias[:, None]
-        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
-    else:
-        if HAS_BIAS:
-            acc += bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -129,72 +81,119 @@ def _skinny_linear_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     squares = load_squares(squares_ptr, stride_sq, num_squares, offs_m, M, SQ_BLOCK, SCALE_ROWS)
     if PERSISTENT:
-        # A contiguous run of blocks of W's rows in one flat loop over (block, K tile): the pipeline keeps
-        # loading across block boundaries instead of filling up again for every block.
-        num_blocks = tl.cdiv(N, BLOCK_N)
-        first = tl.program_id(0) * num_blocks // tl.num_programs(0)
-        count = (tl.program_id(0) + 1) * num_blocks // tl.num_programs(0) - first
-        for i in range(0, count * K_TILES):
-            offs_n = (first + i // K_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = (i % K_TILES) * BLOCK_K + offs_k
-            acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K, stride_xm, stride_wn,
-                                 SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
-            if i % K_TILES == K_TILES - 1:
-                acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
-                _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
-                acc = tl.zeros_like(acc)
+        _persistent_blocks(
+            x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
+            stride_ym, K_TILES, EVEN_K, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, SCALE_ROWS, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
     elif SILU:
-        # W is gate || up: a program multiplies BLOCK_N / 2 gate rows and the up rows of the same
-        # columns into two accumulators of one layout, so silu(gate) * up is elementwise in registers
-        # and the product itself is never stored.
-        HALF: tl.constexpr = BLOCK_N // 2
-        cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
-        gate = tl.zeros([HALF, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, HALF], tl.float32)
-        up = tl.zeros_like(gate)
-        for kt in range(0, K_TILES):
-            k = kt * BLOCK_K + offs_k
-            x = _load_rows(x_ptr, offs_m, M, stride_xm, k, K, EVEN_K, UPCAST)
-            gate = _dot(x, _load_rows(w_ptr, cols, N, stride_wn, k, K, EVEN_K, UPCAST), gate, SWAP,
-                        DOT_PRECISION)  # fmt: skip
-            up = _dot(x, _load_rows(w_ptr, cols + N // 2, N, stride_wn, k, K, EVEN_K, UPCAST), up, SWAP,
-                      DOT_PRECISION)  # fmt: skip
-        gate = scale_rows(gate, squares, K, eps, SWAP, SCALE_ROWS)
-        up = scale_rows(up, squares, K, eps, SWAP, SCALE_ROWS)
-        # Rounded as silu_and_mul reads the stored product: the two launches' bits.
-        act = silu_times(gate.to(y_ptr.dtype.element_ty), up.to(y_ptr.dtype.element_ty))
-        _store_block(y_ptr, bias_ptr, act, offs_m, cols, M, N // 2, stride_ym, SWAP, HAS_BIAS)
+        _silu_block(
+            x_ptr, w_ptr, bias_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
+            stride_ym, K_TILES, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, SCALE_ROWS, UPCAST,
+            DOT_PRECISION,
+        )  # fmt: skip
     else:
-        if ROPE:
-            # A program takes BLOCK_N / 2 rotation pairs (j, j + D/2) of one head: its first BLOCK_N / 2
-            # rows of W are the pairs' first halves, the rest their second halves. Rows are still whole
-            # runs of K: the K loop is unchanged.
-            PAIRS: tl.constexpr = BLOCK_N // 2
-            BLOCKS_PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
-            head = tl.program_id(0) // BLOCKS_PER_HEAD
-            first_pair = tl.program_id(0) % BLOCKS_PER_HEAD * PAIRS
-            t = tl.arange(0, BLOCK_N)
-            offs_n = head * HEAD_DIM + (t // PAIRS) * (HEAD_DIM // 2) + first_pair + t % PAIRS
-        else:
-            offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r = load_residual(res_ptr, offs_m, offs_n, M, N, stride_res, SWAP, ADD_RESIDUAL)
-        for kt in range(0, K_TILES):
-            acc = _multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
-                                 stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
-        acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
-        if ADD_RESIDUAL:
-            add_to_stream(y_ptr, acc, r, squares_ptr, stride_sq, tl.program_id(0), offs_m, offs_n, M, N,
-                           stride_ym, SWAP)  # fmt: skip
-        else:
-            _store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
-        if ROPE:
-            # Rotate the pairs where the product has just stored them, as rope_and_cache does (same
-            # rounding), and write k and v to the caches. The barrier makes the program's stores visible
-            # to all its threads; reading the tile back in a plain layout avoids reshaping the MMA's.
-            tl.debug_barrier()
-            rotate_and_store_heads(head, first_pair + tl.arange(0, PAIRS), offs_m, M, y_ptr, stride_ym,
-                                   positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                                   stride_pos, stride_sin, stride_slot, stride_head, NUM_Q_HEADS,
-                                   NUM_KV_HEADS, HEAD_DIM)  # fmt: skip
+        _block(
+            x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
+            stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_pos,
+            stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
+            ADD_RESIDUAL, SCALE_ROWS, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, K_TILES, EVEN_K, BLOCK_N,
+            BLOCK_K, SWAP, HAS_BIAS, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _persistent_blocks(
+    x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
+    stride_ym, K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The persistent grid: a contiguous run of blocks of W's rows in one flat loop over (block, K tile),
+    so the pipeline keeps loading across block boundaries instead of filling up again for every block."""
+    num_blocks = tl.cdiv(N, BLOCK_N)
+    first = tl.program_id(0) * num_blocks // tl.num_programs(0)
+    count = (tl.program_id(0) + 1) * num_blocks // tl.num_programs(0) - first
+    for i in range(0, count * K_TILES):
+        offs_n = (first + i // K_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = (i % K_TILES) * BLOCK_K + offs_k
+        acc = multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K, stride_xm, stride_wn,
+                             SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
+        if i % K_TILES == K_TILES - 1:
+            acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
+            store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
+            acc = tl.zeros_like(acc)
+
+
+@triton.jit
+def _silu_block(
+    x_ptr, w_ptr, bias_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn, stride_ym,
+    K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The SiLU epilogue's block. W is gate || up: a program multiplies BLOCK_N / 2 gate rows and the up
+    rows of the same columns into two accumulators of one layout, so silu(gate) * up is elementwise in
+    registers and the product itself is never stored."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+    gate = tl.zeros([HALF, BLOCK_M], tl.float32) if SWAP else tl.zeros([BLOCK_M, HALF], tl.float32)
+    up = tl.zeros_like(gate)
+    for kt in range(0, K_TILES):
+        k = kt * BLOCK_K + offs_k
+        x = load_rows(x_ptr, offs_m, M, stride_xm, k, K, EVEN_K, UPCAST)
+        gate = dot_acc(x, load_rows(w_ptr, cols, N, stride_wn, k, K, EVEN_K, UPCAST), gate, SWAP,
+                    DOT_PRECISION)  # fmt: skip
+        up = dot_acc(x, load_rows(w_ptr, cols + N // 2, N, stride_wn, k, K, EVEN_K, UPCAST), up, SWAP,
+                  DOT_PRECISION)  # fmt: skip
+    gate = scale_rows(gate, squares, K, eps, SWAP, SCALE_ROWS)
+    up = scale_rows(up, squares, K, eps, SWAP, SCALE_ROWS)
+    # Rounded as silu_and_mul reads the stored product: the two launches' bits.
+    act = silu_times(gate.to(y_ptr.dtype.element_ty), up.to(y_ptr.dtype.element_ty))
+    store_block(y_ptr, bias_ptr, act, offs_m, cols, M, N // 2, stride_ym, SWAP, HAS_BIAS)
+
+
+@triton.jit
+def _block(
+    x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
+    stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_pos, stride_sin,
+    stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
+    ADD_RESIDUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program's block of W's rows, stored plainly or through the RoPE or residual epilogue."""
+    if ROPE:
+        # A program takes BLOCK_N / 2 rotation pairs (j, j + D/2) of one head: its first BLOCK_N / 2
+        # rows of W are the pairs' first halves, the rest their second halves. Rows are still whole
+        # runs of K: the K loop is unchanged.
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        BLOCKS_PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N
+        head = tl.program_id(0) // BLOCKS_PER_HEAD
+        first_pair = tl.program_id(0) % BLOCKS_PER_HEAD * PAIRS
+        t = tl.arange(0, BLOCK_N)
+        offs_n = head * HEAD_DIM + (t // PAIRS) * (HEAD_DIM // 2) + first_pair + t % PAIRS
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = load_residual(res_ptr, offs_m, offs_n, M, N, stride_res, SWAP, ADD_RESIDUAL)
+    for kt in range(0, K_TILES):
+        acc = multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
+                             stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
+    acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
+    if ADD_RESIDUAL:
+        add_to_stream(y_ptr, acc, r, squares_ptr, stride_sq, tl.program_id(0), offs_m, offs_n, M, N,
+                       stride_ym, SWAP)  # fmt: skip
+    else:
+        store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
+    if ROPE:
+        # Rotate the pairs where the product has just stored them, as rope_and_cache does (same
+        # rounding), and write k and v to the caches. The barrier makes the program's stores visible
+        # to all its threads; reading the tile back in a plain layout avoids reshaping the MMA's.
+        tl.debug_barrier()
+        rotate_and_store_heads(head, first_pair + tl.arange(0, PAIRS), offs_m, M, y_ptr, stride_ym,
+                               positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                               stride_pos, stride_sin, stride_slot, stride_head, NUM_Q_HEADS,
+                               NUM_KV_HEADS, HEAD_DIM)  # fmt: skip
 
 
 # The plain product passes nothing to the epilogues (ROPE=False and SILU=False compile none of them).

@@ -70,9 +70,10 @@ class AttentionTimer:
     CUDA decode: the LeanAttention kernel folds its own GPU-side span (global-timer ns) into one row of
     a device buffer per call; `start()` queues the rows' reset, so a timer used while a CUDA graph is
     captured puts one small copy into the graph, and each replay re-stamps the same rows (call
-    `finish()` after each replay, never `start()`). Events would cost ~3.5 us of device time each inside
-    a graph (64 per Llama-3-8B step). CUDA prefill (eager steps only): a pair of events per call. CPU:
-    `perf_counter` around each call (the ops are synchronous)."""
+    `finish()` after each replay, never `start()`). Events would cost device time inside a graph: 64 of
+    them (a Llama-3-8B step's) add ~230 us a step at batch 8 (a microbenchmark, docs/benchmarks.md).
+    CUDA prefill (eager steps only): a pair of events per call. CPU: `perf_counter` around each call
+    (the ops are synchronous)."""
 
     def __init__(self, device: torch.device, max_decode_calls: int) -> None:
         self._cuda = device.type == "cuda"

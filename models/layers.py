@@ -44,8 +44,9 @@ def linear(
     """x @ weight.T + bias in out_dtype (default x's). x: [..., K]; weight: [N, K], dense or packed by
     `prepack_linear_weights`. Decode-sized batches on CUDA take the skinny Triton kernel, everything else
     cuBLAS / oneDNN. On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM head's fp32
-    logits without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast took 24 us; the product with
-    cuBLASLt writing fp32 itself, at 128 / 256 rows: 450 -> 412 / 534 -> 471 us)."""
+    logits without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast takes 24 us; the product
+    with cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256 rows against 450 / 534 with the cast;
+    bench_engine.py --profile, docs/benchmarks.md)."""
     if weight.is_mkldnn:
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     elif use_skinny_linear(x, weight):
@@ -62,10 +63,11 @@ def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight
     """Whether a layer's post-attention norm lives in its products' epilogues (the norm's weight folded
     into gate/up: DecoderLayer.fold_post_attention_norm): the o product adds its output to the residual
     stream and sums the squares of the sum's rows (`skinny_linear_residual`), the gate/up product scales
-    its rows by 1 / rms (`StreamNorm`). Decode steps of up to 16 sequences on the skinny kernel; Llama-3-8B
-    layer chain on an H100, us a step: 1 x 1k 5663 -> 5598, 16 x 1k 6744 -> 6686, but 64 x 1.5k +171
-    (the o product leaves cuBLASLt there); the input norm in the down product's epilogue as well lost at
-    1 x 1k (+10 against o alone) and 64 x 1.5k (+745) (docs/benchmarks.md, session 13)."""
+    its rows by 1 / rms (`StreamNorm`). Decode steps of up to 16 sequences on the skinny kernel: in a
+    Llama-3-8B layer chain on an H100 (us a step; docs/benchmarks.md, Engine) 5598 against 5663 with the
+    norm kernel at 1 x 1k, 6686 against 6744 at 16 x 1k, but +171 at 64 x 1.5k (the o product leaves
+    cuBLASLt there); the input norm in the down product's epilogue as well costs time at 1 x 1k (+10
+    against o alone) and 64 x 1.5k (+745)."""
     return (
         attn.shape[0] <= 16 and use_skinny_linear(attn, o_weight) and use_skinny_linear(attn, gate_up_weight)
     )
@@ -89,8 +91,9 @@ def cpu_has_native_bf16() -> bool:
 
 def prepack_linear_weights(model: nn.Module) -> None:
     """CPU only: store every linear weight in oneDNN's blocked layout, so decode's matrix-vector products
-    stop re-laying out the weights at each call. Measured on the 2-core AVX-512 CPU for the matmuls of one
-    SmolLM2 decode step: bf16 19.0 -> 13.3 ms, fp32 44.9 -> 27.6 ms, identical results. Packed weights
+    stop re-laying out the weights at each call. On the 2-core AVX-512 CPU the matmuls of one SmolLM2
+    decode step take 13.3 ms packed against 19.0 dense in bf16, 27.6 against 44.9 in fp32, with identical
+    results (bench_engine.py --device cpu, docs/benchmarks.md, docs/cpu_dtype.md). Packed weights
     can no longer be sliced or loaded into: call this after loading, for serving only. bf16 weights stay
     dense on a CPU without native bf16, where oneDNN has no bf16 layout."""
     if not torch.backends.mkldnn.is_available():
@@ -185,9 +188,9 @@ class RotaryEmbedding(nn.Module):
         slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
         """`forward` applied to linear(x, qkv_weight, qkv_bias), in one kernel (where `fuses_with`).
-        Returns qkv [T, (Hq + 2 Hkv) * D], q and k rotated; k and v written to the caches. On an H100 the
-        Llama-3-8B layer chain without its 32 rope_and_cache launches: 5810 -> 5739 us a step at batch 1,
-        10570 -> 10499 at batch 64 (docs/benchmarks.md, session 12)."""
+        Returns qkv [T, (Hq + 2 Hkv) * D], q and k rotated; k and v written to the caches. On an H100 a
+        Llama-3-8B layer chain without its 32 rope_and_cache launches takes 5739 us a step at batch 1
+        against 5810, 10499 at batch 64 against 10570 (docs/benchmarks.md, Engine)."""
         return skinny_linear_rope(
             x, qkv_weight, qkv_bias, positions, self.cos_sin, k_cache, v_cache, slot_mapping
         )
@@ -219,8 +222,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
         """x: [T, H] -> [T, H]; with a `norm`, of x's RMS-normalised rows (the skinny kernel only, the
         norm's weight folded into gate/up). Decode batches of 17-64 rows on CUDA take SiLU into the gate/up
-        product's epilogue (`fuses_silu`): on an H100 the Llama-3-8B layer chain at 24 / 40 / 64 rows took
-        22 / 43 / 51 us less a step than with the separate SiLU launch (docs/benchmarks.md, session 13)."""
+        product's epilogue (`fuses_silu`): on an H100 a Llama-3-8B layer chain at 24 / 40 / 64 rows takes
+        22 / 43 / 51 us less a step than with the separate SiLU launch (docs/benchmarks.md, Engine)."""
         if use_skinny_linear(x, self.gate_up_weight) and fuses_silu(x, self.gate_up_weight):
             act = skinny_linear_silu(x, self.gate_up_weight, norm)
         elif norm is not None:

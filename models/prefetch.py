@@ -14,10 +14,10 @@ class SideStreamPrefetch:
     prefetch starts once everything queued before it has run and never delays the main stream's work.
     `join()` makes the current stream wait for all of them (a CUDA-graph capture must end joined).
 
-    How much: a third of the L2 cache, at most half of the weight. Measured on an H100 (50 MB of L2),
-    Llama-3-8B's 32 MB output projection, batch-1 layer chain: 12 / 16 / 20 / 24 / 32 MB ahead changed
-    the step by -75 / -88 / -85 / -60 / -10 us: past ~16 MB the prefetch is still running when the
-    product starts and competes with its reads."""
+    How much: a third of the L2 cache, at most half of the weight. On an H100 (50 MB of L2), with
+    Llama-3-8B's 32 MB output projection, 12 / 16 / 20 / 24 / 32 MB ahead change a batch-1 layer chain's
+    step by -75 / -88 / -85 / -60 / -10 us (docs/benchmarks.md, Engine): past ~16 MB the prefetch is
+    still running when the product starts and competes with its reads."""
 
     @staticmethod
     def supported(device: torch.device) -> bool:

@@ -39,7 +39,7 @@ def embedded_gguf_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The converted default model directory, converting the GGUF on first use (~20 s, once)."""
+    """The converted default model directory, converting the GGUF on first use (once)."""
     target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
         return target

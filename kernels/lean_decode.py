@@ -1,0 +1,262 @@
+"""LeanAttention's decode kernel (Triton): one persistent launch splits all lean tiles (sequence x KV head
+x context tile) of a paged KV cache evenly over the programs (kernels/lean_partition.py), stream-K style;
+outputs split between programs are merged in the same launch by the last contributor to arrive
+(kernels/lean_merge.py). Its launcher is kernels/lean_attention.py. Algorithm and fix-up protocol:
+docs/kernel_notes.md."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from leanserve.kernels.lean_merge import count_in
+from leanserve.kernels.lean_partition import locate, partition
+
+
+# batch and min_tiles are plain runtime values: Triton would otherwise compile a variant for value 1.
+@triton.jit(do_not_specialize=["batch", "min_tiles"])
+def _lean_decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    part_acc_ptr, part_ml_ptr, counters_ptr, stamps_ptr,
+    batch, min_tiles, qk_scale,
+    stride_qb, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
+    stride_ob, stride_oh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_RED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RED_CHUNK: tl.constexpr,
+    TIMED: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """part_acc_ptr, part_ml_ptr, counters_ptr: the workspace (lean_merge.Workspace). stamps_ptr (TIMED):
+    int64 [2], the launch's first start and last end in ns, folded in by atomics. min_tiles: fewest tiles
+    per active program. qk_scale: sm_scale * log2(e), so scores come out in log2 units for exp2."""
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+
+    # Partition, on the device from seq_lens: tile units ordered (sequence, KV head, tile).
+    lens, units_end, offs_b, total, active, start, end = partition(
+        seq_lens_ptr, batch, min_tiles, pid, num_progs, NUM_KV_HEADS, TILE, BLOCK_B
+    )
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, TILE)
+    g_mask = offs_g < GROUP
+    gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    td_mask_d = offs_d[None, :] < HEAD_DIM
+
+    # One flat loop over the program's units, so the software pipeline never restarts at an output
+    # boundary: the next unit's location, page ids and K/V loads never wait for the current epilogue.
+    b, h, out_begin, n_tiles, seq_len = locate(start, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
+    tile = start - out_begin
+    tok = tile * TILE + offs_t
+    next_page = tl.load(block_tables_ptr + b.to(tl.int64) * stride_btb + tok // PAGE_SIZE, mask=tok < seq_len)
+    # With PDL the grid is scheduled while the previous kernel (RoPE + cache write) still runs: lengths,
+    # partition and first page ids above are done by then; q, K/V and every write wait for it here.
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if TIMED:
+        tl.atomic_min(stamps_ptr + tl.arange(0, 1), _global_time_ns(), sem="relaxed")
+    _zero_empty_outputs(seq_lens_ptr, out_ptr, pid, batch, num_progs, stride_ob, stride_oh, offs_g, offs_d,
+                        gd_mask, NUM_KV_HEADS, GROUP, GROUP_PAD, BLOCK_D)  # fmt: skip
+
+    # A program with no units (start == end) locates b one past the batch: it must read nothing there.
+    q_rows = tl.where(start < end, GROUP, 0)
+    q = _load_q(q_ptr, b, h, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
+    m_i, l_i, acc = _empty_state(GROUP_PAD, BLOCK_D)
+    seg_begin = start
+    # The split outputs this program counts in after the loop: (b, h, first unit, tiles, own tiles).
+    first_b, first_h, first_begin, first_n, first_tiles = 0, 0, 0, 1, 0
+    last_b, last_h, last_begin, last_n, last_tiles = 0, 0, 0, 1, 0
+    for u in range(start, end):
+        out_done = tile + 1 == n_tiles
+        nb, nh, n_begin, n_n, n_len, n_tile = _next_unit(
+            u, out_done, b, h, out_begin, n_tiles, seq_len, tile, units_end, lens, offs_b, NUM_KV_HEADS, TILE
+        )
+        # Page ids and the query are fetched a tile ahead, so the K/V loads of a tile depend on no load of
+        # their own iteration and the pipeliner keeps num_stages - 1 K/V tiles in flight.
+        page = next_page.to(tl.int64)
+        next_q, next_page = _prefetch(
+            q_ptr, block_tables_ptr, u, end, nb, nh, n_tile, n_len, stride_qb, stride_qh, stride_btb,
+            offs_g, offs_d, offs_t, HEAD_DIM, GROUP, PAGE_SIZE, TILE, UPCAST,
+        )  # fmt: skip
+        m_i, l_i, acc = _attend_tile(
+            q, k_ptr, v_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn, stride_kb,
+            stride_kh, stride_vn, stride_vb, stride_vh, offs_d, offs_t, td_mask_d,
+            PAGE_SIZE, TILE, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+
+        if out_done | (u + 1 == end):
+            # The end of a segment: this program's tiles [seg_begin, u] of output (b, h).
+            if (seg_begin == out_begin) & out_done:
+                _store_output(out_ptr, b, h, acc, l_i, stride_ob, stride_oh, offs_g, offs_d, gd_mask, GROUP)
+            else:
+                # A split output: publish the partial (its real rows), then count its tiles in.
+                slot = 2 * pid + (seg_begin != start).to(tl.int32)
+                _publish_partial(part_acc_ptr, part_ml_ptr, slot, acc, m_i, l_i, offs_g, offs_d, g_mask,
+                                 GROUP_PAD, BLOCK_D)  # fmt: skip
+                # Count in after the loop (no atomics or merges inside keeps it pipelined): a program has
+                # at most two split outputs, its first and its last. Counting the first in late also
+                # finds its stores long landed, so the release before the atomic costs nothing.
+                if seg_begin == start:
+                    first_b, first_h, first_begin, first_n = b, h, out_begin, n_tiles
+                    first_tiles = u + 1 - seg_begin
+                else:
+                    last_b, last_h, last_begin, last_n = b, h, out_begin, n_tiles
+                    last_tiles = u + 1 - seg_begin
+            m_i, l_i, acc = _empty_state(GROUP_PAD, BLOCK_D)
+            seg_begin = u + 1
+        b, h, out_begin, n_tiles, seq_len, tile, q = nb, nh, n_begin, n_n, n_len, n_tile, next_q
+    if first_tiles > 0:
+        count_in(counters_ptr, part_acc_ptr, part_ml_ptr, out_ptr, first_b, first_h, first_begin, first_n,
+                 first_tiles, total, active, stride_ob, stride_oh,
+                 GROUP, GROUP_RED, GROUP_PAD, HEAD_DIM, BLOCK_D, RED_CHUNK)  # fmt: skip
+    if last_tiles > 0:
+        count_in(counters_ptr, part_acc_ptr, part_ml_ptr, out_ptr, last_b, last_h, last_begin, last_n,
+                 last_tiles, total, active, stride_ob, stride_oh,
+                 GROUP, GROUP_RED, GROUP_PAD, HEAD_DIM, BLOCK_D, RED_CHUNK)  # fmt: skip
+    if TIMED:
+        tl.atomic_max(stamps_ptr + 1 + tl.arange(0, 1), _global_time_ns(), sem="relaxed")
+
+
+@triton.jit
+def _empty_state(GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A segment's online-softmax state before its first tile: running max, denominator, accumulator."""
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _zero_empty_outputs(
+    seq_lens_ptr, out_ptr, pid, batch, num_progs, stride_ob, stride_oh, offs_g, offs_d, gd_mask,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Sequences with no tokens own no units: their zero outputs, spread over the programs."""
+    for zb in range(pid, batch, num_progs):
+        if tl.load(seq_lens_ptr + zb) <= 0:
+            for zh in range(NUM_KV_HEADS):
+                o_ptrs = (
+                    out_ptr + zb * stride_ob + (zh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+                )
+                tl.store(o_ptrs, tl.zeros([GROUP_PAD, BLOCK_D], tl.float32), mask=gd_mask)
+
+
+@triton.jit
+def _next_unit(
+    u, out_done, b, h, out_begin, n_tiles, seq_len, tile, units_end, lens, offs_b, NUM_KV_HEADS: tl.constexpr,
+    TILE: tl.constexpr,
+):  # fmt: skip
+    """Where unit u + 1 lies: the same output's next tile, or the first tile of the next output.
+    Returns its (b, h, first unit of the output, tile count, sequence length, tile)."""
+    if out_done:
+        nb, nh, n_begin, n_n, n_len = locate(u + 1, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
+        n_tile = u + 1 - n_begin
+    else:
+        nb, nh, n_begin, n_n, n_len, n_tile = b, h, out_begin, n_tiles, seq_len, tile + 1
+    return nb, nh, n_begin, n_n, n_len, n_tile
+
+
+@triton.jit
+def _prefetch(
+    q_ptr, block_tables_ptr, u, end, nb, nh, n_tile, n_len, stride_qb, stride_qh, stride_btb, offs_g, offs_d,
+    offs_t, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The query and page ids of unit u + 1 (the query of the same output comes from L1). Past the
+    program's last unit, nb may be one past the batch: nothing is read there."""
+    has_next = u + 1 < end
+    q_rows = tl.where(has_next, GROUP, 0)
+    next_q = _load_q(q_ptr, nb, nh, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
+    n_tok = n_tile * TILE + offs_t
+    next_page = tl.load(
+        block_tables_ptr + nb.to(tl.int64) * stride_btb + n_tok // PAGE_SIZE,
+        mask=n_tok < tl.where(has_next, n_len, 0),
+        other=0,
+    )
+    return next_q, next_page
+
+
+@triton.jit
+def _attend_tile(
+    q, k_ptr, v_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn, stride_kb, stride_kh,
+    stride_vn, stride_vb, stride_vh, offs_d, offs_t, td_mask_d, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step: the running max m_i, denominator l_i and accumulator acc of KV head h's
+    query heads, updated with the tile's K/V (page: its page ids). Returns (m_i, l_i, acc)."""
+    tok = tile * TILE + offs_t
+    tok_mask = tok < seq_len
+    row = (tok % PAGE_SIZE)[:, None]
+    kv_mask = tok_mask[:, None] & td_mask_d
+    k = tl.load(
+        k_ptr + h * stride_kh + page[:, None] * stride_kn + row * stride_kb + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr + h * stride_vh + page[:, None] * stride_vn + row * stride_vb + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
+    s = tl.where(tok_mask[None, :], s, float("-inf"))
+    # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_output(
+    out_ptr, b, h, acc, l_i, stride_ob, stride_oh, offs_g, offs_d, gd_mask, GROUP: tl.constexpr
+):
+    """A whole output (b, h), normalised, in the output's dtype."""
+    o_ptrs = out_ptr + b * stride_ob + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
+
+
+@triton.jit
+def _publish_partial(
+    part_acc_ptr, part_ml_ptr, slot, acc, m_i, l_i, offs_g, offs_d, g_mask, GROUP_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """A split output's partial (its real rows) into workspace slot `slot`, for the merge."""
+    acc_ptrs = part_acc_ptr + slot * (GROUP_PAD * BLOCK_D) + offs_g[:, None] * BLOCK_D + offs_d[None, :]
+    ml_ptrs = part_ml_ptr + slot * (2 * GROUP_PAD) + offs_g
+    tl.store(acc_ptrs, acc, mask=g_mask[:, None])
+    tl.store(ml_ptrs, m_i, mask=g_mask)
+    tl.store(ml_ptrs + GROUP_PAD, l_i, mask=g_mask)
+
+
+@triton.jit
+def _load_q(
+    q_ptr, b, h, rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The first `rows` of the GROUP query heads of KV head h of sequence b: [GROUP_PAD, BLOCK_D],
+    other rows 0."""
+    mask = (offs_g < rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(
+        q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _global_time_ns():
+    """[1] int64: the GPU's global timer in ns (%globaltimer; 32 ns ticks on an H100, docs/kernel_notes.md).
+    The dummy operand gives the result its shape; is_pure=False keeps each read where it is written."""
+    zero = tl.zeros([1], tl.int32)
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l,r", [zero], dtype=tl.int64, is_pure=False, pack=1
+    )
