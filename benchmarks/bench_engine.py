@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    parser.add_argument("--model", default=".cache/bench-models/llama-3-8b")
+    parser.add_argument("--model", default="benchmarks/models/llama-3-8b")
     parser.add_argument("--tokenizer", default=".cache/leanserve/SmolLM2-135M-Instruct")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--tpot-tokens", type=int, default=256)

@@ -2,7 +2,7 @@
 # Everything that needs a GPU in one command, because device time comes in small budgets:
 #   benchmarks/gpu_suite.sh prepare   here (no GPU): copies what the GPU machine lacks into .cache/
 #                                     (git-ignored): the default model's config + tokenizer files (no
-#                                     weights) and the Llama-3-8B benchmark config
+#                                     weights); the Llama-3-8B config is in benchmarks/models/
 #   benchmarks/gpu_suite.sh run [PART...]  there (device tool: carry [".cache"]); PART is tests (GPU tests
 #                                     of kernels, models, engine, sampler), kernel, fused, linear, engine, tp
 #                                     (benchmarks); default all. Logs and results under $OUT. A device
@@ -17,9 +17,8 @@ case "${1:-}" in
 prepare)
     src=${LEANSERVE_CACHE:-$HOME/.cache/leanserve}/$default_model
     [[ -f $src/config.json ]] || { echo "convert the default model first (scripts/serve.sh or the tests)"; exit 1; }
-    mkdir -p ".cache/leanserve/$default_model" .cache/bench-models
+    mkdir -p ".cache/leanserve/$default_model"
     cp "$src"/*.json "$src"/*.jinja ".cache/leanserve/$default_model/" 2>/dev/null
-    cp -r ../shared/bench-models/llama-3-8b .cache/bench-models/
     du -sh .cache
     ;;
 run)

@@ -87,3 +87,40 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = [line for line in quick_start.splitlines() if line.startswith("scripts/")]
     assert commands == ["scripts/serve.sh", "scripts/test.sh"]
     assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """leanserve module -> the leanserve modules it imports anywhere (type-only imports included)."""
+    names = {}
+    for package in ALLOWED:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            names[".".join(("leanserve", *parts)).removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in names.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = (imported & names.keys()) - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            assert state.get(imported) != "open", " -> ".join([*path, module, imported])
+            if imported not in state:
+                visit(imported, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -13,7 +13,7 @@ import torch
 from leanserve.models.config import ModelConfig
 from leanserve.models.layers import rope_inv_freq
 
-LLAMA3_8B = Path("/work/shared/bench-models/llama-3-8b")
+LLAMA3_8B = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "llama-3-8b"
 LLAMA3_SCALING = {
     "factor": 8.0,
     "low_freq_factor": 1.0,
@@ -41,7 +41,7 @@ def _llama(**overrides) -> dict:
     return raw
 
 
-@pytest.mark.skipif(not LLAMA3_8B.exists(), reason="bench-models not present")
+@pytest.mark.skipif(not LLAMA3_8B.exists(), reason="benchmark config not present")
 def test_llama3_8b_classic_layout():
     cfg = ModelConfig.from_dir(LLAMA3_8B)
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (32, 32, 8, 128)

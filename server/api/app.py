@@ -32,7 +32,7 @@ from leanserve.server.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from leanserve.server.api.renderers import ChatRenderer, CompletionRenderer, Renderer
+from leanserve.server.api.renderers import Answer, ChatRenderer, CompletionRenderer, Renderer
 from leanserve.server.api.request_inputs import (
     chat_prompt,
     check_token_ids,
@@ -136,10 +136,8 @@ async def _serve(
             raise APIError(503, str(e), code="unavailable") from e
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    job = Job(
-        engine, list(by_engine_id), request_id, engine.model_name, params.n, outputs, tracker, include_usage,
-        echo,
-    )  # fmt: skip
+    answer = Answer(request_id, engine.model_name, params.n, echo)
+    job = Job(engine, list(by_engine_id), answer, outputs, tracker, include_usage)
     if body.stream:
         events = stream_events(job, renderer, state.settings.sse_heartbeat_seconds)
         return _SSEResponse(job, events)

@@ -4,8 +4,9 @@ for completions with echo puts each prompt (with its logprobs) before its choice
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel
 
@@ -26,9 +27,6 @@ from leanserve.server.api.protocol import (
     Usage,
 )
 from leanserve.server.engine.outputs import RequestOutput, SampleDelta, TokenLogprob
-
-if TYPE_CHECKING:
-    from leanserve.server.api.serving import Job
 
 
 def usage_of(out: RequestOutput) -> Usage:
@@ -65,34 +63,49 @@ def has_news(delta: SampleDelta) -> bool:
     return bool(delta.text or delta.token_ids or delta.finish_reason)
 
 
+@dataclass
+class Answer:
+    """What the renderers know of the answer they build: its header, and the state that carries from one
+    chunk to the next (echoed prompts, logprob text offsets). Choice `i * n + j` is sample j of prompt i."""
+
+    response_id: str
+    model: str
+    n: int
+    echo: list[str] | None = None  # completions with echo: the text of each prompt
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt position
+    text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per choice
+    echoed: set[int] = field(default_factory=set)  # choices whose prompt has been put before their text
+
+
 class Renderer(Protocol):
-    def opening(self, job: Job) -> list[BaseModel]: ...
-    def chunk(self, job: Job, delta: SampleDelta) -> BaseModel: ...
-    def usage_chunk(self, job: Job, usage: Usage) -> BaseModel: ...
-    def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel: ...
+    def opening(self, answer: Answer) -> list[BaseModel]: ...
+    def chunk(self, answer: Answer, delta: SampleDelta) -> BaseModel: ...
+    def usage_chunk(self, answer: Answer, usage: Usage) -> BaseModel: ...
+    def response(self, answer: Answer, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel: ...
 
 
 def _with_echo(
-    job: Job, index: int, text: str, logprobs: list[TokenLogprob] | None
+    answer: Answer, index: int, text: str, logprobs: list[TokenLogprob] | None
 ) -> tuple[str, list[TokenLogprob] | None]:
     """A choice's first text and logprobs under echo get its prompt's text and logprobs in front (as
     vLLM streams it: the first chunk of each choice carries the prompt); anything else is unchanged."""
-    if job.echo is None or index in job.echoed:
+    if answer.echo is None or index in answer.echoed:
         return text, logprobs
-    job.echoed.add(index)
-    prompt = index // job.n
+    answer.echoed.add(index)
+    prompt = index // answer.n
     if logprobs is not None:
-        logprobs = job.prompt_logprobs[prompt] + logprobs
-    return job.echo[prompt] + text, logprobs
+        logprobs = answer.prompt_logprobs[prompt] + logprobs
+    return answer.echo[prompt] + text, logprobs
 
 
 def _completion_logprobs(
-    job: Job, index: int, logprobs: list[TokenLogprob] | None
+    answer: Answer, index: int, logprobs: list[TokenLogprob] | None
 ) -> CompletionLogprobs | None:
     if logprobs is None:
         return None
     result = CompletionLogprobs()
-    offset = job.text_offsets.get(index, 0)
+    offset = answer.text_offsets.get(index, 0)
     for lp in logprobs:
         result.tokens.append(lp.token)
         result.token_logprobs.append(lp.logprob)
@@ -100,45 +113,47 @@ def _completion_logprobs(
         result.top_logprobs.append(None if lp.logprob is None else {text: value for _, text, value in lp.top})
         result.text_offset.append(offset)
         offset += len(lp.token)
-    job.text_offsets[index] = offset
+    answer.text_offsets[index] = offset
     return result
 
 
 class CompletionRenderer:
-    def opening(self, job: Job) -> list[BaseModel]:
+    def opening(self, answer: Answer) -> list[BaseModel]:
         return []
 
-    def chunk(self, job: Job, delta: SampleDelta) -> BaseModel:
-        text, logprobs = _with_echo(job, delta.index, delta.text, delta.logprobs)
+    def chunk(self, answer: Answer, delta: SampleDelta) -> BaseModel:
+        text, logprobs = _with_echo(answer, delta.index, delta.text, delta.logprobs)
         choice = CompletionChoice(
             index=delta.index,
             text=text,
-            logprobs=_completion_logprobs(job, delta.index, logprobs),
+            logprobs=_completion_logprobs(answer, delta.index, logprobs),
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
-        return CompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=[choice])
-
-    def usage_chunk(self, job: Job, usage: Usage) -> BaseModel:
         return CompletionResponse(
-            id=job.response_id, created=job.created, model=job.model, choices=[], usage=usage
+            id=answer.response_id, created=answer.created, model=answer.model, choices=[choice]
         )
 
-    def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
+    def usage_chunk(self, answer: Answer, usage: Usage) -> BaseModel:
+        return CompletionResponse(
+            id=answer.response_id, created=answer.created, model=answer.model, choices=[], usage=usage
+        )
+
+    def response(self, answer: Answer, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
         choices = []
         for i, t in sorted(totals.items()):
-            text, logprobs = _with_echo(job, i, "".join(t.text), t.logprobs)
+            text, logprobs = _with_echo(answer, i, "".join(t.text), t.logprobs)
             choices.append(
                 CompletionChoice(
                     index=i,
                     text=text,
-                    logprobs=_completion_logprobs(job, i, logprobs),
+                    logprobs=_completion_logprobs(answer, i, logprobs),
                     finish_reason=t.finish_reason,
                     stop_reason=t.stop_reason,
                 )
             )
         return CompletionResponse(
-            id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
+            id=answer.response_id, created=answer.created, model=answer.model, choices=choices, usage=usage
         )
 
 
@@ -159,18 +174,20 @@ def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChatChoiceLogprobs | 
 
 
 class ChatRenderer:
-    def _chunk(self, job: Job, choices: list[ChatStreamChoice], usage: Usage | None = None) -> BaseModel:
+    def _chunk(
+        self, answer: Answer, choices: list[ChatStreamChoice], usage: Usage | None = None
+    ) -> BaseModel:
         return ChatStreamResponse(
-            id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
+            id=answer.response_id, created=answer.created, model=answer.model, choices=choices, usage=usage
         )
 
-    def opening(self, job: Job) -> list[BaseModel]:
+    def opening(self, answer: Answer) -> list[BaseModel]:
         return [
-            self._chunk(job, [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-            for i in range(job.n)
+            self._chunk(answer, [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(answer.n)
         ]
 
-    def chunk(self, job: Job, delta: SampleDelta) -> BaseModel:
+    def chunk(self, answer: Answer, delta: SampleDelta) -> BaseModel:
         choice = ChatStreamChoice(
             index=delta.index,
             delta=ChatDelta(content=delta.text if delta.text or not delta.finish_reason else None),
@@ -178,12 +195,12 @@ class ChatRenderer:
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
-        return self._chunk(job, [choice])
+        return self._chunk(answer, [choice])
 
-    def usage_chunk(self, job: Job, usage: Usage) -> BaseModel:
-        return self._chunk(job, [], usage)
+    def usage_chunk(self, answer: Answer, usage: Usage) -> BaseModel:
+        return self._chunk(answer, [], usage)
 
-    def response(self, job: Job, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
+    def response(self, answer: Answer, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
         choices = [
             ChatChoice(
                 index=i,
@@ -195,5 +212,5 @@ class ChatRenderer:
             for i, t in sorted(totals.items())
         ]
         return ChatResponse(
-            id=job.response_id, created=job.created, model=job.model, choices=choices, usage=usage
+            id=answer.response_id, created=answer.created, model=answer.model, choices=choices, usage=usage
         )

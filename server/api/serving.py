@@ -16,8 +16,8 @@ from pydantic import BaseModel
 
 from leanserve.server.api import metrics
 from leanserve.server.api.errors import APIError
-from leanserve.server.api.renderers import Renderer, SampleTotal, has_news, usage_of
-from leanserve.server.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
+from leanserve.server.api.renderers import Answer, Renderer, SampleTotal, has_news, usage_of
+from leanserve.server.engine.outputs import RequestOutput, RequestTimings
 
 if TYPE_CHECKING:
     from leanserve.server.engine.async_engine import AsyncEngine
@@ -126,17 +126,10 @@ class Job:
 
     engine: AsyncEngine
     engine_ids: list[str]  # one per prompt, unique in the engine (clients may reuse X-Request-Id)
-    response_id: str
-    model: str
-    n: int
+    answer: Answer  # what the renderers build the response from
     engine_outputs: AsyncIterator[RequestOutput]  # those of every engine id, as the engine makes them
     tracker: RequestTracker
     include_usage: bool
-    echo: list[str] | None = None  # completions with echo: the text of each prompt
-    created: int = field(default_factory=lambda: int(time.time()))
-    text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per choice
-    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt position
-    echoed: set[int] = field(default_factory=set)  # choices whose prompt has been put before their text
     unfinished: set[str] = field(init=False)  # engine ids whose final output has not come
     outputs: AsyncIterator[RequestOutput] = field(init=False)  # the request's, merged over its prompts
 
@@ -156,13 +149,14 @@ class Job:
         """The engine's outputs as those of one request: samples renumbered as choices, counts summed
         over the prompts. The first prompt that fails (error, or aborted at shutdown) ends the request;
         `abort()`, which whoever answers calls at the end, stops the others."""
-        first_choice = {engine_id: i * self.n for i, engine_id in enumerate(self.engine_ids)}
+        n = self.answer.n
+        first_choice = {engine_id: i * n for i, engine_id in enumerate(self.engine_ids)}
         latest: dict[str, RequestOutput] = {}
         async for out in self.engine_outputs:
             if out.finished:
                 self.unfinished.discard(out.request_id)
             if out.prompt_logprobs is not None:
-                self.prompt_logprobs[first_choice[out.request_id] // self.n] = out.prompt_logprobs
+                self.answer.prompt_logprobs[first_choice[out.request_id] // n] = out.prompt_logprobs
             if len(self.engine_ids) == 1:  # already the request's (and the hot path: no copies)
                 yield out
                 continue
@@ -170,7 +164,7 @@ class Job:
             failed = out.finished and failure(out) is not None
             offset, outs = first_choice[out.request_id], latest.values()
             yield RequestOutput(
-                request_id=self.response_id,
+                request_id=self.answer.response_id,
                 samples=[replace(s, index=offset + s.index) for s in out.samples] if offset else out.samples,
                 finished=failed or not self.unfinished,
                 prompt_tokens=sum(o.prompt_tokens for o in outs),  # each prompt once, whatever n is
@@ -228,7 +222,7 @@ async def _with_heartbeats(outputs: AsyncIterator[RequestOutput], interval: floa
 
 async def stream_events(job: Job, renderer: Renderer, heartbeat_seconds: float) -> AsyncIterator[str]:
     """SSE body. Whoever sends it calls `job.abort()` when it ends early (client disconnect)."""
-    for chunk in renderer.opening(job):
+    for chunk in renderer.opening(job.answer):
         yield _event(chunk)
     async with aclosing(_with_heartbeats(job.outputs, heartbeat_seconds)) as outputs:
         async for out in outputs:
@@ -242,9 +236,9 @@ async def stream_events(job: Job, renderer: Renderer, heartbeat_seconds: float) 
                     yield error.sse_event()
                     break
             for delta in filter(has_news, out.samples):  # one chunk per choice, as OpenAI streams n > 1
-                yield _event(renderer.chunk(job, delta))
+                yield _event(renderer.chunk(job.answer, delta))
             if out.finished and job.include_usage:
-                yield _event(renderer.usage_chunk(job, usage_of(out)))
+                yield _event(renderer.usage_chunk(job.answer, usage_of(out)))
     yield DONE_EVENT
 
 
@@ -277,4 +271,4 @@ async def collect_response(job: Job, renderer: Renderer, disconnected: Awaitable
     job.tracker.close(request_finish_reason(final), final)
     if (error := failure(final)) is not None:
         raise error
-    return renderer.response(job, totals, usage_of(final))
+    return renderer.response(job.answer, totals, usage_of(final))

@@ -15,8 +15,9 @@ from leanserve.models.parallel import NVLINK_MULTICAST_OFF
 def setup_process(device_type: str, seed: int | None = None) -> None:
     """Before the model loads. On CUDA, torch's matrix products (those the skinny kernel does not take:
     larger decode batches, prefill, the down projection past 16 rows) go to cuBLASLt: on an H100 (bf16,
-    Llama-3-8B; bench_engine.py --profile, docs/benchmarks.md) the down projection at 128 rows takes 45.2 us instead of 53.2 (cuBLAS
-    splits K there and adds a reduction kernel), the other products within 1% at 8-2048 rows. NVLink
+    Llama-3-8B; bench_engine.py --profile, docs/benchmarks.md) the down projection at 128 rows takes
+    45.2 us instead of 53.2 (cuBLAS splits K there and adds a reduction kernel), the other products
+    within 1% at 8-2048 rows. NVLink
     multicast stays off: the shared multi-GPU hosts we run on require it, and the small all-reduces of
     decode do not need it (tensor-parallel workers inherit the environment). The seed drives unseeded
     sampling (the engine's process; workers do not sample)."""
