@@ -9,6 +9,7 @@
 #                                     call is limited to 10 minutes: all parts together take about that,
 #                                     so split when tuning.
 # The GPU image has torch, triton and transformers but not fastapi/uvicorn: the HTTP tests are not run.
+# Nor pydantic, which the engine's configuration needs: carry its wheels (.whl) and put them on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 default_model=SmolLM2-135M-Instruct
@@ -29,7 +30,7 @@ run)
     site=$(mktemp -d)
     mkdir "$site/leanserve"
     for package in server models kernels; do ln -s "$PWD/$package" "$site/leanserve/$package"; done
-    export PYTHONPATH=$site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LEANSERVE_CACHE=$PWD/.cache/leanserve
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LEANSERVE_CACHE=$PWD/.cache/leanserve
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     parts=("${@:2}")
@@ -38,7 +39,7 @@ run)
         case $part in
         tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lean_attention.py \
             tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
-            tests/test_sampler.py tests/test_launch.py ;;
+            tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py ;;
         kernel) timeout 300 python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$out" ;;
         linear) timeout 300 python3 benchmarks/bench_skinny_linear.py --out "$out" ;;

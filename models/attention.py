@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from leanserve.kernels.lean_attention import lean_attention_decode
-from leanserve.kernels.reference import reference_decode_attention
+from leanserve.kernels import ops
 from leanserve.models.prefetch import SideStreamPrefetch
 
 
@@ -149,10 +148,7 @@ def paged_attention(
     if num_prefill < q.shape[0]:
         args = (q[num_prefill:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens)
         with timer.decode() if timer else nullcontext() as stamps:
-            if q.is_cuda:
-                lean_attention_decode(*args, sm_scale=scale, out=out[num_prefill:], timestamps=stamps)
-            else:
-                reference_decode_attention(*args, sm_scale=scale, out=out[num_prefill:])
+            ops.decode_attention(*args, sm_scale=scale, out=out[num_prefill:], timestamps=stamps)
     return out
 
 

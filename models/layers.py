@@ -11,14 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanserve.kernels.activation import reference_silu_and_mul, silu_and_mul
-from leanserve.kernels.rms_norm import (
-    fused_add_rms_norm,
-    reference_fused_add_rms_norm,
-    reference_rms_norm,
-    rms_norm,
-)
-from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
+from leanserve.kernels import ops
 from leanserve.kernels.skinny_config import skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from leanserve.kernels.skinny_linear import skinny_linear
@@ -123,10 +116,8 @@ class RMSNorm(nn.Module):
         """x, residual: [T, H]. Returns (normed, residual stream): without `residual`, (rms_norm(x), x);
         with it, residual += x first and x is overwritten with the norm of the sum (both in place)."""
         if residual is None:
-            norm = rms_norm if x.is_cuda else reference_rms_norm
-            return norm(x, self.weight, self.eps), x
-        add_norm = fused_add_rms_norm if x.is_cuda else reference_fused_add_rms_norm
-        return add_norm(x, residual, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -206,8 +197,7 @@ class RotaryEmbedding(nn.Module):
         """Rotate the q and k heads of qkv [T, (Hq + 2 Hkv) * D] in place at positions [T] int64 and write
         k and v to the caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64. Returns views
         of qkv: q [T, Hq, D], k and v [T, Hkv, D]."""
-        apply = rope_and_cache if qkv.is_cuda else reference_rope_and_cache
-        return apply(qkv, positions, self.cos_sin, k_cache, v_cache, slot_mapping)
+        return ops.rope_and_cache(qkv, positions, self.cos_sin, k_cache, v_cache, slot_mapping)
 
 
 class GatedMLP(nn.Module):
@@ -227,8 +217,8 @@ class GatedMLP(nn.Module):
         if use_skinny_linear(x, self.gate_up_weight) and fuses_silu(x, self.gate_up_weight):
             act = skinny_linear_silu(x, self.gate_up_weight, norm)
         elif norm is not None:
-            act = silu_and_mul(skinny_linear(x, self.gate_up_weight, norm=norm))
+            act = ops.silu_and_mul(skinny_linear(x, self.gate_up_weight, norm=norm))
         else:
             gate_up = linear(x, self.gate_up_weight)
-            act = silu_and_mul(gate_up) if gate_up.is_cuda else reference_silu_and_mul(gate_up)
+            act = ops.silu_and_mul(gate_up)
         return linear(act, self.down_weight)

@@ -14,6 +14,7 @@ import torch
 from greedy_runner import GreedyRunner
 from guard_page import against_guard_page
 
+from leanserve.kernels import ops
 from leanserve.kernels.activation import reference_silu_and_mul, silu_and_mul
 from leanserve.kernels.rms_norm import (
     fused_add_rms_norm,
@@ -22,7 +23,6 @@ from leanserve.kernels.rms_norm import (
     rms_norm,
 )
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
-from leanserve.models import layers as model_layers
 from leanserve.models.loader import load_model
 
 HAS_CUDA = torch.cuda.is_available()
@@ -346,7 +346,7 @@ def test_model_with_kernels_matches_twins(tiny_model_factory, monkeypatch, kind)
         "reference_silu_and_mul": silu_and_mul,
     }
     for name, kernel in kernels.items():
-        monkeypatch.setattr(model_layers, name, kernel)
+        monkeypatch.setattr(ops, name, kernel)
     got, logits = run()
     assert got == expected
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)

@@ -30,5 +30,5 @@ def setup_process(device_type: str, seed: int | None = None) -> None:
 
 def settle_process() -> None:
     """After the model loads: the model, tokenizer and CUDA graphs are many long-lived objects; frozen
-    out of the cyclic collector, its full passes no longer stall decode steps by milliseconds."""
+    out of the cyclic collector, whose full passes would otherwise stall decode steps by milliseconds."""
     gc.freeze()

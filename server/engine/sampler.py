@@ -11,7 +11,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from leanserve.kernels.argmax import argmax_rows, reference_argmax_rows
+from leanserve.kernels.ops import argmax_rows
 from leanserve.server.engine.sampling_params import SamplingParams
 
 
@@ -89,7 +89,7 @@ class Sampler:
             logits = self._apply_logit_bias(logits, rows)
         if needs_penalties:
             logits = self._apply_penalties(logits, rows, table)
-        token_ids = argmax(logits)
+        token_ids = argmax_rows(logits)  # on CUDA our kernel: torch reduces a 128k row in one block
         if needs_sampling:
             sampled = self._sample(logits, rows, table)
             greedy = table[_TEMP] == 0.0
@@ -181,7 +181,7 @@ class Sampler:
             threshold = logits.amax(dim=-1) + torch.log(table[_MIN_P])
             logits = logits.masked_fill(logits < threshold[:, None], -math.inf)
         probs = torch.softmax(logits, dim=-1)
-        return argmax(probs.div_(self._exponential_noise(probs, rows)))
+        return argmax_rows(probs.div_(self._exponential_noise(probs, rows)))
 
     def _top_k_top_p(
         self, logits: torch.Tensor, params: list[SamplingParams], table: torch.Tensor
@@ -215,12 +215,6 @@ class Sampler:
                 noise[i].exponential_(generator=row.generator)
         # A draw of exactly 0 would turn an excluded token's 0 / 0 into NaN, which argmax would pick.
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-
-
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """[B, V] -> [B] int64, each row's first maximum: our kernel on CUDA (torch's reduces a 128k row in
-    one block, ~8x slower there), its torch twin elsewhere."""
-    return argmax_rows(x) if x.is_cuda else reference_argmax_rows(x)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
