@@ -129,19 +129,30 @@ class DecoderLayer(nn.Module):
         if self.post_attention_norm_folded and stream_norm_fuses(
             attn, self.attn.o_weight, self.mlp.gate_up_weight
         ):
-            residual, squares = skinny_linear_residual(attn, self.attn.o_weight, residual)
-            x = self.mlp(residual, StreamNorm(squares, self.post_attention_norm.eps))
-        else:
-            x = linear(attn, self.attn.o_weight)
-            # o_proj and down_proj are row-parallel: each rank's output is a partial sum over its heads
-            # (its MLP columns), so one all-reduce after each completes it before it joins the stream.
-            if self.tp is not None:
-                x = self.tp.all_reduce(x)
-            x, residual = self.post_attention_norm(x, residual)
-            x = self.mlp(x)
+            return self._mlp_with_norm_in_epilogues(attn, residual)
+        return self._mlp(attn, residual)
+
+    def _mlp(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """o projection, residual add + post-attention norm (one kernel), MLP. o_proj and down_proj are
+        row-parallel: each rank's output is a partial sum over its heads (its MLP columns), so one
+        all-reduce after each completes it before it joins the stream."""
+        x = linear(attn, self.attn.o_weight)
+        if self.tp is not None:
+            x = self.tp.all_reduce(x)
+        x, residual = self.post_attention_norm(x, residual)
+        x = self.mlp(x)
         if self.tp is not None:
             x = self.tp.all_reduce(x)
         return x, residual
+
+    def _mlp_with_norm_in_epilogues(
+        self, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same with the post-attention norm carried by the products (small decode batches, single
+        device): o adds its output to the stream and writes its sums of squares, gate/up scales its rows
+        by 1/rms (the norm's weight folded into gate/up at load)."""
+        residual, squares = skinny_linear_residual(attn, self.attn.o_weight, residual)
+        return self.mlp(residual, StreamNorm(squares, self.post_attention_norm.eps)), residual
 
 
 class CausalLM(nn.Module):
