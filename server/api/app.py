@@ -35,6 +35,7 @@ from leanserve.server.api.protocol import (
 from leanserve.server.api.renderers import ChatRenderer, CompletionRenderer, Renderer
 from leanserve.server.api.request_inputs import (
     chat_prompt,
+    check_choices,
     check_context,
     check_token_ids,
     completion_prompts,
@@ -196,7 +197,8 @@ async def completions(request: Request, body: CompletionRequest):
     reject_unsupported(body)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     params = sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer), echo=body.echo)
-    prompts = completion_prompts(body.prompt, params.n, engine)
+    max_choices = _state(request).settings.max_choices_per_request
+    prompts = completion_prompts(body.prompt, params.n, engine, max_choices)
     for i, prompt_ids in enumerate(prompts):
         which = prompt_name(i, len(prompts))
         check_context(len(prompt_ids), max_tokens, engine.max_model_len, "prompt", which=which)
@@ -217,6 +219,7 @@ async def chat_completions(request: Request, body: ChatRequest):
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
+    check_choices(1, params.n, _state(request).settings.max_choices_per_request)
     check_context(len(prompt_ids), max_tokens, engine.max_model_len, "messages", name)
     return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer())
 
@@ -255,14 +258,14 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[card])
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # health checkers often send HEAD
 async def health(request: Request) -> dict:
     if (reason := _state(request).unavailable()) is not None:
         raise APIError(503, reason, code="unavailable")
     return {"status": "ok"}
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])
 async def prometheus_metrics(request: Request) -> Response:
     engine = _state(request).engine
     if engine is not None:  # gauges as of now, also when the engine loop is idle
