@@ -12,6 +12,8 @@ import shutil
 if "TRITON_INTERPRET" not in os.environ and not shutil.which("nvidia-smi"):
     os.environ["TRITON_INTERPRET"] = "1"
 
+import atexit
+import gc
 import json
 from pathlib import Path
 
@@ -21,6 +23,10 @@ import torch
 from leanserve.models.weights_source import default_model_dir
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Engines freeze the heap (gc.freeze); unfrozen at exit, Triton's objects are collected before nanobind
+# checks for leaks, as the server does (server/api/cli.py).
+atexit.register(gc.unfreeze)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist workers share the cores: one intra-op thread each, or OpenMP spin-waits oversubscribe them.
