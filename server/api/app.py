@@ -258,14 +258,16 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[card])
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])  # health checkers often send HEAD
+@router.get("/health")
+@router.head("/health", include_in_schema=False)  # health checkers often send HEAD
 async def health(request: Request) -> dict:
     if (reason := _state(request).unavailable()) is not None:
         raise APIError(503, reason, code="unavailable")
     return {"status": "ok"}
 
 
-@router.api_route("/metrics", methods=["GET", "HEAD"])
+@router.get("/metrics")
+@router.head("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
     engine = _state(request).engine
     if engine is not None:  # gauges as of now, also when the engine loop is idle
