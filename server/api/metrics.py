@@ -57,7 +57,8 @@ request_success = Counter(
     "leanserve_request_success", "Finished requests by finish reason.", labelnames=["finished_reason"]
 )
 num_preemptions = Counter(
-    "leanserve_num_preemptions", "Requests preempted (recompute) for lack of KV blocks."
+    "leanserve_num_preemptions",
+    "Sequences preempted (recompute) for lack of KV blocks or to give a waiting request a batch slot.",
 )
 prefix_cache_queries = Counter(
     "leanserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
