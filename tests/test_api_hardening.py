@@ -252,10 +252,13 @@ def test_choices_per_request_are_bounded_by_the_setting(engine):
         assert len(httpx.post(f"{url}/v1/completions", json=body).json()["choices"]) == 4
 
 
-def test_a_large_request_cannot_starve_a_small_one(tiny_model_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_large_request_cannot_starve_a_small_one(tiny_model_path, async_scheduling):
     """Issue 26: a request whose choices fill every sequence slot; a small request sent meanwhile ends
-    long before it (before, it waited for the large one to end)."""
-    with real_engine(tiny_model_path, max_num_seqs=4) as engine, serve(engine) as url:
+    long before it (before, it waited for the large one to end). With asynchronous scheduling too, where
+    the preempted sequence may be in the step in flight."""
+    engine_cm = real_engine(tiny_model_path, max_num_seqs=4, async_scheduling=async_scheduling)
+    with engine_cm as engine, serve(engine) as url:
         big = {
             "model": engine.model_name,
             "prompt": ["a", "b"],
@@ -283,6 +286,8 @@ def test_a_large_request_cannot_starve_a_small_one(tiny_model_path):
         assert small.usage.completion_tokens == 4
         reader.join(timeout=120)
         assert finished["small"] < finished["big"]
+        assert wait_until(lambda: engine.stats().num_running == engine.stats().num_waiting == 0)
+        assert engine.stats().kv_usage == 0
 
 
 def test_head_on_health_and_metrics(base_url):
