@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 
 from leanserve.server.api.app import create_app
+from leanserve.server.api.cli import uvicorn_config
 from leanserve.server.api.settings import Settings
 from leanserve.server.engine.async_engine import AsyncEngine
 from leanserve.server.engine.config import EngineConfig
@@ -39,11 +40,13 @@ def real_engine(model_path: Path, **overrides) -> Iterator[AsyncEngine]:
 @contextmanager
 def serve(engine, **settings) -> Iterator[str]:
     """Base URL of a uvicorn server running `create_app(Settings(**settings), engine)`."""
-    app = create_app(Settings(**settings), engine)
+    config = Settings(**settings)
+    app = create_app(config, engine)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    # The server's own uvicorn configuration: its protocol and connection limits.
+    server = uvicorn.Server(uvicorn_config(app, config, log_config=None, access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

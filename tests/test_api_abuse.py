@@ -21,10 +21,11 @@ import openai
 import pytest
 from http_server import metric_value, real_engine, serve, wait_until
 
-from leanserve.server.api.request_inputs import MAX_CHOICES
+from leanserve.server.api.settings import Settings
 from leanserve.server.engine.llm_engine import EngineStats
 
 MAX_MODEL_LEN = 256
+MAX_CHOICES = Settings().max_choices_per_request
 
 
 @pytest.fixture(scope="module")
@@ -503,6 +504,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_path, tmp_path
         text = (tmp_path / "server.log").read_text()
         log_lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
         assert any(entry.get("path") == "/v1/completions" for entry in log_lines)
+        assert "nanobind" not in text  # Triton's objects were not left frozen at exit (issue 26)
     finally:
         if proc.poll() is None:
             proc.kill()

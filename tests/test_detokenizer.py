@@ -147,3 +147,78 @@ def test_special_tokens_skipped_or_kept(tokenizer, skip, expected):
         tokenizer, encode(tokenizer, CHAT_PROMPT), stop=[], skip_special_tokens=skip
     )
     assert "".join(d.text for d in stream(detok, ids)) + detok.flush() == expected
+
+
+class _ReferenceDetokenizer:
+    """The stop-string semantics spelled out naively on the whole text: after each token, cut at the
+    earliest-starting stop string found past the emitted text, else hold back the longest end of the
+    text that some stop string starts with."""
+
+    def __init__(self, stop: list[str]):
+        self.stop, self.emitted, self.text = stop, 0, ""
+
+    def add(self, text: str) -> DetokenizedDelta:
+        self.text = text
+        matches = [(p, s) for s in self.stop if (p := text.find(s, self.emitted)) >= 0]
+        if matches:
+            pos, reason = min(matches, key=lambda m: m[0])
+            delta, self.emitted = text[self.emitted : pos], pos
+            return DetokenizedDelta(delta, reason)
+        pending = text[self.emitted :]
+        held = max(
+            (
+                n
+                for s in self.stop
+                for n in range(1, min(len(s) - 1, len(pending)) + 1)
+                if pending.endswith(s[:n])
+            ),
+            default=0,
+        )
+        end = max(self.emitted, len(text) - held)
+        delta, self.emitted = text[self.emitted : end], end
+        return DetokenizedDelta(delta, None)
+
+
+def test_stop_matching_agrees_with_the_naive_reference(tokenizer):
+    """Random ASCII texts over a small alphabet (many partial matches, overlapping stop strings)."""
+    import random
+
+    rng = random.Random(26)
+    for _ in range(150):
+        text = "".join(rng.choice("ab a.b") for _ in range(rng.randint(1, 60)))
+        stop = [
+            "".join(rng.choice("ab .") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))
+        ]
+        ids = encode(tokenizer, text)
+        detok = IncrementalDetokenizer(tokenizer, [], stop=stop)
+        reference = _ReferenceDetokenizer(stop)
+        for k in range(1, len(ids) + 1):
+            got = detok.add_tokens([ids[k - 1]])
+            assert got == reference.add(tokenizer.decode(ids[:k])), (text, stop, k)
+            if got.stop_reason is not None:
+                break
+
+
+def test_long_stop_strings_cost_linear_time(tokenizer):
+    """Issue 26: 15 stop strings of thousands of characters that the text keeps almost matching. The
+    per-token cost must not grow with the text (the old hold-back check sliced every prefix of every stop
+    string each token: quadratic, hundreds of ms a token)."""
+    import time
+
+    # The text is held back (it may begin the last stop string) and the others never match it: the old
+    # check tried every prefix length of each of them against the growing held-back text.
+    stop = ["y" * (3000 + i) + "!" for i in range(14)] + ["x" * 4000 + "!"]
+    ids = encode(tokenizer, "x" * 6000)
+    detok = IncrementalDetokenizer(tokenizer, [], stop=stop)
+    costs = []
+    for token_id in ids:
+        started = time.thread_time()
+        delta = detok.add_tokens([token_id])
+        costs.append(time.thread_time() - started)
+        assert delta.stop_reason is None
+    assert len(ids) > 600
+    first, last = sum(costs[100:300]), sum(costs[-200:])
+    assert last < 3 * first + 0.05, (first, last)
+    assert sum(costs) < 3.0
+    # Everything that might begin a stop string is held back, and the rest went out.
+    assert len(detok.output_text) == 6000 - max(len(s) - 1 for s in stop)

@@ -97,3 +97,49 @@ def test_sequence_that_cannot_grow_preempts_itself():
     out = scheduler.schedule()  # token 9 needs a third block: nobody else to preempt
     assert out.preempted == [seq] and out.is_empty
     assert bm.num_free_blocks == 2
+
+
+def make_request(request_id: str, n: int, prompt_len: int = 3, start: int = 0) -> list[Sequence]:
+    """A request's n sequences (as if its siblings had been forked), all waiting."""
+    request = Request(
+        request_id, list(range(start, start + prompt_len)), SamplingParams(n=n), RequestTimings(0.0)
+    )
+    request.sequences = [
+        Sequence(request, i, list(request.prompt_token_ids), detokenizer=None) for i in range(n)
+    ]
+    return request.sequences
+
+
+def test_a_request_holding_every_slot_gives_one_to_a_newcomer():
+    """Issue 26: one request's 4 sequences fill max_num_seqs=4; a later request must not wait until they
+    all end. The large request's newest sequence is preempted and the newcomer admitted next step; a
+    second sibling-only wait (the preempted sequence) triggers nothing more."""
+    scheduler = Scheduler(BlockManager(64, BS), max_num_seqs=4, max_num_batched_tokens=1000)
+    big = make_request("big", 4)
+    for seq in big:
+        scheduler.add(seq)
+    run_step(scheduler)
+    assert len(scheduler.running) == 4
+    small = make_seq(3, 500)
+    scheduler.add(small)
+    out = run_step(scheduler)
+    assert out.preempted == [big[3]] and list(scheduler.waiting) == [small, big[3]]
+    out = run_step(scheduler)
+    assert small in [c.seq for c in out.prefills] and not out.preempted
+    assert len(scheduler.running) == 4 and list(scheduler.waiting) == [big[3]]
+    for _ in range(3):  # the preempted sibling waits for a slot; no preemption back and forth
+        assert not run_step(scheduler).preempted
+    scheduler.finish(small)
+    run_step(scheduler)
+    assert big[3] in scheduler.running
+    scheduler.block_manager.check_invariants()
+
+
+def test_single_sequence_requests_keep_fcfs():
+    scheduler = Scheduler(BlockManager(64, BS), max_num_seqs=2, max_num_batched_tokens=1000)
+    seqs = [make_seq(3, 100 * i) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    for _ in range(3):
+        assert not run_step(scheduler).preempted
+    assert scheduler.running == seqs[:2] and list(scheduler.waiting) == seqs[2:]

@@ -35,6 +35,7 @@ from leanserve.server.api.protocol import (
 from leanserve.server.api.renderers import Answer, ChatRenderer, CompletionRenderer, Renderer
 from leanserve.server.api.request_inputs import (
     chat_prompt,
+    check_choices,
     check_token_ids,
     completion_prompts,
     echo_texts,
@@ -203,7 +204,8 @@ async def completions(request: Request, body: CompletionRequest):
     reject_unsupported(body)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     params = sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer), echo=body.echo)
-    prompts = completion_prompts(body.prompt, params.n, engine)
+    max_choices = _state(request).settings.max_choices_per_request
+    prompts = completion_prompts(body.prompt, params.n, engine, max_choices)
     echo = echo_texts(body.prompt, prompts, engine) if body.echo else None
     return await _serve(request, engine, body, prompts, params, CompletionRenderer(), echo=echo)
 
@@ -221,6 +223,7 @@ async def chat_completions(request: Request, body: ChatRequest):
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
+    check_choices(1, params.n, _state(request).settings.max_choices_per_request)
     params_named = {"prompt": "messages", "max_tokens": name}
     return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer(), params_named)
 
@@ -260,6 +263,7 @@ async def models(request: Request) -> ModelList:
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # health checkers often send HEAD
 async def health(request: Request) -> dict:
     if (reason := _state(request).unavailable()) is not None:
         raise APIError(503, reason, code="unavailable")
@@ -267,6 +271,7 @@ async def health(request: Request) -> dict:
 
 
 @router.get("/metrics")
+@router.head("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import resource
 import signal
 import sys
 import threading
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from leanserve.server.api.app import ServerState, create_app
 from leanserve.server.api.settings import Settings, parse_settings
@@ -31,12 +35,25 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
+
+
+class TextLogFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, one line per record: control characters in the message (a client's
+    text quoted in it, from any logger) are written as escapes, so none can start a forged line. A
+    traceback, which is ours, keeps its lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL_CHARS.sub(lambda m: ascii(m.group())[1:-1], record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json" else TextLogFormatter())
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
@@ -93,6 +110,83 @@ class _Server(uvicorn.Server):
         self.drain_task = asyncio.ensure_future(_drain(self.state))
 
 
+class _H11Protocol(H11Protocol):
+    """uvicorn's h11 protocol (h11 bounds the request head it buffers: `h11_max_incomplete_event_size`;
+    httptools, uvicorn's faster parser, has no such bound), plus what uvicorn lacks: a deadline for the
+    request head, from the connection's start or the end of its previous response until the head is
+    complete (uvicorn's keep-alive timer stops at the first byte, so a client trickling or never finishing
+    a head held its connection forever), and a hard cap on open connections: past twice
+    `limit_concurrency` (where uvicorn answers 503) a new connection is closed at once."""
+
+    def __init__(self, config: uvicorn.Config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.header_timeout: float = getattr(config, "header_timeout", 10.0)
+        self.header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.limit_concurrency is not None and len(self.connections) > 2 * self.limit_concurrency:
+            transport.abort()  # no parser state to answer from yet; the client sees a reset
+            return
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # the head is in (or the connection failed)
+            self._head_done()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._await_head()  # of the next request on this connection
+
+    def _await_head(self) -> None:
+        self._head_done()
+        self.header_deadline = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _head_done(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+            self.header_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self.header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            logger.info("closing a connection whose request head took over %.0f s", self.header_timeout)
+            self.transport.close()
+
+
+def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
+    """The uvicorn configuration of the server (tests use it too): our h11 protocol and the connection
+    limits of `settings`."""
+    config = uvicorn.Config(
+        app,
+        http=_H11Protocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,  # type: ignore[arg-type]
+        limit_concurrency=settings.max_connections,
+        **overrides,
+    )
+    config.header_timeout = settings.header_timeout_seconds  # type: ignore[attr-defined]
+    return config
+
+
+def _raise_file_limit(settings: Settings) -> None:
+    """Each connection is a file descriptor: lift the soft limit (often 1024) towards the hard one so that
+    max_connections, and twice it before connections are refused, fit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 2 * settings.max_connections + 256
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    except (ValueError, OSError) as e:  # not permitted here: run with what we have
+        logger.warning("could not raise the open-file limit: %s", e)
+
+
 def _exit_zero(sig: int, frame) -> None:
     raise SystemExit(0)
 
@@ -105,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     app = create_app(settings)
     state: ServerState = app.state.server
-    config = uvicorn.Config(
+    _raise_file_limit(settings)
+    config = uvicorn_config(
         app,
+        settings,
         host=settings.host,
         port=settings.port,
         log_config=None,

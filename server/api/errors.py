@@ -104,7 +104,10 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _response(request, APIError(500, "internal server error", code="internal_error"))
+    # Starlette re-raises after this answer and uvicorn then drops the connection: say so, or a client's
+    # next request on the kept-alive connection is reset.
+    error = APIError(500, "internal server error", code="internal_error", headers={"Connection": "close"})
+    return _response(request, error)
 
 
 def install_error_handlers(app: FastAPI) -> None:

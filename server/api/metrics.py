@@ -92,7 +92,7 @@ class EngineCollector(Collector):
             ("leanserve_generation_tokens", "Tokens generated.", stats.generation_tokens),
             (
                 "leanserve_num_preemptions",
-                "Requests preempted (recompute) for lack of KV blocks.",
+                "Sequences preempted (recompute) for lack of KV blocks or to give a waiting request a slot.",
                 stats.num_preemptions,
             ),
             (

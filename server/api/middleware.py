@@ -5,6 +5,7 @@ ends."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
@@ -25,6 +26,15 @@ _ID_PREFIX = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-"}
 # Routes outside /v1 that need the API key: vLLM leaves them open, but they run the tokenizer and the
 # chat template on any input, which a key-protected server should not offer to everyone.
 _KEYED_ROUTES = ("/tokenize", "/detokenize")
+# Log values written bare in the text format; anything else (the path, which the client writes and the
+# server percent-decodes: %0a, %20, %00) is quoted JSON-style, so no value can forge a line or a field.
+_BARE_LOG_VALUE = re.compile(r"[A-Za-z0-9._:/+~@,\-]+")
+
+
+def log_value(value: Any) -> str:
+    """A value for a `key=value` text log line: bare when plainly safe, else a quoted, escaped string."""
+    text = str(value)
+    return text if _BARE_LOG_VALUE.fullmatch(text) else json.dumps(text)
 
 
 def _content_length(headers: dict[str, str]) -> int:
@@ -73,7 +83,12 @@ class RequestMiddleware:
 
         try:
             keyed = path.startswith("/v1") or path in _KEYED_ROUTES
-            if self.api_key and keyed and not self._authorized(headers):
+            if sum(name.lower() == b"authorization" for name, _ in scope["headers"]) > 1:
+                # Which one counts would depend on who reads them (a proxy may check the first, we the
+                # last): an ambiguous credential is refused, whatever the route.
+                error = APIError(400, "more than one Authorization header", code="duplicate_authorization")
+                await JSONResponse(error.body(), status_code=400)(scope, receive, send_with_id)
+            elif self.api_key and keyed and not self._authorized(headers):
                 error = APIError(401, "missing or invalid API key", code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send_with_id)
@@ -88,7 +103,8 @@ class RequestMiddleware:
         finally:
             fields = {"request_id": request_id, "method": scope["method"], "path": path, "status": status}
             fields |= log_fields | {"latency_ms": round((time.monotonic() - arrival) * 1e3, 2)}
-            access_logger.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+            line = " ".join(f"{k}={log_value(v)}" for k, v in fields.items())
+            access_logger.info("%s", line, extra={"fields": fields})
 
     def _limited(self, receive: Receive) -> Receive:
         """`receive` that fails once the body (chunked, no Content-Length) outgrows the limit."""

@@ -5,15 +5,48 @@ request's attention time."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _has_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a lone UTF-16 surrogate (json.loads accepts "\\ud800" and the raw bytes
+    ED A0 80) anywhere: in a string, a key, or nested lists and objects. Iterative, whatever the depth;
+    token-id lists cost little."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif type(item) is list:
+            if not _SCALARS.issuperset(map(type, item)):  # (a token-id list is skipped at C speed)
+                stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any) -> Any:
+        """Text that is not Unicode scalar values cannot be tokenized, templated or written back as
+        UTF-8: a 400 naming the field, before anything uses it."""
+        if _has_surrogate(value):
+            raise ValueError("text must be valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)")
+        return value
 
 
 class StreamOptions(_Request):

@@ -15,10 +15,9 @@ from leanserve.server.engine.sampling_params import InvalidParameter, SamplingPa
 if TYPE_CHECKING:
     from leanserve.server.engine.async_engine import AsyncEngine
 
-# Most choices (prompts x n) of one completion request: its prompts are tokenized and checked on the event
-# loop before any engine work, and each choice takes a sequence slot and KV blocks. 256, the default
-# --max-num-seqs, lets one request fill a batch but not flood the queue.
-MAX_CHOICES = 256
+# Most characters of a request's stop strings together (SamplingParams caps their count at 16): each one
+# is matched against every sequence's new text on the engine thread. OpenAI allows 4 stop sequences.
+MAX_STOP_CHARS = 4096
 
 
 def sampling_params(
@@ -46,6 +45,8 @@ def sampling_params(
     if request.top_k is not None:
         given["top_k"] = min(request.top_k, vocab)  # k >= vocab keeps everything, as k = 0 does
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if sum(map(len, stop)) > MAX_STOP_CHARS:
+        raise bad_request(f"stop strings longer than {MAX_STOP_CHARS} characters together", "stop")
     stop_ids = request.stop_token_ids or []
     check_token_ids(stop_ids, vocab, "stop_token_ids")
     logit_bias = _logit_bias(request.logit_bias or {}, vocab)
@@ -102,14 +103,21 @@ def reject_unsupported(body: CompletionRequest | ChatRequest) -> None:
             raise bad_request(f"{name} is not supported (no tool calling)", name)
 
 
-def completion_prompts(prompt: str | list, n: int, engine: AsyncEngine) -> list[list[int]]:
-    """The token ids of each prompt: OpenAI's `prompt` is one string or token-id list, or a list of
-    them (a batch, answered with `n` choices per prompt)."""
-    batch = prompt if prompt and isinstance(prompt, list) and isinstance(prompt[0], str | list) else [prompt]
-    if len(batch) * n > MAX_CHOICES:
+def check_choices(num_prompts: int, n: int, max_choices: int) -> None:
+    """Each choice (prompts x n) takes a sequence slot and KV blocks: `max_choices` (the setting
+    max_choices_per_request, below --max-num-seqs) keeps one request from taking the whole batch."""
+    if num_prompts * n > max_choices:
+        what = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
         raise bad_request(
-            f"{len(batch)} prompts x n={n} choices: at most {MAX_CHOICES} choices a request", "prompt"
+            f"{what} choices: at most {max_choices} choices a request", "prompt" if num_prompts > 1 else "n"
         )
+
+
+def completion_prompts(prompt: str | list, n: int, engine: AsyncEngine, max_choices: int) -> list[list[int]]:
+    """The token ids of each prompt: OpenAI's `prompt` is one string or token-id list, or a list of
+    them (a batch, answered with `n` choices per prompt); at most `max_choices` choices in all."""
+    batch = prompt if prompt and isinstance(prompt, list) and isinstance(prompt[0], str | list) else [prompt]
+    check_choices(len(batch), n, max_choices)
     if isinstance(batch[0], str):  # the schema allows no mix of strings and token lists
         return engine.tokenizer(batch).input_ids
     return [list(one) for one in batch]

@@ -264,7 +264,11 @@ async def collect_response(job: Job, renderer: Renderer, disconnected: Awaitable
         await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        consumer.cancel()  # no-op when done
+        if not consumer.done():  # the client went away first (or we are cancelled): stop reading
+            consumer.cancel()
+            # cancel() only asks: wait until the consumer has stopped, so that nothing reads its result
+            # while it is pending (InvalidStateError: a 500 and tracebacks for a mere disconnect).
+            await asyncio.wait({consumer})
     if consumer.cancelled():
         return None
     final = consumer.result()

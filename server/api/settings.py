@@ -38,6 +38,20 @@ class Settings(BaseSettings, EngineConfig):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="SIGTERM: time to finish in-flight requests"
     )
+    max_choices_per_request: int = Field(
+        64, ge=1, description="most choices (prompts x n) of one request; beyond it 400"
+    )
+    # Connection limits (uvicorn's h11 protocol; see server/api/cli.py and docs/deployment.md).
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="request line + headers larger than this: 400 and closed"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a client that has not sent a whole request head by then is disconnected"
+    )
+    keep_alive_timeout_seconds: float = Field(5.0, gt=0, description="idle keep-alive connections close")
+    max_connections: int = Field(
+        2048, ge=1, description="open connections; beyond it 503 (beyond twice it: closed at once)"
+    )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 

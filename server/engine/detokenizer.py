@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tokenizers.decoders import DecodeStream
 
@@ -28,6 +29,9 @@ class IncrementalDetokenizer:
     Decoded text then passes the stop-string filter: a match truncates the text there (the stop string
     is never returned) and the text that ends in a prefix of some stop string is held back until the
     next tokens decide. Invariant: every stop-string match starts at or after the emitted text's end.
+    Each stop string has a Knuth-Morris-Pratt matcher fed only the newly decoded characters, so a step
+    costs O(new text x stop strings) whatever their length: the matchers' states are both the matches and
+    the held-back length (the longest partial match, at most the longest stop string minus one).
     """
 
     def __init__(
@@ -41,6 +45,9 @@ class IncrementalDetokenizer:
         self._backend = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers one
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(stop)
+        self._failure = [_failure_table(s) for s in self._stop]
+        self._matched = [0] * len(self._stop)  # per stop string: length of its prefix the text ends with
+        self._fed = 0  # characters of _text the matchers have seen
         # Stop strings are looked for only in text decoded once this many tokens were added (vLLM's
         # min_tokens); the text before is emitted as it comes.
         self._tokens_before_stop = min_tokens
@@ -68,10 +75,11 @@ class IncrementalDetokenizer:
                 self._context_ids, self._held_ids = self._held_ids, []
         self._tokens_before_stop -= len(token_ids)
         if self._tokens_before_stop > 0:
+            self._fed = len(self._text)  # no stop string starts in text decoded before min_tokens
             return DetokenizedDelta(self._take(len(self._text)), None)
         if self._cut_at_stop():
             return DetokenizedDelta(self._take(len(self._text)), self._stop_reason)
-        return DetokenizedDelta(self._take(len(self._text) - self._stop_prefix_len()), None)
+        return DetokenizedDelta(self._take(len(self._text) - max(self._matched, default=0)), None)
 
     def flush(self) -> str:
         """At a finish other than a stop string (length, EOS, stop token): everything held back, including
@@ -96,21 +104,42 @@ class IncrementalDetokenizer:
         return delta
 
     def _cut_at_stop(self) -> bool:
-        """Truncates the text at the earliest stop-string match, if any, and records which one matched."""
-        matches = [(pos, s) for s in self._stop if (pos := self._text.find(s, self._emitted)) >= 0]
-        if not matches:
+        """Feeds the text decoded since the last call to every stop string's matcher; truncates the text at
+        the earliest-starting match, if any, and records which stop string it was."""
+        text, start = self._text, self._fed
+        self._fed = len(text)
+        best: tuple[int, str] | None = None
+        for i, stop in enumerate(self._stop):
+            failure, q = self._failure[i], self._matched[i]
+            for pos in range(start, len(text)):
+                char = text[pos]
+                while q and stop[q] != char:
+                    q = failure[q - 1]
+                if stop[q] == char:
+                    q += 1
+                if q == len(stop):
+                    match = pos + 1 - len(stop)
+                    if best is None or match < best[0]:
+                        best = (match, stop)
+                    break
+            self._matched[i] = q
+        if best is None:
             return False
-        pos, self._stop_reason = min(matches, key=lambda m: m[0])
+        pos, self._stop_reason = best
         self._text = self._text[:pos]
         return True
 
-    def _stop_prefix_len(self) -> int:
-        """Length of the longest end of the unemitted text that some stop string starts with."""
-        pending = self._text[self._emitted :]
-        longest = 0
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(pending)), longest, -1):
-                if pending.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
+
+@lru_cache(maxsize=256)
+def _failure_table(stop: str) -> tuple[int, ...]:
+    """KMP failure function: entry i is the length of the longest proper prefix of stop[: i + 1] that is
+    also its suffix (shared by the sequences of a request, whose stop strings are the same)."""
+    table = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i] = k
+    return tuple(table)

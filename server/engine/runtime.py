@@ -4,6 +4,7 @@ the global seed, and keeping the loaded model out of the cyclic garbage collecto
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 
@@ -30,5 +31,9 @@ def setup_process(device_type: str, seed: int | None = None) -> None:
 
 def settle_process() -> None:
     """After the model loads: the model, tokenizer and CUDA graphs are many long-lived objects; frozen
-    out of the cyclic collector, whose full passes would otherwise stall decode steps by milliseconds."""
+    out of the cyclic collector, whose full passes would otherwise stall decode steps by milliseconds.
+    Frozen objects are not collected at exit either: Triton's binding objects in reference cycles would
+    outlive nanobind's internals, which then print "nanobind: leaked ... functions!"; unfrozen at exit,
+    they go in the interpreter's final collection."""
     gc.freeze()
+    atexit.register(gc.unfreeze)

@@ -1,15 +1,17 @@
 """Continuous-batching scheduler: decides, every step, which sequences compute which tokens.
 
-FCFS over sequences. Each step spends a token budget: first one token per running decode (growing its
-block table; when the pool is empty the newest running sequence is preempted by recompute), then prefill
-chunks of running sequences, then new admissions, each chunked to what is left of the budget, so a long
-prompt never stalls decode. After a step's tokens reach the host, `update_from_output` appends them and
-ends the sequences they finish (stop token, EOS, length). Pure bookkeeping: no tensors."""
+FCFS over sequences, except that when the batch is full a request waiting with no sequence running gets
+a slot from the request holding the most (fairness: one large request cannot starve the others). Each
+step spends a token budget: first one token per running decode (growing its block table; when the pool
+is empty the newest running sequence is preempted by recompute), then prefill chunks of running
+sequences, then new admissions, each chunked to what is left of the budget, so a long prompt never
+stalls decode. After a step's tokens reach the host, `update_from_output` appends them and ends the
+sequences they finish (stop token, EOS, length). Pure bookkeeping: no tensors."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from leanserve.server.engine.block_manager import BlockManager
@@ -96,6 +98,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._make_room_for_a_newcomer(out)
         budget = self.max_num_batched_tokens
         # 1. Decodes, oldest first; growing one may preempt the newest running sequences.
         i = 0
@@ -135,6 +138,25 @@ class Scheduler:
             out.prefills.append(PrefillChunk(seq, min(seq.num_uncomputed, budget)))
             budget -= out.prefills[-1].num_tokens
         return out
+
+    def _make_room_for_a_newcomer(self, out: SchedulerOutput) -> None:
+        """Fairness between requests: when every sequence slot is taken and a request waits with none
+        running, the request holding the most slots (if more than one) gives its newest sequence back
+        (recompute preemption) and the newcomer goes first in the queue: it is admitted next step. So
+        one large request (n choices, many prompts) cannot hold the whole batch until it ends while
+        others wait; each waiting request gets a slot in turn, at the cost of one recomputation."""
+        if len(self.running) < self.max_num_seqs or not self.waiting:
+            return
+        held = Counter(seq.request for seq in self.running)
+        newcomer = next((seq for seq in self.waiting if seq.request not in held), None)
+        if newcomer is None:
+            return
+        greedy, slots = held.most_common(1)[0]
+        if slots < 2:
+            return
+        self._preempt(next(seq for seq in reversed(self.running) if seq.request is greedy), out)
+        self.waiting.remove(newcomer)
+        self.waiting.appendleft(newcomer)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute preemption: drop the KV blocks, go back to the front of the queue."""
