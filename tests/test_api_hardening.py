@@ -111,7 +111,7 @@ class _FailingTokenizerEngine:
     def stats(self):
         from leanserve.server.engine.llm_engine import EngineStats
 
-        return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, loop_alive=True, last_error=None)
+        return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0, loop_alive=True, last_error=None)
 
     def tokenizer(self, *args, **kwargs):
         raise TypeError("injected tokenizer bug")
