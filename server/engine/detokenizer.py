@@ -37,10 +37,12 @@ class IncrementalDetokenizer:
         stop: list[str],
         skip_special_tokens: bool = True,
         min_tokens: int = 0,
+        include_stop: bool = False,
     ):
         self._backend = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers one
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(stop)
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the text keeps the match
         # Stop strings are looked for only in text decoded once this many tokens were added (vLLM's
         # min_tokens); the text before is emitted as it comes.
         self._tokens_before_stop = min_tokens
@@ -101,7 +103,7 @@ class IncrementalDetokenizer:
         if not matches:
             return False
         pos, self._stop_reason = min(matches, key=lambda m: m[0])
-        self._text = self._text[:pos]
+        self._text = self._text[: pos + len(self._stop_reason) if self._include_stop else pos]
         return True
 
     def _stop_prefix_len(self) -> int:
