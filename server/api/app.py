@@ -34,6 +34,7 @@ from leanserve.server.api.protocol import (
 )
 from leanserve.server.api.renderers import Answer, ChatRenderer, CompletionRenderer, Renderer
 from leanserve.server.api.request_inputs import (
+    chat_echo,
     chat_prompt,
     check_choices,
     check_token_ids,
@@ -41,9 +42,11 @@ from leanserve.server.api.request_inputs import (
     echo_texts,
     reject_unsupported,
     sampling_params,
+    truncate_prompts,
 )
 from leanserve.server.api.serving import Admission, Job, RequestTracker, collect_response, stream_events
 from leanserve.server.api.settings import Settings
+from leanserve.server.api.structured import compile_constraint
 from leanserve.server.engine.sampling_params import InvalidParameter, SamplingParams
 
 if TYPE_CHECKING:
@@ -137,7 +140,14 @@ async def _serve(
             raise APIError(503, str(e), code="unavailable") from e
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    answer = Answer(request_id, engine.model_name, params.n, echo)
+    answer = Answer(
+        request_id,
+        engine.model_name,
+        params.n,
+        echo,
+        tokens_as_ids=body.return_tokens_as_token_ids,
+        with_prompt_logprobs=body.prompt_logprobs is not None,
+    )
     job = Job(engine, list(by_engine_id), answer, outputs, tracker, include_usage)
     if body.stream:
         events = stream_events(job, renderer, state.settings.sse_heartbeat_seconds)
@@ -203,10 +213,15 @@ async def completions(request: Request, body: CompletionRequest):
     engine = _ready_engine(request, body.model)
     reject_unsupported(body)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    params = sampling_params(body, max_tokens, body.logprobs, len(engine.tokenizer), echo=body.echo)
+    params = sampling_params(body, max_tokens, body.logprobs, engine.tokenizer, echo=body.echo)
     max_choices = _state(request).settings.max_choices_per_request
-    prompts = completion_prompts(body.prompt, params.n, engine, max_choices)
-    echo = echo_texts(body.prompt, prompts, engine) if body.echo else None
+    prompts = completion_prompts(body.prompt, params.n, engine, max_choices, body.add_special_tokens)
+    params.grammar = await compile_constraint(body, engine)
+    if body.truncate_prompt_tokens is not None:
+        prompts = truncate_prompts(prompts, body.truncate_prompt_tokens, engine.max_model_len)
+        echo = engine.tokenizer.batch_decode(prompts) if body.echo else None
+    else:
+        echo = echo_texts(body.prompt, prompts, engine) if body.echo else None
     return await _serve(request, engine, body, prompts, params, CompletionRenderer(), echo=echo)
 
 
@@ -216,16 +231,21 @@ async def chat_completions(request: Request, body: ChatRequest):
     reject_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    prompt_ids = chat_prompt(body.messages, engine, body)
+    prompt_ids = chat_prompt(body.messages, engine, body, body.add_special_tokens)
+    (prompt_ids,) = truncate_prompts([prompt_ids], body.truncate_prompt_tokens, engine.max_model_len)
     name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     if max_tokens is None:  # OpenAI's default for chat: up to the end of the context
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer), name)
+    params = sampling_params(body, max_tokens, logprobs, engine.tokenizer, name)
     check_choices(1, params.n, _state(request).settings.max_choices_per_request)
+    params.grammar = await compile_constraint(body, engine)
     params_named = {"prompt": "messages", "max_tokens": name}
-    return await _serve(request, engine, body, [prompt_ids], params, ChatRenderer(), params_named)
+    echo = chat_echo(body)
+    return await _serve(
+        request, engine, body, [prompt_ids], params, ChatRenderer(), params_named, [echo] if echo else None
+    )
 
 
 # vLLM's routes for clients that check a prompt against the context before they send it. No engine work:

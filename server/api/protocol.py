@@ -71,9 +71,46 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: int = 0  # vLLM's: no EOS, stop_token_ids or stop strings before this many tokens
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
-    user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extras (docs/api.md says what each does).
+    include_stop_str_in_output: bool = False  # the matched stop string stays at the end of the text
+    skip_special_tokens: bool = True  # False: special tokens (e.g. <|im_end|>) stay in the text
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # never generated (their last token is banned after the others)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context's)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and k alternatives (not streamed)
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
+    # Structured outputs (server/api/structured.py): OpenAI's response_format, vLLM's structured_outputs
+    # and its older guided_* fields.
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Accepted only with their default ("off") value: asking for the feature is a 400 naming it
+    # (request_inputs._UNSUPPORTED says why each is not supported).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    priority: int = 0
+    spaces_between_special_tokens: bool = True
+    logits_processors: list | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structural_tag: str | dict | None = None
+    request_id: str | None = None
+    cache_salt: str | None = None
+    return_token_ids: bool = False
+    kv_transfer_params: dict | None = None
+    vllm_xargs: dict | None = None
+    # Accepted and without effect here (docs/api.md, "Accepted without effect").
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -83,6 +120,8 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False  # the prompt (with its logprobs) before each choice's text; max_tokens may be 0
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # the tokenizer's BOS etc. before a text prompt (vLLM's)
+    prompt_embeds: str | list | None = None  # not supported
 
 
 class TextPart(_Request):
@@ -93,7 +132,9 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = None  # passed to the chat template, which may show it
+    tool_call_id: str | None = None  # a tool result's call (passed to the chat template)
+    tool_calls: list[dict] | None = None  # an assistant turn's calls: not supported yet (400)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -118,13 +159,25 @@ class ChatRequest(_SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = None  # default: the rest of the context
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Accepted only where they ask for nothing (plain text, no tools): the server has no constrained
-    # decoding or tool calling, and ignoring a request for them would return what the client did not ask.
-    response_format: dict | None = None
+    echo: bool = False  # vLLM's: the answer starts with the last message's content when it has its role
+    add_special_tokens: bool = False  # vLLM's: the tokenizer's BOS etc. on top of what the template writes
+    # Accepted only where they ask for nothing (no tools): the server has no tool calling, and ignoring a
+    # request for it would return what the client did not ask.
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # no effect without tools
+    # Accepted only with their default value (400 otherwise, naming them).
+    modalities: list[str] | None = None  # ["text"] only
+    audio: dict | None = None
+    prediction: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict | None = None
+    documents: list | None = None
+    chat_template: str | None = None
+    mm_processor_kwargs: dict | None = None
 
 
 class TokenizeRequest(ChatTemplateFields):
@@ -165,12 +218,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one token of `prompt_logprobs`; rank is null outside the top alternatives."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token (null for the first), its id and its top alternatives' ids
+# (JSON keys, so strings) -> PromptLogprob.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -216,6 +283,7 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatDelta(BaseModel):

@@ -22,6 +22,8 @@ from leanserve.server.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TopLogprob,
     Usage,
@@ -76,6 +78,35 @@ class Answer:
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt position
     text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per choice
     echoed: set[int] = field(default_factory=set)  # choices whose prompt has been put before their text
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:{id}"
+    with_prompt_logprobs: bool = False  # vLLM's prompt_logprobs go into the (non-streamed) response
+
+    def token(self, token_id: int, text: str) -> str:
+        return f"token_id:{token_id}" if self.tokens_as_ids else text
+
+    def prompt_logprobs_of(self, prompt: int) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs of one prompt: null for its first token, then for each token its own
+        entry and its alternatives' (rank: place among them, null when the token is not one)."""
+        if not self.with_prompt_logprobs or prompt not in self.prompt_logprobs:
+            return None
+        result: PromptLogprobs = []
+        for lp in self.prompt_logprobs[prompt]:
+            if lp.logprob is None:
+                result.append(None)
+                continue
+            entry = {
+                str(t): PromptLogprob(logprob=v, rank=rank, decoded_token=self.token(t, text))
+                for rank, (t, text, v) in enumerate(lp.top, start=1)
+            }
+            if str(lp.token_id) not in entry:
+                entry = {
+                    str(lp.token_id): PromptLogprob(
+                        logprob=lp.logprob, decoded_token=self.token(lp.token_id, lp.token)
+                    ),
+                    **entry,
+                }
+            result.append(entry)
+        return result
 
 
 class Renderer(Protocol):
@@ -107,10 +138,11 @@ def _completion_logprobs(
     result = CompletionLogprobs()
     offset = answer.text_offsets.get(index, 0)
     for lp in logprobs:
-        result.tokens.append(lp.token)
+        result.tokens.append(answer.token(lp.token_id, lp.token))
         result.token_logprobs.append(lp.logprob)
         # The prompt's first token has no logprob and no alternatives: null, as OpenAI and vLLM send.
-        result.top_logprobs.append(None if lp.logprob is None else {text: value for _, text, value in lp.top})
+        top = None if lp.logprob is None else {answer.token(t, text): value for t, text, value in lp.top}
+        result.top_logprobs.append(top)
         result.text_offset.append(offset)
         offset += len(lp.token)
     answer.text_offsets[index] = offset
@@ -150,6 +182,7 @@ class CompletionRenderer:
                     logprobs=_completion_logprobs(answer, i, logprobs),
                     finish_reason=t.finish_reason,
                     stop_reason=t.stop_reason,
+                    prompt_logprobs=answer.prompt_logprobs_of(i // answer.n),
                 )
             )
         return CompletionResponse(
@@ -157,16 +190,19 @@ class CompletionRenderer:
         )
 
 
-def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None:
+def _chat_logprobs(answer: Answer, logprobs: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None:
     if logprobs is None:
         return None
+
+    def top(token_id: int, text: str, value: float) -> TopLogprob:
+        token = answer.token(token_id, text)
+        return TopLogprob(token=token, logprob=value, bytes=list(token.encode()))
+
     return ChatChoiceLogprobs(
         content=[
             ChatTokenLogprob(
-                token=lp.token,
-                logprob=lp.logprob,
-                bytes=list(lp.token.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for _, t, v in lp.top],
+                **top(lp.token_id, lp.token, lp.logprob).model_dump(),
+                top_logprobs=[top(*entry) for entry in lp.top],
             )
             for lp in logprobs
         ]
@@ -183,15 +219,15 @@ class ChatRenderer:
 
     def opening(self, answer: Answer) -> list[BaseModel]:
         return [
-            self._chunk(answer, [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-            for i in range(answer.n)
+            self._chunk(answer, [ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=echo))])
+            for i, echo in enumerate(_chat_echo(answer))
         ]
 
     def chunk(self, answer: Answer, delta: SampleDelta) -> BaseModel:
         choice = ChatStreamChoice(
             index=delta.index,
             delta=ChatDelta(content=delta.text if delta.text or not delta.finish_reason else None),
-            logprobs=_chat_logprobs(delta.logprobs),
+            logprobs=_chat_logprobs(answer, delta.logprobs),
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
@@ -201,16 +237,27 @@ class ChatRenderer:
         return self._chunk(answer, [], usage)
 
     def response(self, answer: Answer, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
+        echo = _chat_echo(answer)
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content="".join(t.text)),
-                logprobs=_chat_logprobs(t.logprobs),
+                message=AssistantMessage(content=echo[i] + "".join(t.text)),
+                logprobs=_chat_logprobs(answer, t.logprobs),
                 finish_reason=t.finish_reason,
                 stop_reason=t.stop_reason,
             )
             for i, t in sorted(totals.items())
         ]
         return ChatResponse(
-            id=answer.response_id, created=answer.created, model=answer.model, choices=choices, usage=usage
+            id=answer.response_id,
+            created=answer.created,
+            model=answer.model,
+            choices=choices,
+            usage=usage,
+            prompt_logprobs=answer.prompt_logprobs_of(0),
         )
+
+
+def _chat_echo(answer: Answer) -> list[str]:
+    """What each choice of a chat answer starts with: vLLM's echo of the last message (one prompt)."""
+    return [answer.echo[0] if answer.echo else ""] * answer.n

@@ -24,13 +24,14 @@ def sampling_params(
     request: CompletionRequest | ChatRequest,
     max_tokens: int,
     logprobs: int | None,
-    vocab: int,
+    tokenizer,
     max_tokens_name: str = "max_tokens",
     echo: bool = False,
 ) -> SamplingParams:
     """SamplingParams from the request; its InvalidParameter names the parameter, which we pass on
     (under the name the client used for max_tokens). With `echo` the prompt is scored too (when `logprobs`
     asks) and max_tokens may be 0: the answer is then the prompt alone."""
+    vocab = len(tokenizer)
     # The engine takes 0 (the request ends after its prefill), but only echo has something to return then.
     if max_tokens == 0 and not echo:
         hint = " (0 only with echo)" if isinstance(request, CompletionRequest) else ""
@@ -50,6 +51,18 @@ def sampling_params(
     stop_ids = request.stop_token_ids or []
     check_token_ids(stop_ids, vocab, "stop_token_ids")
     logit_bias = _logit_bias(request.logit_bias or {}, vocab)
+    allowed = request.allowed_token_ids
+    if allowed is not None:
+        if not allowed:
+            raise bad_request("allowed_token_ids must not be empty", "allowed_token_ids")
+        check_token_ids(allowed, vocab, "allowed_token_ids")
+    prompt_logprobs = logprobs if echo else None
+    if request.prompt_logprobs is not None:
+        if request.stream:
+            raise bad_request("prompt_logprobs are not streamed: use stream=false", "prompt_logprobs")
+        if prompt_logprobs not in (None, request.prompt_logprobs):
+            raise bad_request("prompt_logprobs must equal logprobs with echo", "prompt_logprobs")
+        prompt_logprobs = request.prompt_logprobs
     try:
         return SamplingParams(
             n=request.n,
@@ -59,8 +72,12 @@ def sampling_params(
             ignore_eos=request.ignore_eos,
             min_tokens=request.min_tokens,
             logprobs=logprobs,
-            prompt_logprobs=logprobs if echo else None,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=logit_bias,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
+            allowed_token_ids=allowed,
+            bad_words_token_ids=bad_words_token_ids(request.bad_words or [], tokenizer),
             **given,
         )
     except InvalidParameter as e:
@@ -85,22 +102,56 @@ def _logit_bias(bias: dict[str, float], vocab: int) -> dict[int, float]:
     return parsed
 
 
+# Fields accepted only with their default ("off") value, and why asking for them is a 400.
+_UNSUPPORTED = {
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "length_penalty applies to beam search, which is not supported",
+    "priority": "priority scheduling is not supported (admission is first come, first served)",
+    "spaces_between_special_tokens": "special tokens are always decoded as the tokenizer joins them",
+    "logits_processors": "custom logits processors are not supported",
+    "guided_decoding_backend": "the one grammar engine is llguidance",
+    "guided_whitespace_pattern": "the JSON whitespace pattern is fixed",
+    "structural_tag": "structural tags are not supported",
+    "request_id": "send the X-Request-Id header instead",
+    "cache_salt": "prefix cache isolation is not supported",
+    "return_token_ids": "token ids are not returned (use logprobs with return_tokens_as_token_ids)",
+    "kv_transfer_params": "disaggregated prefill is not supported",
+    "vllm_xargs": "vLLM's extension arguments are not supported",
+    "prompt_embeds": "prompt embeddings are not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "functions": "tool calling is not supported",
+    "tools": "tool calling is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "the served model has no reasoning-effort control",
+    "verbosity": "the served model has no verbosity control",
+    "web_search_options": "web search is not supported",
+    "documents": "documents (RAG templates) are not supported",
+    "chat_template": "the model's own chat template is always used",
+    "mm_processor_kwargs": "the served model takes text only",
+}
+
+
 def reject_unsupported(body: CompletionRequest | ChatRequest) -> None:
-    """OpenAI options this server does not implement are a 400 unless they ask for the default."""
+    """Every option the server does not implement is a 400 naming it unless it asks for the default
+    (or is an empty list or object): nothing a client asks for is silently ignored."""
+    fields = type(body).model_fields
+    for name, why in _UNSUPPORTED.items():
+        value = getattr(body, name, None)
+        if name in fields and value != fields[name].default and value not in ([], {}):
+            raise bad_request(f"{name} is not supported: {why}", name)
     if isinstance(body, CompletionRequest):
-        if body.suffix:
-            raise bad_request("suffix is not supported", "suffix")
         if body.best_of not in (None, body.n):
             raise bad_request("best_of is not supported (only best_of equal to n)", "best_of")
         return
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise bad_request("response_format is not supported (only {'type': 'text'})", "response_format")
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise bad_request(f"{name} are not supported (no tool calling)", name)
+    if body.modalities not in (None, ["text"]):
+        raise bad_request("modalities is not supported (only ['text'])", "modalities")
     for name in ("tool_choice", "function_call"):
         if getattr(body, name) not in (None, "none", "auto"):
             raise bad_request(f"{name} is not supported (no tool calling)", name)
+    for i, message in enumerate(body.messages):
+        if message.tool_calls:
+            raise bad_request("assistant tool_calls are not supported (no tool calling)", f"messages[{i}]")
 
 
 def check_choices(num_prompts: int, n: int, max_choices: int) -> None:
@@ -113,13 +164,42 @@ def check_choices(num_prompts: int, n: int, max_choices: int) -> None:
         )
 
 
-def completion_prompts(prompt: str | list, n: int, engine: AsyncEngine, max_choices: int) -> list[list[int]]:
+def truncate_prompts(prompts: list[list[int]], keep: int | None, max_model_len: int) -> list[list[int]]:
+    """vLLM's truncate_prompt_tokens: each prompt's last `keep` tokens (-1: as many as the context
+    holds)."""
+    if keep is None:
+        return prompts
+    if keep == -1:
+        keep = max_model_len
+    if keep < 1:
+        raise bad_request("truncate_prompt_tokens must be at least 1 (or -1)", "truncate_prompt_tokens")
+    return [prompt[-keep:] for prompt in prompts]
+
+
+def bad_words_token_ids(words: list[str], tokenizer) -> list[list[int]]:
+    """vLLM's bad_words: the tokens of each word, alone and after a space (a word inside the text), the
+    second only when the space makes other tokens of the same count."""
+    banned = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not alone:
+            raise bad_request(f"bad_words has a word without tokens: {word!r}", "bad_words")
+        banned.append(alone)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            banned.append(spaced)
+    return banned
+
+
+def completion_prompts(
+    prompt: str | list, n: int, engine: AsyncEngine, max_choices: int, add_special_tokens: bool = True
+) -> list[list[int]]:
     """The token ids of each prompt: OpenAI's `prompt` is one string or token-id list, or a list of
     them (a batch, answered with `n` choices per prompt); at most `max_choices` choices in all."""
     batch = prompt if prompt and isinstance(prompt, list) and isinstance(prompt[0], str | list) else [prompt]
     check_choices(len(batch), n, max_choices)
     if isinstance(batch[0], str):  # the schema allows no mix of strings and token lists
-        return engine.tokenizer(batch).input_ids
+        return engine.tokenizer(batch, add_special_tokens=add_special_tokens).input_ids
     return [list(one) for one in batch]
 
 
@@ -162,7 +242,7 @@ def chat_prompt(
             "continue_final_message continues the last message: set add_generation_prompt to false",
             "continue_final_message",
         )
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    turns = [_turn(m) for m in messages]
     try:
         text = engine.tokenizer.apply_chat_template(
             turns, **options, continue_final_message=template.continue_final_message, tokenize=False
@@ -170,3 +250,22 @@ def chat_prompt(
     except Exception as e:  # the template is the model's Jinja code: any error is about these messages
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
     return engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+def _turn(message: ChatMessage) -> dict:
+    """A message as the chat template reads it; `name` and `tool_call_id` only when sent (templates
+    test whether they are defined)."""
+    turn = {"role": message.role, "content": message.text()}
+    for key in ("name", "tool_call_id"):
+        if (value := getattr(message, key)) is not None:
+            turn[key] = value
+    return turn
+
+
+def chat_echo(body: ChatRequest) -> str | None:
+    """vLLM's chat echo: the last message's content, when the answer continues a turn of its role (the
+    assistant's with add_generation_prompt, else the last message's own): the answer starts with it."""
+    if not body.echo:
+        return None
+    last = body.messages[-1]
+    return last.text() if not body.add_generation_prompt or last.role == "assistant" else ""

@@ -32,6 +32,7 @@ class AsyncEngine:
         self.tokenizer: PreTrainedTokenizerBase = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
+        self.grammar = engine.grammar  # compiles structured-output grammars (thread-safe, no engine work)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

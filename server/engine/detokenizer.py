@@ -41,6 +41,7 @@ class IncrementalDetokenizer:
         stop: list[str],
         skip_special_tokens: bool = True,
         min_tokens: int = 0,
+        include_stop: bool = False,
     ):
         self._backend = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers one
         self._skip_special_tokens = skip_special_tokens
@@ -48,6 +49,7 @@ class IncrementalDetokenizer:
         self._failure = [_failure_table(s) for s in self._stop]
         self._matched = [0] * len(self._stop)  # per stop string: length of its prefix the text ends with
         self._fed = 0  # characters of _text the matchers have seen
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the text keeps the match
         # Stop strings are looked for only in text decoded once this many tokens were added (vLLM's
         # min_tokens); the text before is emitted as it comes.
         self._tokens_before_stop = min_tokens
@@ -126,7 +128,7 @@ class IncrementalDetokenizer:
         if best is None:
             return False
         pos, self._stop_reason = best
-        self._text = self._text[:pos]
+        self._text = self._text[: pos + len(self._stop_reason) if self._include_stop else pos]
         return True
 
 

@@ -29,6 +29,7 @@ from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.detokenizer import IncrementalDetokenizer
 from leanserve.server.engine.engine_setup import load_engine_parts
+from leanserve.server.engine.grammar import GrammarCompiler, accept_token
 from leanserve.server.engine.model_runner import ModelRunner
 from leanserve.server.engine.output_processor import OutputProcessor
 from leanserve.server.engine.outputs import FinishReason, RequestOutput, RequestTimings
@@ -99,6 +100,7 @@ class LLMEngine:
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         )
+        self.grammar = GrammarCompiler(tokenizer, model_config.vocab_size, frozenset(eos))
         self.last_step = StepStats([], 0.0, 0.0)
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -166,9 +168,16 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed + index)
         detok = IncrementalDetokenizer(
-            self.tokenizer, request.prompt_token_ids, params.stop, min_tokens=params.min_tokens
+            self.tokenizer,
+            request.prompt_token_ids,
+            params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+            min_tokens=params.min_tokens,
+            include_stop=params.include_stop_str_in_output,
         )
         seq = Sequence(request, index, list(request.prompt_token_ids), detok, generator)
+        if params.grammar is not None:
+            seq.grammar = params.grammar.deep_copy()
         request.sequences.append(seq)
         return seq
 
@@ -258,6 +267,11 @@ class LLMEngine:
             flight.row_seqs, flight.positions, flight.forked, token_ids
         )
         self.runner.copy_blocks(update.block_copies)
+        for _, seq, token_id in update.appended:
+            # A constrained sequence ends when its grammar is complete (only EOS could follow).
+            constrained = seq.grammar is not None and token_id is not None and not seq.finished
+            if constrained and accept_token(seq.grammar, token_id):
+                self.scheduler.finish(seq, "stop")
         self.output_processor.add_step(flight, update.appended)
         self._prompt_tokens += update.prompt_tokens
         self._generation_tokens += update.generated_tokens

@@ -13,7 +13,9 @@ from leanserve.server.engine.outputs import FinishReason, RequestTimings, TokenL
 from leanserve.server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from llguidance import LLMatcher
 
     from leanserve.server.engine.detokenizer import IncrementalDetokenizer
 
@@ -36,6 +38,7 @@ class Sequence:
     token_ids: list[int]
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
+    grammar: LLMatcher | None = None  # structured outputs: the matcher of the tokens so far
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
@@ -93,6 +96,8 @@ class Request:
     # With prompt logprobs: an entry per prompt token scored so far (the first token's has no logprob),
     # handed to the first output that has samples (then None).
     prompt_logprobs: list[TokenLogprob] | None = None
+    # allowed_token_ids as the sampler's bitmask row (built by the step pipeline at the first step)
+    allowed_mask: np.ndarray | None = None
 
     @property
     def finished(self) -> bool:

@@ -74,8 +74,12 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: [B, V] float32 on `device`, one row per entry of `rows`."""
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], token_mask: np.ndarray | None = None
+    ) -> SamplerOutput:
+        """logits: [B, V] float32 on `device`, one row per entry of `rows`. token_mask: None (any token),
+        or [B, ceil(V / 32)] int32 on the host, bit t % 32 of word t // 32 set where row b may pick token t
+        (structured outputs, allowed_token_ids; a row that is free has every bit set)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         params = [row.params for row in rows]
@@ -87,6 +91,8 @@ class Sampler:
         raw = logits
         if any(p.logit_bias for p in params) or any(row.banned_token_ids for row in rows):
             logits = self._apply_logit_bias(logits, rows)
+        if token_mask is not None:
+            logits = self._apply_token_mask(logits, token_mask)
         if needs_penalties:
             logits = self._apply_penalties(logits, rows, table)
         token_ids = argmax_rows(logits)  # on CUDA our kernel: torch reduces a 128k row in one block
@@ -136,6 +142,14 @@ class Sampler:
         biased = logits.clone()
         biased.view(-1).index_add_(0, index, self._to_device(bias))
         return biased
+
+    def _apply_token_mask(self, logits: torch.Tensor, token_mask: np.ndarray) -> torch.Tensor:
+        """The logits with every token a row's bitmask leaves out at -inf: one host->device copy of the
+        packed bits (V / 8 bytes a row), unpacked on the device."""
+        bits = self._to_device(token_mask)
+        shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+        allowed = ((bits[:, :, None] >> shifts) & 1).view(bits.shape[0], -1)[:, : logits.shape[1]]
+        return logits.masked_fill(allowed == 0, -math.inf)
 
     def _flat_token_index(self, token_lists: list[list[int]]) -> torch.Tensor:
         """[sum of lengths] int64 on the device: row * V + token for each token of each row's list."""
@@ -251,3 +265,10 @@ def apply_penalties(
 def has_penalty(p: SamplingParams) -> bool:
     """The row needs its output tokens on the host (penalties count them)."""
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def token_bitmask(token_ids: list[int], vocab_size: int) -> np.ndarray:
+    """[ceil(V / 32)] int32: the bitmask (as `Sampler` takes it) that allows exactly `token_ids`."""
+    allowed = np.zeros(-(-vocab_size // 32) * 32, dtype=bool)
+    allowed[token_ids] = True
+    return np.packbits(allowed, bitorder="little").view("<i4").astype(np.int32)

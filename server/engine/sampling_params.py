@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # logit_bias limits as OpenAI's: a bias lies in [-100, 100] (-100 bans a token, +100 all but forces it),
 # for at most this many tokens (the sampler rebuilds the bias on the device every step).
 MAX_LOGIT_BIAS_TOKENS = 300
+MAX_BAD_WORDS = 128  # each word is checked against the output every step
 
 
 class InvalidParameter(ValueError):
@@ -43,6 +45,15 @@ class SamplingParams:
     # tokens before it, plus its k top alternatives (the request then skips the prefix cache: see scheduler)
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    include_stop_str_in_output: bool = False  # a matched stop string stays at the end of the text
+    skip_special_tokens: bool = True  # special tokens are left out of the text
+    allowed_token_ids: list[int] | None = None  # None: any token; else only these are sampled
+    # vLLM's bad_words, tokenized: the last token of each list is banned after the others (at once for a
+    # single token), in the output tokens.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    # Structured outputs: an llguidance LLMatcher at its grammar's start (server/engine/grammar.py), which
+    # each sequence copies; None: free text.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -61,13 +72,22 @@ class SamplingParams:
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= 20,
             "prompt_logprobs": self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
             "stop": len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
+            "allowed_token_ids": self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+            "bad_words": len(self.bad_words_token_ids) <= 2 * MAX_BAD_WORDS,
             "logit_bias": len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS
             and all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
         }
         for name, ok in checks.items():
             if not ok:
-                raise InvalidParameter(name, f"invalid value for '{name}': {getattr(self, name)!r}")
+                value = getattr(self, name, None)
+                raise InvalidParameter(name, f"invalid value for '{name}': {value!r}"[:200])
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_output_tokens(self) -> bool:
+        """Choosing the next token reads the output tokens on the host (a bad word of several tokens):
+        the sequence's step must be complete before the next is scheduled."""
+        return self.grammar is not None or any(len(ids) > 1 for ids in self.bad_words_token_ids)

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from leanserve.models.attention import AttentionReading
+from leanserve.server.engine.grammar import MaskFiller
 from leanserve.server.engine.model_runner import ModelRunner
 from leanserve.server.engine.request import Request, Sequence
-from leanserve.server.engine.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty
+from leanserve.server.engine.sampler import Sampler, SamplerOutput, SamplingRow, has_penalty, token_bitmask
 from leanserve.server.engine.scheduler import Scheduler, SchedulerOutput
 
 
@@ -81,6 +84,7 @@ class StepPipeline:
         self.scheduler = scheduler
         self.in_flight: InFlightStep | None = None
         self.sync_seconds = 0.0  # host time spent waiting for the device in the last collect
+        self.mask_filler = MaskFiller()
 
     def launch(self, step: SchedulerOutput, spawn: Callable[[Request, int], Sequence]) -> InFlightStep:
         """Queue forward + sampling on the device (no sync) and do the step's host bookkeeping: computed
@@ -95,8 +99,9 @@ class StepPipeline:
         scored = [
             (c.seq.request, c.seq.num_computed_tokens + 1, n) for c in step.prefills if (n := c.num_scored)
         ]
-        logits, reading, scores = self.runner.execute(step, tables, pending)
         row_seqs = [c.seq for c in step.prefills if c.completes_prompt] + step.decodes
+        masks = self._start_token_mask(row_seqs)  # the grammars' rows fill while the device works
+        logits, reading, scores = self.runner.execute(step, tables, pending)
         row_index = list(range(len(row_seqs)))
         forked = []
         for i, seq in enumerate(list(row_seqs)):
@@ -108,7 +113,7 @@ class StepPipeline:
         if len(row_index) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_index, device=logits.device))
         rows = [self._sampling_row(seq) for seq in row_seqs]
-        sampled = self.sampler(logits, rows)
+        sampled = self.sampler(logits, rows, self._finish_token_mask(masks, row_index))
         # The scores' copies are queued before the sampled ids', so the step's `ready` event covers them.
         host_scores = scores.to_host()[0] if scores is not None else None
         host_sampled, ready = sampled.to_host()
@@ -135,7 +140,9 @@ class StepPipeline:
             ready=ready,
             attention=attention,
             computed=computed,
-            needs_host_tokens=bool(forked) or any(has_penalty(r.params) for r in rows),
+            needs_host_tokens=bool(forked)
+            or any(has_penalty(r.params) or r.params.needs_output_tokens for r in rows)
+            or any(seq.grammar is not None for seq in row_seqs),
             scores=PromptScores(chunks=scored, host=host_scores) if host_scores is not None else None,
         )
 
@@ -154,14 +161,65 @@ class StepPipeline:
         return SamplingRow(params, seq.request.prompt_token_ids, output, seq.generator, self._banned(seq))
 
     def _banned(self, seq: Sequence) -> frozenset[int]:
-        """The tokens that must not end `seq` yet: its EOS (unless ignored) and stop token ids while it
-        has fewer than min_tokens output tokens (in-flight placeholders count: only their number matters
-        here, so min_tokens needs no host sync). Stop strings wait too (the detokenizer's min_tokens)."""
+        """The tokens `seq` must not pick now: the last token of each bad word whose other tokens end its
+        output (those of several tokens make the step need its tokens on the host), and, while it has
+        fewer than min_tokens output tokens, its EOS (unless ignored) and stop token ids (in-flight
+        placeholders count: only their number matters here, so min_tokens needs no host sync). Stop
+        strings wait too (the detokenizer's min_tokens)."""
         params = seq.request.params
+        banned = frozenset()
+        if params.bad_words_token_ids:
+            output = seq.output_token_ids
+            banned = frozenset(ids[-1] for ids in params.bad_words_token_ids if _ends_with(output, ids[:-1]))
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
-            return frozenset()
+            return banned
         eos = frozenset() if params.ignore_eos else self.scheduler.eos_token_ids
-        return frozenset(params.stop_token_ids) | eos
+        return banned | frozenset(params.stop_token_ids) | eos
+
+    def _start_token_mask(self, row_seqs: list[Sequence]) -> _TokenMask | None:
+        """Start the sampler's bitmask of the step's rows (None when every row may pick any token): the
+        rows of constrained sequences are filled by their grammars in the background, the rows with
+        allowed_token_ids get theirs, the others every bit."""
+        vocab = self.sampler.vocab_size
+        allowed = [self._allowed_mask(seq.request, vocab) for seq in row_seqs]
+        grammars = [(seq.grammar, i) for i, seq in enumerate(row_seqs) if seq.grammar is not None]
+        if not grammars and all(m is None for m in allowed):
+            return None
+        table = np.full((len(row_seqs), -(-vocab // 32)), -1, dtype=np.int32)
+        filling = self.mask_filler.submit(grammars, table) if grammars else None
+        return _TokenMask(table, allowed, filling)
+
+    def _finish_token_mask(self, masks: _TokenMask | None, row_index: list[int]) -> np.ndarray | None:
+        """Wait for the grammars' rows, narrow them by allowed_token_ids, and give the forked siblings
+        their parent's row (they sample their first token from its logits)."""
+        if masks is None:
+            return None
+        if masks.filling is not None:
+            masks.filling.result()
+        table = masks.table
+        for i, mask in enumerate(masks.allowed):
+            if mask is not None:
+                table[i] &= mask
+        return table if len(row_index) == len(table) else table[row_index]
+
+    @staticmethod
+    def _allowed_mask(request: Request, vocab: int) -> np.ndarray | None:
+        if request.params.allowed_token_ids is None:
+            return None
+        if request.allowed_mask is None:
+            request.allowed_mask = token_bitmask(request.params.allowed_token_ids, vocab)
+        return request.allowed_mask
+
+
+@dataclass
+class _TokenMask:
+    table: np.ndarray  # [rows, words] int32, filled in the background where `filling` runs
+    allowed: list[np.ndarray | None]  # each row's allowed_token_ids mask
+    filling: Future | None
+
+
+def _ends_with(tokens: list[int], suffix: list[int]) -> bool:
+    return not suffix or (len(tokens) >= len(suffix) and tokens[-len(suffix) :] == suffix)
 
 
 def _causal_work(num_queries: int, num_cached: int) -> float:

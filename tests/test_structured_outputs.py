@@ -1,0 +1,159 @@
+"""Structured outputs through the official openai client and a real uvicorn on the embedded SmolLM2:
+OpenAI's response_format and vLLM's structured_outputs / guided_* constrain every sample (n > 1,
+streaming or not, sampled or greedy) to the schema, regex, choice or grammar; bad grammars are a 400."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from http_server import real_engine, serve
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "color": {"enum": ["red", "green", "blue"]},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "zip": {"type": "integer", "minimum": 10000, "maximum": 99999},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "color", "address", "tags"],
+    "additionalProperties": False,
+}
+MESSAGES = [{"role": "user", "content": "Describe a person as JSON with name, age, color, address, tags."}]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path):
+    with real_engine(default_model_path, max_model_len=1024) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with serve(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _texts(response, n: int, stream: bool, chat: bool = True) -> list[str]:
+    if not stream:
+        return [c.message.content if chat else c.text for c in response.choices]
+    texts = [""] * n
+    for chunk in response:
+        for c in chunk.choices:
+            texts[c.index] += (c.delta.content or "") if chat else c.text
+    return texts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_always_validates(client, engine, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    response = client.chat.completions.create(
+        model=engine.model_name, messages=MESSAGES, n=4, temperature=1.0, seed=7, max_tokens=150,
+        response_format=fmt, stream=stream,
+    )  # fmt: skip
+    for text in _texts(response, 4, stream):
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_and_vllm_guided_json_on_completions(client, engine):
+    out = client.completions.create(
+        model=engine.model_name, prompt="A JSON object:", max_tokens=120, n=2, temperature=0.8, seed=1,
+        extra_body={"response_format": {"type": "json_object"}},
+    )  # fmt: skip
+    for c in out.choices:  # any object: a long string may run into max_tokens, cut but well begun
+        assert c.text.startswith("{")
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+    guided = client.completions.create(
+        model=engine.model_name, prompt="A person:", max_tokens=150, temperature=0.7, seed=2,
+        extra_body={"guided_json": SCHEMA, "stop": ["\n\n"]},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(guided.choices[0].text), SCHEMA)
+    assert guided.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_regex_and_choice_hold(client, engine, stream):
+    regex = r"[A-Z][a-z]{2,6}-\d{3}"
+    out = client.chat.completions.create(
+        model=engine.model_name, messages=MESSAGES, n=3, temperature=1.0, seed=3, max_tokens=20,
+        stream=stream, extra_body={"structured_outputs": {"regex": regex}},
+    )  # fmt: skip
+    for text in _texts(out, 3, stream):
+        assert re.fullmatch(regex, text), text
+    choices = ["yes", "no", "maybe not"]
+    out = client.completions.create(
+        model=engine.model_name, prompt="Is the sky green?", n=4, temperature=1.5, seed=4, max_tokens=10,
+        stream=stream, extra_body={"guided_choice": choices},
+    )  # fmt: skip
+    assert all(text in choices for text in _texts(out, 4, stream, chat=False))
+
+
+def test_lark_grammar_and_allowed_tokens_together(client, engine):
+    grammar = 'start: "The answer is " NUMBER "."\nNUMBER: /[0-9]{1,3}/'
+    out = client.chat.completions.create(
+        model=engine.model_name, messages=MESSAGES, max_tokens=20, temperature=0.9, seed=5, n=2,
+        extra_body={"guided_grammar": grammar},
+    )  # fmt: skip
+    for c in out.choices:
+        assert re.fullmatch(r"The answer is [0-9]{1,3}\.", c.message.content), c.message.content
+        assert c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"guided_regex": "[a-"}, "guided_regex"),
+        ({"guided_grammar": "start: nothing_defined"}, "guided_grammar"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"structured_outputs": {"regex": "a", "structural_tag": "x"}}, "structured_outputs"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+    ],
+)
+def test_bad_constraints_are_400_naming_them(base_url, engine, extra, param):
+    body = {"model": engine.model_name, "messages": MESSAGES, "max_tokens": 4, **extra}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_preempted_constrained_sequences_keep_their_state(default_model_path):
+    """A cache too small for the batch preempts sequences mid-JSON: recomputed, their output still
+    validates (the matcher is not reset and their tokens are not sampled again)."""
+    small_cache = {"max_model_len": 512, "kv_cache_tokens": 256, "block_size": 16}
+    with real_engine(default_model_path, **small_cache) as engine, serve(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+        out = client.chat.completions.create(
+            model=engine.model_name, messages=MESSAGES, n=4, temperature=1.0, seed=11, max_tokens=100,
+            response_format=fmt,
+        )  # fmt: skip
+        for c in out.choices:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.message.content), SCHEMA)
+        assert engine.stats().num_preemptions > 0
