@@ -162,6 +162,12 @@ BATCH_CASES = {  # id: (body fields besides the model, param the error must name
     "one-empty-string": ({"prompt": ["a", ""]}, "prompt", "prompt[1] is empty"),
     "one-empty-token-list": ({"prompt": [[1], []]}, "prompt", "prompt[1] is empty"),
     "token-out-of-vocab-in-second": ({"prompt": [[1, 2], [1, 10**9]]}, "prompt", "prompt[1] has token ids"),
+    # echo decodes the prompt's ids: only once the engine has found them in its vocabulary
+    "echoed-token-beyond-any-vocab": (
+        {"prompt": [[1], [2**40]], "echo": True},
+        "prompt",
+        "prompt[1] has token ids",
+    ),
     "second-beyond-context": ({"prompt": [[1], [1] * (MAX_MODEL_LEN + 5)]}, "prompt", "prompt[1] is"),
     "second-plus-max-tokens-beyond-context": (
         {"prompt": [[1] * 10, [1] * 200], "max_tokens": 100},

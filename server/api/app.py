@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -113,12 +113,13 @@ async def _serve(
     params: SamplingParams,
     renderer: Renderer,
     params_named: dict[str, str] | None = None,
-    echo: list[str] | None = None,
+    echo: Callable[[], list[str]] | None = None,
 ) -> Response:
     """Admit, start one engine request per prompt and answer them as one (stream or whole body). A
     batch of prompts takes one place in the admission queue, as one prompt with n choices does.
     `params_named`: what the client calls the engine's parameters ("prompt", "max_tokens") when it names
-    them otherwise. `echo`: the text of each prompt, which its choices start with."""
+    them otherwise. `echo`: the text of each prompt, which its choices start with, made once the engine
+    has checked the prompts (decoding token ids it would refuse can fail)."""
     state = _state(request)
     if not state.admission.try_enter():
         raise APIError(
@@ -144,7 +145,7 @@ async def _serve(
         request_id,
         engine.model_name,
         params.n,
-        echo,
+        echo() if echo is not None else None,
         tokens_as_ids=body.return_tokens_as_token_ids,
         with_prompt_logprobs=body.prompt_logprobs is not None,
     )
@@ -219,10 +220,11 @@ async def completions(request: Request, body: CompletionRequest):
     params.grammar = await compile_constraint(body, engine)
     if body.truncate_prompt_tokens is not None:
         prompts = truncate_prompts(prompts, body.truncate_prompt_tokens, engine.max_model_len)
-        echo = engine.tokenizer.batch_decode(prompts) if body.echo else None
+        echo = lambda: engine.tokenizer.batch_decode(prompts)
     else:
-        echo = echo_texts(body.prompt, prompts, engine) if body.echo else None
-    return await _serve(request, engine, body, prompts, params, CompletionRenderer(), echo=echo)
+        echo = lambda: echo_texts(body.prompt, prompts, engine)
+    renderer = CompletionRenderer()
+    return await _serve(request, engine, body, prompts, params, renderer, echo=echo if body.echo else None)
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_responses(ChatResponse))
@@ -244,7 +246,14 @@ async def chat_completions(request: Request, body: ChatRequest):
     params_named = {"prompt": "messages", "max_tokens": name}
     echo = chat_echo(body)
     return await _serve(
-        request, engine, body, [prompt_ids], params, ChatRenderer(), params_named, [echo] if echo else None
+        request,
+        engine,
+        body,
+        [prompt_ids],
+        params,
+        ChatRenderer(),
+        params_named,
+        (lambda: [echo]) if echo else None,
     )
 
 
