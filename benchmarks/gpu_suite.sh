@@ -9,7 +9,9 @@
 #                                     call is limited to 10 minutes: all parts together take about that,
 #                                     so split when tuning.
 # The GPU image has torch, triton and transformers but not fastapi/uvicorn: the HTTP tests are not run.
-# Nor pydantic, which the engine's configuration needs: carry its wheels (.whl) and put them on PYTHONPATH.
+# Nor pydantic (the engine's configuration) and llguidance (structured outputs), which the engine imports:
+# carry their wheels (pydantic, pydantic_core, annotated_types, typing_inspection, typing_extensions,
+# llguidance; versions from constraints.txt, for Python 3.12) and put them on PYTHONPATH first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 default_model=SmolLM2-135M-Instruct
