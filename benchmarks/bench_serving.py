@@ -214,8 +214,9 @@ def _print_report(report: dict) -> None:
 
 
 @contextmanager
-def _launched_server(extra_args: str, log_path: Path):
-    """A leanserve subprocess on a free localhost port; SIGTERM (graceful drain) when done."""
+def launched_server(extra_args: str, log_path: Path):
+    """(url, pid) of a leanserve subprocess on a free localhost port; SIGTERM (graceful drain) when done,
+    then kill. soak.py starts its server with this too."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -244,13 +245,14 @@ def _launched_server(extra_args: str, log_path: Path):
                 time.sleep(0.5)
             else:
                 raise RuntimeError(f"the server did not become ready; see {log_path}")
-            yield url
+            yield url, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 def main() -> None:
@@ -287,7 +289,7 @@ def main() -> None:
 
     if args.launch is not None:
         log_path = (args.result_json or Path("bench_serving.json")).with_suffix(".server.log")
-        with _launched_server(args.launch, log_path) as url:
+        with launched_server(args.launch, log_path) as (url, _):
             report = run(url)
         report["server_args"] = args.launch
     else:

@@ -22,19 +22,16 @@ import os
 import platform
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import numpy as np
+from bench_serving import launched_server  # benchmarks/ is the script's directory
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _WORDS = ["the", "a", "model", "server", "token", "stream", "cancel", "slow", "reader", "batch", "cache"]
@@ -256,39 +253,6 @@ def _report(args, tally: Tally, gauges: dict, drained: bool, load_end: float) ->
     return report
 
 
-@contextmanager
-def _launched_server(server_args: str, log_path: Path):
-    """A leanserve subprocess on a free 127.0.0.1 port; SIGTERM at the end, then kill."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "leanserve.server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += shlex.split(server_args)
-    root = Path(__file__).resolve().parents[1]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            else:
-                raise RuntimeError(f"the server did not become ready; see {log_path}")
-            yield url, proc.pid
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,7 +280,7 @@ def main() -> None:
             parser.error("the soak only sends traffic to this machine (127.0.0.1 / localhost)")
         report = asyncio.run(_soak(args, args.url.rstrip("/"), args.pid))
     else:
-        with _launched_server(args.server_args, args.log) as (url, pid):
+        with launched_server(args.server_args, args.log) as (url, pid):
             report = asyncio.run(_soak(args, url, pid))
         log_text = args.log.read_text(errors="replace")
         report["server_log"] = {

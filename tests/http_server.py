@@ -80,3 +80,13 @@ def metric_value(base_url: str, sample_name: str, labels: dict[str, str] | None 
             if sample.name == sample_name and (labels is None or labels.items() <= sample.labels.items()):
                 return sample.value
     return 0.0
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    """The error body of `response`, checked to be OpenAI's shape with this status (and `param`)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_server import metric_value, real_engine, serve, wait_until
+from http_server import assert_openai_error, metric_value, real_engine, serve, wait_until
 
 from leanserve.server.api.settings import Settings
 from leanserve.server.engine.llm_engine import EngineStats
@@ -39,15 +39,6 @@ def engine(tiny_model_path):
 def base_url(engine):
     with serve(engine, max_request_body_bytes=64 * 1024) as url:
         yield url
-
-
-def _assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 COMPLETION_CASES = {  # id: (body fields besides the model, param the error must name)
@@ -153,7 +144,7 @@ CHAT_CASES = {
 def test_bad_completion_parameters_are_400_naming_them(base_url, engine, case):
     fields, param = COMPLETION_CASES[case]
     response = httpx.post(f"{base_url}/v1/completions", json={"model": engine.model_name, **fields})
-    error = _assert_openai_error(response, 400, param)
+    error = assert_openai_error(response, 400, param)
     assert error["type"] == "invalid_request_error"
 
 
@@ -188,7 +179,7 @@ BATCH_CASES = {  # id: (body fields besides the model, param the error must name
 def test_bad_prompt_batches_are_400_before_any_engine_work(base_url, engine, case):
     fields, param, message = BATCH_CASES[case]
     body = {"model": engine.model_name, "max_tokens": 5, **fields}
-    error = _assert_openai_error(httpx.post(f"{base_url}/v1/completions", json=body), 400, param)
+    error = assert_openai_error(httpx.post(f"{base_url}/v1/completions", json=body), 400, param)
     assert message is None or message in error["message"], error
     assert not engine.engine.requests  # not even its good prompts started
 
@@ -234,14 +225,14 @@ TOKENIZER_CASES = {  # id: (route, body fields besides the model, param the erro
 def test_bad_tokenizer_requests_are_400_naming_the_parameter(base_url, engine, case):
     route, fields, param = TOKENIZER_CASES[case]
     response = httpx.post(f"{base_url}{route}", json={"model": engine.model_name, **fields})
-    assert _assert_openai_error(response, 400, param)["type"] == "invalid_request_error"
+    assert assert_openai_error(response, 400, param)["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("case", sorted(CHAT_CASES))
 def test_bad_chat_parameters_are_400(base_url, engine, case):
     fields, param = CHAT_CASES[case]
     response = httpx.post(f"{base_url}/v1/chat/completions", json={"model": engine.model_name, **fields})
-    _assert_openai_error(response, 400, param or "top_logprobs")
+    assert_openai_error(response, 400, param or "top_logprobs")
 
 
 RAW_BODIES = {  # id: (bytes, content type, status)
@@ -260,7 +251,7 @@ RAW_BODIES = {  # id: (bytes, content type, status)
 def test_unparsable_bodies_are_4xx_in_openai_shape(base_url, case):
     body, content_type, status = RAW_BODIES[case]
     response = httpx.post(f"{base_url}/v1/completions", content=body, headers={"content-type": content_type})
-    _assert_openai_error(response, status)
+    assert_openai_error(response, status)
 
 
 def test_unknown_model_and_routes(base_url):
@@ -270,8 +261,8 @@ def test_unknown_model_and_routes(base_url):
         ("/detokenize", {"tokens": [1]}),
     ):
         response = httpx.post(f"{base_url}{path}", json={"model": "gpt-9", **body})
-        assert _assert_openai_error(response, 404, "model")["code"] == "model_not_found"
-    _assert_openai_error(httpx.get(f"{base_url}/v1/nothing-here"), 404)
+        assert assert_openai_error(response, 404, "model")["code"] == "model_not_found"
+    assert_openai_error(httpx.get(f"{base_url}/v1/nothing-here"), 404)
     assert httpx.get(f"{base_url}/v1/completions").status_code == 405
 
 
@@ -375,7 +366,7 @@ def test_a_failing_prompt_fails_its_batch_and_aborts_the_others(base_url, engine
         assert events[-1] == "data: [DONE]"
         error = json.loads(events[-2].removeprefix("data: "))["error"]
     else:
-        error = _assert_openai_error(httpx.post(f"{base_url}/v1/completions", json=body), 500)
+        error = assert_openai_error(httpx.post(f"{base_url}/v1/completions", json=body), 500)
     assert error["code"] == "engine_error" and "injected failure" in error["message"]
     assert wait_until(lambda: _kv_freed(base_url, engine), timeout=5)
     # The good prompt was aborted, not run to its 200 tokens.
@@ -399,7 +390,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_model_path):
                 waiting = pool.submit(httpx.post, f"{url}/v1/completions", json=short, timeout=60)
                 assert wait_until(lambda: engine.stats().num_waiting == 1)  # B waits behind A
                 rejected = httpx.post(f"{url}/v1/completions", json=short)
-                error = _assert_openai_error(rejected, 429)
+                error = assert_openai_error(rejected, 429)
                 assert error["type"] == "rate_limit_error" and int(rejected.headers["retry-after"]) >= 1
                 running.close()  # A goes away: B runs
                 assert waiting.result().status_code == 200
@@ -409,15 +400,15 @@ def test_full_queue_answers_429_with_retry_after(tiny_model_path):
 def test_api_key_guards_model_routes_only(engine):
     with serve(engine, api_key="s3cret") as url:
         body = {"model": engine.model_name, "prompt": "x", "max_tokens": 1}
-        _assert_openai_error(httpx.post(f"{url}/v1/completions", json=body), 401)
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json=body), 401)
         wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
-        assert _assert_openai_error(wrong, 401)["code"] == "invalid_api_key"
-        _assert_openai_error(httpx.post(f"{url}/v1/completions", content=b"{oops"), 401)  # key before body
+        assert assert_openai_error(wrong, 401)["code"] == "invalid_api_key"
+        assert_openai_error(httpx.post(f"{url}/v1/completions", content=b"{oops"), 401)  # key before body
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model=engine.model_name, prompt="x", max_tokens=1).choices
         key = {"Authorization": "Bearer s3cret"}
         for path, tokenizer_body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
-            _assert_openai_error(httpx.post(f"{url}{path}", json=tokenizer_body), 401)
+            assert_openai_error(httpx.post(f"{url}{path}", json=tokenizer_body), 401)
             assert httpx.post(f"{url}{path}", json=tokenizer_body, headers=key).status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
@@ -462,9 +453,9 @@ class _DeadLoopEngine:
 def test_dead_engine_loop_shows_in_health():
     with serve(_DeadLoopEngine()) as url:
         health = httpx.get(f"{url}/health")
-        assert "loop crashed" in _assert_openai_error(health, 503)["message"]
-        _assert_openai_error(httpx.post(f"{url}/v1/completions", json={"model": "dead", "prompt": "x"}), 503)
-        _assert_openai_error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}), 503)
+        assert "loop crashed" in assert_openai_error(health, 503)["message"]
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json={"model": "dead", "prompt": "x"}), 503)
+        assert_openai_error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}), 503)
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ import time
 import httpx
 import openai
 import pytest
-from http_server import real_engine, serve, wait_until
+from http_server import assert_openai_error, real_engine, serve, wait_until
 
 from leanserve.server.api.cli import TextLogFormatter
 from leanserve.server.api.request_inputs import MAX_STOP_CHARS
@@ -38,15 +38,6 @@ def engine(tiny_model_path):
 def base_url(engine):
     with serve(engine) as url:
         yield url
-
-
-def _assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 SURROGATE_CASES = {  # id: (route, body fields besides the model, param the error must name)
@@ -90,7 +81,7 @@ def test_lone_surrogates_are_400_naming_the_field(base_url, engine, case):
         response = client.post(
             f"{base_url}{route}", content=body, headers={"content-type": "application/json"}
         )
-        error = _assert_openai_error(response, 400, param)
+        error = assert_openai_error(response, 400, param)
         assert "surrogate" in error["message"]
         assert client.get(f"{base_url}/health").status_code == 200
 
@@ -100,7 +91,7 @@ def test_raw_surrogate_bytes_are_400(base_url, route):
     """The UTF-8-style encoding of U+D800 (ED A0 80), which json.loads decodes with surrogatepass."""
     body = b'{"prompt": "\xed\xa0\x80abc"}'
     response = httpx.post(f"{base_url}{route}", content=body, headers={"content-type": "application/json"})
-    _assert_openai_error(response, 400, "prompt")
+    assert_openai_error(response, 400, "prompt")
 
 
 class _FailingTokenizerEngine:
@@ -120,7 +111,7 @@ class _FailingTokenizerEngine:
 def test_a_500_closes_its_connection_so_the_next_request_gets_a_fresh_one():
     with serve(_FailingTokenizerEngine()) as url, httpx.Client() as client:
         response = client.post(f"{url}/tokenize", json={"prompt": "x"})
-        assert _assert_openai_error(response, 500)["code"] == "internal_error"
+        assert assert_openai_error(response, 500)["code"] == "internal_error"
         assert response.headers["connection"] == "close"
         assert client.get(f"{url}/health").status_code == 200  # not reset
 
@@ -231,7 +222,7 @@ def test_total_stop_string_length_is_bounded(base_url, engine):
     ):
         stop = ["a" * (MAX_STOP_CHARS // 2), "b" * (MAX_STOP_CHARS // 2 + 1)]
         response = httpx.post(f"{base_url}{route}", json={"model": engine.model_name, **fields, "stop": stop})
-        assert str(MAX_STOP_CHARS) in _assert_openai_error(response, 400, "stop")["message"]
+        assert str(MAX_STOP_CHARS) in assert_openai_error(response, 400, "stop")["message"]
     ok = {"model": engine.model_name, "prompt": "x", "max_tokens": 2, "stop": ["a" * MAX_STOP_CHARS]}
     assert httpx.post(f"{base_url}/v1/completions", json=ok).status_code == 200
 
@@ -247,7 +238,7 @@ def test_choices_per_request_are_bounded_by_the_setting(engine):
             response = httpx.post(
                 f"{url}{route}", json={"model": engine.model_name, "max_tokens": 2, **fields}
             )
-            assert "at most 4 choices" in _assert_openai_error(response, 400, param)["message"]
+            assert "at most 4 choices" in assert_openai_error(response, 400, param)["message"]
         body = {"model": engine.model_name, "prompt": ["a", "b"], "n": 2, "max_tokens": 2}
         assert len(httpx.post(f"{url}/v1/completions", json=body).json()["choices"]) == 4
 
@@ -303,6 +294,6 @@ def test_duplicate_authorization_headers_are_refused(engine, api_key):
         for second in ("Bearer nope", "Bearer s3cret"):
             headers = [("Authorization", "Bearer s3cret"), ("Authorization", second)]
             response = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
-            assert _assert_openai_error(response, 400)["code"] == "duplicate_authorization"
+            assert assert_openai_error(response, 400)["code"] == "duplicate_authorization"
         ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
