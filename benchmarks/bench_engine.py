@@ -109,8 +109,8 @@ def _decode_until_done(engine: LLMEngine, run: DecodeRun) -> None:
             if out.finished:
                 run.attention_s += out.attention_seconds
         if pure_decode:
-            run.step_s.append(engine.step_seconds)
-            run.sync_s.append(engine.sync_seconds)
+            run.step_s.append(engine.last_step.step_seconds)
+            run.sync_s.append(engine.last_step.sync_seconds)
             run.batch.append(batch)
             run.kv_tokens.append(kv)
 
