@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import platform
 import random
 import statistics
@@ -153,6 +154,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         ("pdl_off", True, True, False),
     ):
         launch.PDL_ENABLED = pdl
+        logging.info("[%s] building the engine", key)
         engine = LLMEngine.from_config(gpu_config(args, async_scheduling), time_attention=timing)
         settle_process()
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
@@ -187,6 +189,14 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
             "concurrent_gc_pauses": concurrent.gc_pauses,
             "preemptions": engine.scheduler.num_preemptions,
         }
+        r = results[key]
+        # One line per configuration as it finishes: a run cut off by its time limit still reports.
+        print(
+            f"[{key}] TPOT {r['tpot_ms']:.2f} ms (floor {r['tpot_floor_ms']:.2f}), "
+            f"{args.concurrency}-way {r['concurrent_tokens_per_s']:.0f} tok/s "
+            f"({r['concurrent_floor_ratio']:.1%} of floor, {len(steps)} steps)",
+            flush=True,
+        )
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -292,6 +302,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="kernel time per step instead (GPU)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # start-up phases
     setup_process(args.device, seed=0)
     if args.profile:
         profile(args)
