@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
@@ -63,7 +64,6 @@ class ServerState:
     draining: bool = False  # SIGTERM received: no new requests
     started: int = field(default_factory=lambda: int(time.time()))
     admission: Admission = field(init=False)
-    tool_parser: ToolParser = field(init=False)  # chosen for the engine's chat template
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings.max_queued_requests)
@@ -73,8 +73,13 @@ class ServerState:
     def attach(self, engine: AsyncEngine) -> None:
         """Serve `engine` (loaded) and publish its metrics."""
         self.engine = engine
-        self.tool_parser = choose_parser(self.settings.tool_call_parser, engine.tokenizer.chat_template)
         metrics.publish(engine)
+
+    @cached_property
+    def tool_parser(self) -> ToolParser:
+        """The tool-call parser of the served model's chat template (chosen at its first use)."""
+        assert self.engine is not None
+        return choose_parser(self.settings.tool_call_parser, self.engine.tokenizer.chat_template)
 
     def unavailable(self) -> str | None:
         """Why the server cannot take requests now (None when it can)."""
