@@ -6,6 +6,7 @@ conversation with calls and tool results reaches the template, and bad tools are
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import jsonschema
@@ -15,7 +16,7 @@ from http_server import real_engine, serve
 
 from leanserve.server.api.protocol import ChatMessage, Tool
 from leanserve.server.api.tool_parsers import PARSERS
-from leanserve.server.api.tools import template_inputs
+from leanserve.server.api.tools import ToolMode, special_marker, template_inputs
 
 WEATHER_ARGS = {
     "type": "object",
@@ -285,3 +286,12 @@ def test_bad_tools_are_400_naming_them(base_url, engine, extra, param):
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_auto_keeps_special_tokens_only_when_the_marker_is_one(engine):
+    """Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are special tokens, which the text would lose."""
+    special = ToolMode("auto", SimpleNamespace(markers=("<|im_start|>",)))
+    assert special_marker(special, engine.tokenizer)
+    assert not special_marker(ToolMode("auto", PARSERS["hermes"]), engine.tokenizer)  # not a token here
+    assert not special_marker(ToolMode("required", special.parser), engine.tokenizer)
+    assert not special_marker(None, engine.tokenizer)
