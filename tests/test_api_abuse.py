@@ -132,10 +132,15 @@ CHAT_CASES = {
         {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6},
         "max_completion_tokens",
     ),
-    # No tool calling: a request for it must not get plain text back.
     "response-format-unknown": ({"messages": HI, "response_format": {"type": "yaml"}}, "response_format"),
-    "tools": ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    "tool-choice-required": ({"messages": HI, "tool_choice": "required"}, "tool_choice"),
+    "tools-unusable-schema": (
+        {
+            "messages": HI,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}],
+        },
+        "tools",
+    ),
+    "tool-choice-required-without-tools": ({"messages": HI, "tool_choice": "required"}, "tool_choice"),
     "functions": ({"messages": HI, "functions": [{"name": "f"}]}, "functions"),
 }
 

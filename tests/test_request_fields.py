@@ -14,8 +14,22 @@ import openai
 import pytest
 from http_server import real_engine, serve
 
-from leanserve.server.api.protocol import ChatMessage, ChatRequest, CompletionRequest, StreamOptions, TextPart
-from leanserve.server.api.request_inputs import _turn, bad_words_token_ids
+from leanserve.server.api.protocol import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    FunctionCall,
+    FunctionDefinition,
+    MessageToolCall,
+    NamedFunction,
+    NamedToolChoice,
+    StreamOptions,
+    TextPart,
+    Tool,
+)
+from leanserve.server.api.request_inputs import bad_words_token_ids
+from leanserve.server.api.tool_parsers import PARSERS
+from leanserve.server.api.tools import template_inputs
 
 TESTS = Path(__file__).parent
 DOCS = TESTS.parent / "docs" / "api.md"
@@ -111,11 +125,11 @@ HANDLING = {
         "top_logprobs": impl("test_api.py::test_chat_logprobs_and_top_logprobs"),
         "echo": impl("test_request_fields.py::test_chat_echo_repeats_the_continued_message"),
         "add_special_tokens": impl("test_request_fields.py::test_add_special_tokens"),
-        "tools": rejected([{"type": "function", "function": {"name": "f"}}]),
-        "tool_choice": rejected("required"),
+        "tools": impl("test_tool_calling.py::test_required_calls_validate_against_their_schemas"),
+        "tool_choice": impl("test_tool_calling.py::test_named_function_streams_its_arguments"),
+        "parallel_tool_calls": impl("test_tool_calling.py::test_parallel_tool_calls_false_gives_one_call"),
         "functions": rejected([{"name": "f"}]),
         "function_call": rejected({"name": "f"}),
-        "parallel_tool_calls": NO_OP,
         "modalities": rejected(["audio"]),
         "audio": rejected({"voice": "x"}),
         "prediction": rejected({"type": "content", "content": "x"}),
@@ -131,10 +145,40 @@ HANDLING = {
         "content": impl("test_api.py::test_continue_final_message_ends_the_prompt_inside_it"),
         "name": impl("test_request_fields.py::test_message_name_and_tool_call_id_reach_the_template"),
         "tool_call_id": impl("test_request_fields.py::test_message_name_and_tool_call_id_reach_the_template"),
-        "tool_calls": rejected(
-            [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+        "tool_calls": impl(
+            "test_tool_calling.py::test_conversation_with_calls_and_results_reaches_the_template"
         ),
     },
+    MessageToolCall: {
+        "id": impl("test_tool_calling.py::test_template_that_knows_tools_gets_them_and_argument_objects"),
+        "type": impl("test_tool_calling.py::test_template_that_knows_tools_gets_them_and_argument_objects"),
+        "function": impl(
+            "test_tool_calling.py::test_template_that_knows_tools_gets_them_and_argument_objects"
+        ),
+    },
+    FunctionCall: {
+        "name": impl("test_tool_calling.py::test_template_that_knows_tools_gets_them_and_argument_objects"),
+        "arguments": impl(
+            "test_tool_calling.py::test_template_that_knows_tools_gets_them_and_argument_objects"
+        ),
+    },
+    Tool: {
+        "type": impl("test_tool_calling.py::test_bad_tools_are_400_naming_them"),
+        "function": impl("test_tool_calling.py::test_required_calls_validate_against_their_schemas"),
+    },
+    FunctionDefinition: {
+        "name": impl("test_tool_calling.py::test_required_calls_validate_against_their_schemas"),
+        "description": impl(
+            "test_tool_calling.py::test_conversation_with_calls_and_results_reaches_the_template"
+        ),
+        "parameters": impl("test_tool_calling.py::test_required_calls_validate_against_their_schemas"),
+        "strict": NO_OP,
+    },
+    NamedToolChoice: {
+        "type": impl("test_tool_calling.py::test_named_function_streams_its_arguments"),
+        "function": impl("test_tool_calling.py::test_named_function_streams_its_arguments"),
+    },
+    NamedFunction: {"name": impl("test_tool_calling.py::test_named_function_streams_its_arguments")},
     StreamOptions: {
         "include_usage": impl("test_api.py::test_stream_equals_non_stream_and_usage_has_attention")
     },
@@ -183,7 +227,7 @@ def _rejections() -> list[tuple[str, str, object]]:
         cases += [
             (route, name, what) for name, (kind, what) in HANDLING[schema].items() if kind == "rejected"
         ]
-    return [*cases, ("chat", "tool_calls", HANDLING[ChatMessage]["tool_calls"][1])]
+    return cases
 
 
 @pytest.mark.parametrize(
@@ -192,12 +236,6 @@ def _rejections() -> list[tuple[str, str, object]]:
 def test_unsupported_fields_are_400_naming_them(base_url, engine, route, name, value):
     if route == "completions":
         body, path = {"prompt": PROMPT, name: value}, "/v1/completions"
-    elif name == "tool_calls":
-        calls = [
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": None, "tool_calls": value},
-        ]
-        body, path, name = {"messages": calls}, "/v1/chat/completions", "messages[1]"
     else:
         body, path = {"messages": [{"role": "user", "content": "hi"}], name: value}, "/v1/chat/completions"
     response = httpx.post(f"{base_url}{path}", json={"model": engine.model_name, "max_tokens": 2, **body})
@@ -207,7 +245,8 @@ def test_unsupported_fields_are_400_naming_them(base_url, engine, route, name, v
 
 def test_no_op_fields_are_accepted(client, engine):
     extra = {"metadata": {"a": "b"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k"}
-    extra |= {"safety_identifier": "s", "user": "u", "parallel_tool_calls": True}
+    extra |= {"safety_identifier": "s", "user": "u"}
+    extra["tools"] = [{"type": "function", "function": {"name": "f", "strict": True}}]
     chat = client.chat.completions.create(
         model=engine.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body=extra
     )
@@ -346,6 +385,8 @@ def test_add_special_tokens(base_url, client, engine):
 
 
 def test_message_name_and_tool_call_id_reach_the_template():
-    turn = _turn(ChatMessage(role="tool", content="42", name="calc", tool_call_id="call_1"))
-    assert turn == {"role": "tool", "content": "42", "name": "calc", "tool_call_id": "call_1"}
-    assert _turn(ChatMessage(role="user", content="hi")) == {"role": "user", "content": "hi"}
+    messages = [ChatMessage(role="tool", content="42", name="calc", tool_call_id="call_1")]
+    messages.append(ChatMessage(role="user", content="hi"))
+    turns, _ = template_inputs(messages, None, PARSERS["hermes"], "{{ messages }}")
+    assert turns[0] == {"role": "tool", "content": "42", "name": "calc", "tool_call_id": "call_1"}
+    assert turns[1] == {"role": "user", "content": "hi"}

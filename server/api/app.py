@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
@@ -47,6 +48,8 @@ from leanserve.server.api.request_inputs import (
 from leanserve.server.api.serving import Admission, Job, RequestTracker, collect_response, stream_events
 from leanserve.server.api.settings import Settings
 from leanserve.server.api.structured import compile_constraint
+from leanserve.server.api.tool_parsers import ToolParser
+from leanserve.server.api.tools import ToolMode, choose_parser, special_marker, tool_mode
 from leanserve.server.engine.sampling_params import InvalidParameter, SamplingParams
 
 if TYPE_CHECKING:
@@ -71,6 +74,12 @@ class ServerState:
         """Serve `engine` (loaded) and publish its metrics."""
         self.engine = engine
         metrics.publish(engine)
+
+    @cached_property
+    def tool_parser(self) -> ToolParser:
+        """The tool-call parser of the served model's chat template (chosen at its first use)."""
+        assert self.engine is not None
+        return choose_parser(self.settings.tool_call_parser, self.engine.tokenizer.chat_template)
 
     def unavailable(self) -> str | None:
         """Why the server cannot take requests now (None when it can)."""
@@ -114,12 +123,14 @@ async def _serve(
     renderer: Renderer,
     params_named: dict[str, str] | None = None,
     echo: Callable[[], list[str]] | None = None,
+    tools: ToolMode | None = None,
 ) -> Response:
     """Admit, start one engine request per prompt and answer them as one (stream or whole body). A
     batch of prompts takes one place in the admission queue, as one prompt with n choices does.
     `params_named`: what the client calls the engine's parameters ("prompt", "max_tokens") when it names
     them otherwise. `echo`: the text of each prompt, which its choices start with, made once the engine
-    has checked the prompts (decoding token ids it would refuse can fail)."""
+    has checked the prompts (decoding token ids it would refuse can fail). `tools`: how a chat answer's
+    tool calls are read."""
     state = _state(request)
     if not state.admission.try_enter():
         raise APIError(
@@ -148,6 +159,7 @@ async def _serve(
         echo() if echo is not None else None,
         tokens_as_ids=body.return_tokens_as_token_ids,
         with_prompt_logprobs=body.prompt_logprobs is not None,
+        tools=tools,
     )
     job = Job(engine, list(by_engine_id), answer, outputs, tracker, include_usage)
     if body.stream:
@@ -233,7 +245,9 @@ async def chat_completions(request: Request, body: ChatRequest):
     reject_unsupported(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    prompt_ids = chat_prompt(body.messages, engine, body, body.add_special_tokens)
+    parser = _state(request).tool_parser
+    tools = tool_mode(body, parser)
+    prompt_ids = chat_prompt(body.messages, engine, body, parser, body.add_special_tokens, body.tools)
     (prompt_ids,) = truncate_prompts([prompt_ids], body.truncate_prompt_tokens, engine.max_model_len)
     name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
@@ -241,6 +255,8 @@ async def chat_completions(request: Request, body: ChatRequest):
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, engine.tokenizer, name)
+    if special_marker(tools, engine.tokenizer):
+        params.skip_special_tokens = False
     check_choices(1, params.n, _state(request).settings.max_choices_per_request)
     params.grammar = await compile_constraint(body, engine)
     params_named = {"prompt": "messages", "max_tokens": name}
@@ -254,6 +270,7 @@ async def chat_completions(request: Request, body: ChatRequest):
         ChatRenderer(),
         params_named,
         (lambda: [echo]) if echo else None,
+        tools,
     )
 
 
@@ -269,7 +286,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
     # their chat template writes, as /v1/chat/completions renders them.
     special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
     if body.messages is not None:
-        tokens = chat_prompt(body.messages, engine, body, special)
+        tokens = chat_prompt(body.messages, engine, body, _state(request).tool_parser, special)
     else:
         tokens = engine.tokenizer(body.prompt, add_special_tokens=special).input_ids
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

@@ -129,12 +129,23 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str | dict[str, Any]  # a JSON object: OpenAI's clients send it as a string
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None  # passed to the chat template, which may show it
     tool_call_id: str | None = None  # a tool result's call (passed to the chat template)
-    tool_calls: list[dict] | None = None  # an assistant turn's calls: not supported yet (400)
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls (server/api/tools.py)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -153,6 +164,27 @@ class ChatTemplateFields(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # required and named calls always hold to the schema
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(_SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated OpenAI name of max_completion_tokens
@@ -161,13 +193,13 @@ class ChatRequest(_SamplingFields, ChatTemplateFields):
     top_logprobs: int | None = None
     echo: bool = False  # vLLM's: the answer starts with the last message's content when it has its role
     add_special_tokens: bool = False  # vLLM's: the tokenizer's BOS etc. on top of what the template writes
-    # Accepted only where they ask for nothing (no tools): the server has no tool calling, and ignoring a
-    # request for it would return what the client did not ask.
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    # Tool calling (server/api/tools.py). The deprecated functions / function_call are accepted only where
+    # they ask for nothing: ignoring a request for them would return what the client did not ask.
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: True, as OpenAI
     functions: list | None = None
     function_call: str | dict | None = None
-    parallel_tool_calls: bool | None = None  # no effect without tools
     # Accepted only with their default value (400 otherwise, naming them).
     modalities: list[str] | None = None  # ["text"] only
     audio: dict | None = None
@@ -263,9 +295,21 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -286,9 +330,24 @@ class ChatResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """OpenAI's streamed call: id, type and name in a call's first delta, then arguments fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -28,6 +28,7 @@ from leanserve.server.api.protocol import (
     TopLogprob,
     Usage,
 )
+from leanserve.server.api.tools import ToolCallStream, ToolMode
 from leanserve.server.engine.outputs import RequestOutput, SampleDelta, TokenLogprob
 
 
@@ -80,6 +81,8 @@ class Answer:
     echoed: set[int] = field(default_factory=set)  # choices whose prompt has been put before their text
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:{id}"
     with_prompt_logprobs: bool = False  # vLLM's prompt_logprobs go into the (non-streamed) response
+    tools: ToolMode | None = None  # chat with tool calling: how each choice's calls are read
+    tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)  # per choice, when streaming
 
     def token(self, token_id: int, text: str) -> str:
         return f"token_id:{token_id}" if self.tokens_as_ids else text
@@ -224,11 +227,17 @@ class ChatRenderer:
         ]
 
     def chunk(self, answer: Answer, delta: SampleDelta) -> BaseModel:
+        content = delta.text if delta.text or not delta.finish_reason else None
+        finish_reason, calls = delta.finish_reason, None
+        if answer.tools is not None:
+            stream = answer.tool_streams.setdefault(delta.index, ToolCallStream(answer.tools))
+            content, calls = stream.feed(delta.text, delta.finish_reason is not None)
+            finish_reason = _tool_finish(finish_reason, stream.has_calls)
         choice = ChatStreamChoice(
             index=delta.index,
-            delta=ChatDelta(content=delta.text if delta.text or not delta.finish_reason else None),
+            delta=ChatDelta(content=content, tool_calls=calls or None),
             logprobs=_chat_logprobs(answer, delta.logprobs),
-            finish_reason=delta.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=delta.stop_reason,
         )
         return self._chunk(answer, [choice])
@@ -238,16 +247,21 @@ class ChatRenderer:
 
     def response(self, answer: Answer, totals: dict[int, SampleTotal], usage: Usage) -> BaseModel:
         echo = _chat_echo(answer)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=echo[i] + "".join(t.text)),
-                logprobs=_chat_logprobs(answer, t.logprobs),
-                finish_reason=t.finish_reason,
-                stop_reason=t.stop_reason,
+        choices = []
+        for i, t in sorted(totals.items()):
+            message = AssistantMessage(content=echo[i] + "".join(t.text))
+            if answer.tools is not None:
+                content, calls = answer.tools.calls_of(message.content)
+                message = AssistantMessage(content=content, tool_calls=answer.tools.outputs(calls))
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=_chat_logprobs(answer, t.logprobs),
+                    finish_reason=_tool_finish(t.finish_reason, bool(message.tool_calls)),
+                    stop_reason=t.stop_reason,
+                )
             )
-            for i, t in sorted(totals.items())
-        ]
         return ChatResponse(
             id=answer.response_id,
             created=answer.created,
@@ -256,6 +270,11 @@ class ChatRenderer:
             usage=usage,
             prompt_logprobs=answer.prompt_logprobs_of(0),
         )
+
+
+def _tool_finish(finish_reason: str | None, has_calls: bool) -> str | None:
+    """OpenAI's finish_reason of a choice that ended on its tool calls."""
+    return "tool_calls" if has_calls and finish_reason == "stop" else finish_reason
 
 
 def _chat_echo(answer: Answer) -> list[str]:

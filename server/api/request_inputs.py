@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from leanserve.server.api.errors import bad_request
-from leanserve.server.api.protocol import ChatMessage, ChatRequest, ChatTemplateFields, CompletionRequest
+from leanserve.server.api.protocol import (
+    ChatMessage,
+    ChatRequest,
+    ChatTemplateFields,
+    CompletionRequest,
+    Tool,
+)
+from leanserve.server.api.tool_parsers import ToolParser
+from leanserve.server.api.tools import template_inputs
 from leanserve.server.engine.sampling_params import InvalidParameter, SamplingParams
 
 if TYPE_CHECKING:
@@ -119,8 +127,7 @@ _UNSUPPORTED = {
     "vllm_xargs": "vLLM's extension arguments are not supported",
     "prompt_embeds": "prompt embeddings are not supported",
     "suffix": "suffix (insertion) is not supported",
-    "functions": "tool calling is not supported",
-    "tools": "tool calling is not supported",
+    "functions": "functions is deprecated: send tools",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
     "reasoning_effort": "the served model has no reasoning-effort control",
@@ -146,12 +153,8 @@ def reject_unsupported(body: CompletionRequest | ChatRequest) -> None:
         return
     if body.modalities not in (None, ["text"]):
         raise bad_request("modalities is not supported (only ['text'])", "modalities")
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name) not in (None, "none", "auto"):
-            raise bad_request(f"{name} is not supported (no tool calling)", name)
-    for i, message in enumerate(body.messages):
-        if message.tool_calls:
-            raise bad_request("assistant tool_calls are not supported (no tool calling)", f"messages[{i}]")
+    if body.function_call not in (None, "none", "auto"):
+        raise bad_request("function_call is deprecated: send tools and tool_choice", "function_call")
 
 
 def check_choices(num_prompts: int, n: int, max_choices: int) -> None:
@@ -226,13 +229,16 @@ def chat_prompt(
     messages: list[ChatMessage],
     engine: AsyncEngine,
     template: ChatTemplateFields,
+    parser: ToolParser,
     add_special_tokens: bool = False,
+    tools: list[Tool] | None = None,
 ) -> list[int]:
-    """The token ids of chat messages rendered by the model's chat template as the request's template
-    fields say (by default with the assistant turn opened: what chat completions generate from), with
-    no special tokens beyond those the template writes. chat_template_kwargs are the template's own
-    variables; apply_chat_template's options are not among them (a request's template source or tools
-    would bypass what this server checks)."""
+    """The token ids of chat messages (and tools) rendered by the model's chat template as the request's
+    template fields say (by default with the assistant turn opened: what chat completions generate
+    from), with no special tokens beyond those the template writes. chat_template_kwargs are the
+    template's own variables; apply_chat_template's options are not among them (a request's template
+    source or tools would bypass what this server checks). `parser` writes tool calls and tools for a
+    template that cannot (server/api/tools.py)."""
     kwargs = template.chat_template_kwargs or {}
     if reserved := sorted(kwargs.keys() & _RESERVED_TEMPLATE_OPTIONS):
         raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
@@ -242,7 +248,9 @@ def chat_prompt(
             "continue_final_message continues the last message: set add_generation_prompt to false",
             "continue_final_message",
         )
-    turns = [_turn(m) for m in messages]
+    turns, tool_specs = template_inputs(messages, tools, parser, engine.tokenizer.chat_template)
+    if tool_specs:
+        options["tools"] = tool_specs
     try:
         text = engine.tokenizer.apply_chat_template(
             turns, **options, continue_final_message=template.continue_final_message, tokenize=False
@@ -250,16 +258,6 @@ def chat_prompt(
     except Exception as e:  # the template is the model's Jinja code: any error is about these messages
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
     return engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-
-
-def _turn(message: ChatMessage) -> dict:
-    """A message as the chat template reads it; `name` and `tool_call_id` only when sent (templates
-    test whether they are defined)."""
-    turn = {"role": message.role, "content": message.text()}
-    for key in ("name", "tool_call_id"):
-        if (value := getattr(message, key)) is not None:
-            turn[key] = value
-    return turn
 
 
 def chat_echo(body: ChatRequest) -> str | None:

@@ -52,6 +52,9 @@ class Settings(BaseSettings, EngineConfig):
     max_connections: int = Field(
         2048, ge=1, description="open connections; beyond it 503 (beyond twice it: closed at once)"
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="format of the model's tool calls; auto: the one its chat template writes"
+    )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 

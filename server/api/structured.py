@@ -1,7 +1,8 @@
 """Structured outputs from a request: OpenAI's `response_format` (json_object, json_schema), vLLM's
 `structured_outputs` and its older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
-on both endpoints. At most one of them may constrain a request; its grammar is compiled (and checked: a
-bad one is a 400 naming its field) off the event loop, into the matcher the engine's sequences copy."""
+on both endpoints, and a chat request's `required` or named tool_choice (server/api/tools.py). At most
+one of them may constrain a request; its grammar is compiled (and checked: a bad one is a 400 naming
+its field) off the event loop, into the matcher the engine's sequences copy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from leanserve.server.api.errors import bad_request
 from leanserve.server.api.protocol import ChatRequest, CompletionRequest
+from leanserve.server.api.tools import tool_constraint
 from leanserve.server.engine.sampling_params import InvalidParameter
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ def constraint_of(body: CompletionRequest | ChatRequest) -> tuple[str, Any, str]
             found.append((kind, spec, name))
     if body.guided_grammar is not None:
         found.append(("grammar", body.guided_grammar, "guided_grammar"))
+    if isinstance(body, ChatRequest):
+        found += tool_constraint(body)
     if len(found) > 1:
         names = ", ".join(name for _, _, name in found)
         raise bad_request(f"only one output constraint per request, got {names}", found[1][2])
