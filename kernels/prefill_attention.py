@@ -116,10 +116,14 @@ def _attend_range(
     m_i, denominator l_i and accumulator acc of the query tile, updated tile by tile. CAUSAL masks each
     key past its row's position `pos` (and past the context); without it every key is visible."""
     offs_n = tl.arange(0, BLOCK_N)
+    page = _page_ids(table, start + offs_n, context_len, PAGE_SIZE)
     for n in range(start, end, BLOCK_N):
         key = n + offs_n
         key_mask = key < context_len
-        k, v = _load_kv_tile(k_ptr, v_ptr, table, key, key_mask, h, stride_kn, stride_kb, stride_kh,
+        # Page ids are fetched a tile ahead: a K/V load that waited on a load of its own iteration would
+        # keep Triton's pipeliner from putting the next tiles' K/V in flight.
+        next_page = _page_ids(table, key + BLOCK_N, context_len, PAGE_SIZE)
+        k, v = _load_kv_tile(k_ptr, v_ptr, page, key, key_mask, h, stride_kn, stride_kb, stride_kh,
                              stride_vn, stride_vb, stride_vh, offs_d, d_mask, PAGE_SIZE, UPCAST)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if CAUSAL:
@@ -131,18 +135,24 @@ def _attend_range(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        page = next_page
     return m_i, l_i, acc
 
 
 @triton.jit
+def _page_ids(table, key, context_len, PAGE_SIZE: tl.constexpr):
+    """The cache page of each of the sequence's positions `key` (0 past the context)."""
+    return tl.load(table + key // PAGE_SIZE, mask=key < context_len, other=0).to(tl.int64)
+
+
+@triton.jit
 def _load_kv_tile(
-    k_ptr, v_ptr, table, key, key_mask, h, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb,
-    stride_vh, offs_d, d_mask, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
+    k_ptr, v_ptr, page, key, key_mask, h, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh,
+    offs_d, d_mask, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """K and V of KV head h at the sequence's positions `key` ([BLOCK_N]; masked ones read as 0): [BLOCK_N,
-    BLOCK_D] each, gathered row by row through the block table (page = position // PAGE_SIZE), so any
-    page size works and a tile may span pages."""
-    page = tl.load(table + key // PAGE_SIZE, mask=key_mask, other=0).to(tl.int64)
+    """K and V of KV head h at the sequence's positions `key` ([BLOCK_N], on pages `page`; masked ones
+    read as 0): [BLOCK_N, BLOCK_D] each, gathered row by row, so any page size works and a tile may span
+    pages."""
     slot = key % PAGE_SIZE
     mask = key_mask[:, None] & d_mask[None, :]
     k_rows = page * stride_kn + slot * stride_kb + h * stride_kh
