@@ -303,6 +303,7 @@ def serving_part(engine: LLMEngine, args: argparse.Namespace) -> dict:
         "attention_share": sum(o.attention_seconds for o in finished) / step_s,
         "ttft_ms": {f"p{q}": 1e3 * float(np.percentile(ttft, q)) for q in (50, 99)},
         "tpot_ms": {f"p{q}": 1e3 * float(np.percentile(tpot, q)) for q in (50, 99)},
+        "preemptions": engine.scheduler.num_preemptions,  # the KV cache should hold all 32 (~274k tokens)
     }
 
 
