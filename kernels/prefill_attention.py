@@ -12,12 +12,12 @@ sequence by a binary search over cu_seqlens_q; programs past a sequence's last t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
-from leanserve.kernels.launch import interpreted
+from leanserve.kernels.launch import interpreted, max_shared_memory
 from leanserve.kernels.prefill_kernel import _prefill_kernel
 
 _LOG2E = 1.4426950408889634
@@ -45,6 +45,18 @@ _CONFIGS: dict[int, PrefillConfig] = {
     256: PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
 }
 SUPPORTED_HEAD_DIMS = tuple(sorted(_CONFIGS))
+
+
+def _fitted(config: PrefillConfig, head_dim: int, itemsize: int, device: torch.device) -> PrefillConfig:
+    """The config with fewer pipeline stages where its tiles would not fit the device's shared memory
+    (fp32 at D=128: the query tile and three stages of K/V take 256 KB). Each stage holds a K and a V tile;
+    the query tile stays resident."""
+    row_bytes = triton.next_power_of_2(head_dim) * itemsize
+    limit = max_shared_memory(device)
+    stages = config.num_stages
+    while stages > 1 and (config.block_m + 2 * stages * config.block_n) * row_bytes > limit:
+        stages -= 1
+    return replace(config, num_stages=stages)
 
 
 def _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, block_m) -> None:
@@ -174,4 +186,5 @@ def prefill_attention(
     config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
     if config is None:
         _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, 1)  # the precise error
+    config = _fitted(config, q.shape[-1], q.element_size(), q.device)
     return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out, config)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from leanserve.kernels.prefill_attention import PrefillConfig, _launch, prefill_attention
+from leanserve.kernels import prefill_attention as launcher
+from leanserve.kernels.prefill_attention import _CONFIGS, PrefillConfig, _fitted, _launch, prefill_attention
 from leanserve.kernels.reference import reference_prefill_attention
 
 HAS_CUDA = torch.cuda.is_available()
@@ -208,6 +209,17 @@ def test_unsupported_head_dim_and_group_rejected():
     q, k, v, cu, ctx, bt = _make_inputs([(0, 4)], 64, 1, 64, 16, torch.float16, DEVICE)
     with pytest.raises(ValueError, match="at most 32 query heads per KV head"):
         _launch(q, k, v, cu, ctx, bt, None, None, SMALL)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "itemsize", "stages"), [(128, 2, 3), (128, 4, 2), (64, 4, 3), (256, 2, 2), (256, 4, 2)]
+)
+def test_stages_fit_shared_memory(monkeypatch, head_dim, itemsize, stages):
+    """On an H100 (227 KB a program) fp32 tiles at D=128 keep two stages of K/V, the rest as configured."""
+    monkeypatch.setattr(launcher, "max_shared_memory", lambda device: 227 * 1024)
+    config = _fitted(_CONFIGS[head_dim], head_dim, itemsize, torch.device("cuda"))
+    assert config.num_stages == stages
+    assert (config.block_m, config.block_n) == (_CONFIGS[head_dim].block_m, _CONFIGS[head_dim].block_n)
 
 
 # GPU: bf16 at the shipped tiles, Llama-3 heads, contexts of several key tiles and pages.
