@@ -5,7 +5,8 @@
 #                                     weights); the Llama-3-8B config is in benchmarks/models/
 #   benchmarks/gpu_suite.sh run [PART...]  there (device tool: carry [".cache"]); PART is tests (GPU tests
 #                                     of kernels, models, engine, sampler), kernel, fused, linear, engine, tp,
-#                                     long (benchmarks); default all. Logs and results under $OUT. A device
+#                                     long (benchmarks); default all; long-tune (the prefill kernel's tile
+#                                     sweep) only when named. Logs and results under $OUT. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
 #                                     GPU_SUITE_SECONDS (default 570) from the start: each part gets what
 #                                     is left, and the logs of a part cut off still come back. On a cold
@@ -52,6 +53,7 @@ run)
         engine) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --out "$out" ;;
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
+        long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
         *) echo "unknown part $part" >&2 ;;
         esac 2>&1 | tee "$out/$part.log"
     done
