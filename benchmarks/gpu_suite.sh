@@ -5,7 +5,8 @@
 #                                     weights); the Llama-3-8B config is in benchmarks/models/
 #   benchmarks/gpu_suite.sh run [PART...]  there (device tool: carry [".cache"]); PART is tests (GPU tests
 #                                     of kernels, models, engine, sampler), kernel, fused, linear, engine, tp,
-#                                     structured (benchmarks); default all. Logs and results under $OUT. A device
+#                                     structured long (benchmarks); default all; long-tune (the prefill
+#                                     kernel's tile sweep) only when named. Logs and results under $OUT. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
 #                                     GPU_SUITE_SECONDS (default 570) from the start: each part gets what
 #                                     is left, and the logs of a part cut off still come back. On a cold
@@ -39,12 +40,12 @@ run)
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     deadline=$((SECONDS + ${GPU_SUITE_SECONDS:-570}))
     parts=("${@:2}")
-    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused linear engine tp structured)
+    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused linear engine tp structured long)
     for part in "${parts[@]}"; do
         ((SECONDS < deadline)) || { echo "no time left for $part" | tee "$out/$part.log"; continue; }
         case $part in
         tests) timeout $((deadline - SECONDS)) python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_lean_attention.py \
-            tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
+            tests/test_prefill_attention.py tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
             tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py ;;
         kernel) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fused_ops.py --out "$out" ;;
@@ -53,6 +54,8 @@ run)
         structured) timeout $((deadline - SECONDS)) python3 benchmarks/bench_structured.py --load-format dummy \
             --model benchmarks/models/llama-3-8b --tokenizer ".cache/leanserve/$default_model" ;;
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
+        long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
+        long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
         *) echo "unknown part $part" >&2 ;;
         esac 2>&1 | tee "$out/$part.log"
     done

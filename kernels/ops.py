@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from leanserve.kernels import activation, argmax, lean_attention, rotary
+from leanserve.kernels import prefill_attention as paged_prefill
 from leanserve.kernels import rms_norm as norms
 from leanserve.kernels.activation import reference_silu_and_mul
 from leanserve.kernels.argmax import reference_argmax_rows
-from leanserve.kernels.reference import reference_decode_attention
+from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
 from leanserve.kernels.rms_norm import reference_fused_add_rms_norm, reference_rms_norm
 from leanserve.kernels.rotary import reference_rope_and_cache
 
@@ -18,6 +19,7 @@ __all__ = [
     "argmax_rows",
     "decode_attention",
     "fused_add_rms_norm",
+    "prefill_attention",
     "rms_norm",
     "rope_and_cache",
     "silu_and_mul",
@@ -71,3 +73,19 @@ def decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, timestamps
         )
     return reference_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """All prefill chunks of a step against the paged cache: the Triton kernel on CUDA, one launch;
+    elsewhere its twin (one fp32 SDPA per chunk)."""
+    apply = paged_prefill.prefill_attention if q.is_cuda else reference_prefill_attention
+    return apply(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out)

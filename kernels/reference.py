@@ -1,5 +1,6 @@
-"""Plain-torch decode attention over a paged KV cache: the twin of the Triton kernel, used by tests and
-as the CPU path of the engine. Gathers each sequence's pages, computes the attention in fp32."""
+"""Plain-torch attention over a paged KV cache, decode and prefill: the twins of the Triton kernels
+(kernels/lean_attention.py, prefill_attention.py), used by tests and as the CPU path of the engine. Each
+gathers the sequences' pages and computes the attention in fp32."""
 
 from __future__ import annotations
 
@@ -57,4 +58,47 @@ def reference_decode_attention(
     if out is None:
         return result.to(q.dtype)
     out.copy_(result)
+    return out
+
+
+def reference_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each prefill chunk against its paged cache (the chunk's prefix and itself).
+
+    q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; cu_seqlens_q: [P+1] int32;
+    context_lens: [P] int32 (chunk i's token j sits at position context_lens[i] - query_len + j);
+    block_tables: [P, max_blocks] int32. Returns [T, Hq, D] in q's dtype (written into `out` when given).
+    Computes in fp32 and reads the lengths on the host: one SDPA per chunk."""
+    head_dim = q.shape[-1]
+    block_size = k_cache.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    if out is None:
+        out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for i, context_len in enumerate(context_lens.tolist()):
+        start, end = cu[i], cu[i + 1]
+        query_len = end - start
+        if query_len == 0:
+            continue
+        # The sequence's first context_len cached tokens, whole pages gathered at once: [Hkv, L, D].
+        pages = block_tables[i, : -(-context_len // block_size)]
+        k, v = (
+            c[pages].flatten(0, 1)[:context_len].transpose(0, 1)[None].float() for c in (k_cache, v_cache)
+        )
+        q_i = q[start:end].transpose(0, 1)[None].float()  # [1, Hq, query_len, D]: SDPA's fused layout
+        if context_len == query_len:  # no prefix: the plain causal mask (CPU's fused kernel takes it)
+            o_i = F.scaled_dot_product_attention(q_i, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # query j sees the keys up to position context_len - query_len + j
+            keys = torch.arange(context_len, device=q.device)
+            mask = keys[None, :] <= keys[context_len - query_len :, None]
+            o_i = F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o_i[0].transpose(0, 1)
     return out

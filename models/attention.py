@@ -1,6 +1,6 @@
 """Attention over the paged KV cache: the per-step batch description, the attention timer and the
-attention computation itself (prefill by SDPA over cached prefix + chunk, decode by the LeanAttention
-kernel on CUDA or its torch reference on CPU). The step's K/V are already in the cache: the rotary
+attention computation itself (prefill by the paged prefill kernel over cached prefix + chunk, decode by
+the LeanAttention kernel; on CPU their torch references). The step's K/V are already in the cache: the rotary
 embedding step writes them (models.layers.RotaryEmbedding)."""
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from leanserve.kernels import ops
 from leanserve.models.prefetch import SideStreamPrefetch
+
+# Steps whose prefill chunks all start their prompts (no cached prefix) may run SDPA flash per chunk over
+# the chunks' own K/V instead of the paged kernel; bench_long_context.py times both (its TTFT part and its
+# attention part, docs/benchmarks.md). Off: the paged kernel takes every step, one launch for all chunks.
+FLASH_WHOLE_PROMPTS = False
 
 
 @dataclass
@@ -162,33 +166,34 @@ def _prefill(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """One SDPA per prefill sequence (host lengths, no sync). A chunk with no cached prefix attends to
-    its own K/V with the plain causal mask (flash with GQA on CUDA); a chunk after a prefix (chunked
-    prefill, prefix-cache hit) gathers the sequence's pages and uses a bottom-right-aligned causal mask."""
-    block_size = k_cache.shape[1]
+    """Every prefill chunk of the step in one call over the paged cache (ops.prefill_attention: the
+    Triton kernel on CUDA, its twin elsewhere), each chunk's causal mask aligned to its prefix."""
+    num_prefill = batch.num_prefill_tokens
+    if FLASH_WHOLE_PROMPTS and batch.prefill_context_lens_host == batch.prefill_query_lens_host:
+        _flash_whole_prompts(q, k, v, batch, scale, out)
+        return
+    ops.prefill_attention(
+        q[:num_prefill],
+        k_cache,
+        v_cache,
+        batch.prefill_cu_seqlens_q,
+        batch.prefill_context_lens,
+        batch.prefill_block_tables,
+        sm_scale=scale,
+        out=out[:num_prefill],
+    )
+
+
+def _flash_whole_prompts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float, out: torch.Tensor
+) -> None:
+    """Chunks without a cached prefix, one SDPA each over their own K/V (flash with GQA on CUDA; host
+    lengths, no sync)."""
     start = 0
-    for i, (query_len, context_len) in enumerate(
-        zip(batch.prefill_query_lens_host, batch.prefill_context_lens_host, strict=True)
-    ):
+    for query_len in batch.prefill_query_lens_host:
         end = start + query_len
-        # SDPA's fused kernels (flash, memory-efficient, CPU flash) want [batch, heads, tokens, D].
-        q_i = q[start:end].transpose(0, 1).unsqueeze(0)
-        if context_len == query_len:
-            k_i, v_i = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (k, v))
-            o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            blocks = batch.prefill_block_tables[i, : -(-context_len // block_size)]
-            k_i, v_i = (_gather(cache, blocks, context_len, q.shape[1]) for cache in (k_cache, v_cache))
-            # Query j sits at position context_len - query_len + j and sees the keys up to it.
-            mask = causal_lower_right(query_len, context_len)
-            o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=scale)
+        # SDPA's fused kernels (flash, CPU flash) want [batch, heads, tokens, D].
+        q_i, k_i, v_i = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, scale=scale, enable_gqa=True)
         out[start:end] = o_i[0].transpose(0, 1)
         start = end
-
-
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int, num_heads: int) -> torch.Tensor:
-    """The first `length` cached tokens of a sequence as [1, num_heads, length, D], KV heads repeated
-    for GQA (the memory-efficient kernel, the one that takes a bottom-right causal mask on CUDA, has no
-    GQA mode)."""
-    kv = cache[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, length, D]
-    return kv.repeat_interleave(num_heads // kv.shape[0], dim=0).unsqueeze(0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from greedy_runner import NEW_TOKENS, GreedyRunner, Seq
 
+from leanserve.models import attention
 from leanserve.models.attention import AttentionBatch, AttentionTimer
 from leanserve.models.kv_cache import KVCache
 from leanserve.models.layers import prepack_linear_weights
@@ -87,7 +88,10 @@ def test_greedy_matches_hf(loaded, kind, mode):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefill_logits_match_hf(loaded, kind):
+@pytest.mark.parametrize("flash", [False, True], ids=["paged", "flash-whole-prompts"])
+def test_prefill_logits_match_hf(loaded, kind, flash, monkeypatch):
+    """A whole prompt through the paged prefill path, and through SDPA per prompt (the benchmark's switch)."""
+    monkeypatch.setattr(attention, "FLASH_WHOLE_PROMPTS", flash)
     path, model, prompts, _ = loaded(kind)
     prompt = prompts[1]
     runner = GreedyRunner(model)

@@ -59,7 +59,7 @@ def warm_up_steps(config: EngineConfig, max_model_len: int) -> list[SchedulerOut
     steps = [
         SchedulerOutput(prefills=[PrefillChunk(seq(full), full)]),
         SchedulerOutput(prefills=[PrefillChunk(seq(odd), odd)]),
-        # a chunk after a cached prefix (chunked prefill, prefix-cache hit): attends over gathered pages
+        # a chunk after a cached prefix (chunked prefill, prefix-cache hit)
         SchedulerOutput(prefills=[PrefillChunk(seq(full, full - odd), odd)]),
         # prompts scored (echo): the LM head over slices of a whole chunk, and over a few rows
         SchedulerOutput(prefills=[PrefillChunk(seq(full, params=_SCORED), full)]),

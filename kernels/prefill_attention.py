@@ -1,0 +1,190 @@
+"""Paged prefill attention: the launch parameters per head dim, input checks and the launcher of the Triton
+kernel (kernels/prefill_kernel.py), which runs every prefill chunk of a step in one launch,
+flash-attention-2 style, reading K/V straight from the paged cache. A chunk may follow a cached prefix
+(chunked prefill, a prefix-cache hit): its causal mask is aligned to its position after the prefix. The
+query heads of a KV head's GQA group are stacked into one tile, so each K/V tile is read once per query
+tile whatever the group.
+
+Work items are (sequence, query tile) pairs, laid out without a host pass: sequence i owns the programs
+from cu_seqlens_q[i] // TOKENS + i on (an upper bound of the tiles before it), and a program finds its
+sequence by a binary search over cu_seqlens_q; programs past a sequence's last tile exit at once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+from leanserve.kernels.launch import interpreted, max_shared_memory
+from leanserve.kernels.prefill_kernel import _prefill_kernel
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch parameters of one head dim: query rows (tokens x GQA group) and keys per tile, warps,
+    pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Not yet tuned on a GPU (`bench_long_context.py --tune` sweeps these): the shapes of Triton's fused-
+# attention tutorial for Hopper, 128 query rows (32 tokens x 4 heads for Llama-3) against 64-key tiles;
+# head dims 80 and 96 pad to 128; 256 halves both tiles to keep the fp32 accumulator in registers.
+_CONFIGS: dict[int, PrefillConfig] = {
+    64: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    80: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    96: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    256: PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+}
+SUPPORTED_HEAD_DIMS = tuple(sorted(_CONFIGS))
+
+
+def _fitted(config: PrefillConfig, head_dim: int, itemsize: int, device: torch.device) -> PrefillConfig:
+    """The config with fewer pipeline stages where its tiles would not fit the device's shared memory
+    (fp32 at D=128: the query tile and three stages of K/V take 256 KB). Each stage holds a K and a V tile;
+    the query tile stays resident."""
+    row_bytes = triton.next_power_of_2(head_dim) * itemsize
+    limit = max_shared_memory(device)
+    stages = config.num_stages
+    while stages > 1 and (config.block_m + 2 * stages * config.block_n) * row_bytes > limit:
+        stages -= 1
+    return replace(config, num_stages=stages)
+
+
+def _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, block_m) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({k_cache.shape[3]}) differ")
+    if head_dim not in _CONFIGS:
+        raise ValueError(f"head_dim {head_dim} is not supported (supported: {list(SUPPORTED_HEAD_DIMS)})")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if num_q_heads // num_kv_heads > block_m:
+        raise ValueError(f"at most {block_m} query heads per KV head, got {num_q_heads // num_kv_heads}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim (stride 1 in the last dim)")
+    num_seqs = context_lens.shape[0] if context_lens.dim() == 1 else -1
+    if context_lens.dtype != torch.int32 or not context_lens.is_contiguous() or num_seqs < 0:
+        raise ValueError(
+            f"context_lens must be a contiguous int32 [num_seqs], got {context_lens.dtype} "
+            f"{tuple(context_lens.shape)}"
+        )
+    if cu_seqlens_q.dtype != torch.int32 or tuple(cu_seqlens_q.shape) != (num_seqs + 1,):
+        raise ValueError(
+            f"cu_seqlens_q must be int32 [num_seqs + 1 = {num_seqs + 1}], got {cu_seqlens_q.dtype} "
+            f"{tuple(cu_seqlens_q.shape)}"
+        )
+    if not cu_seqlens_q.is_contiguous():
+        raise ValueError("cu_seqlens_q must be contiguous")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"block_tables must be int32 [num_seqs={num_seqs}, max_blocks], got {block_tables.dtype} "
+            f"{tuple(block_tables.shape)}"
+        )
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dim")
+    devices = {t.device for t in (q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in head_dim")
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sm_scale: float | None,
+    out: torch.Tensor | None,
+    config: PrefillConfig,
+) -> torch.Tensor:
+    """The launcher behind `prefill_attention` with explicit launch parameters (tests force small tiles so
+    short chunks span several of them; the benchmark's tuning sweep)."""
+    _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, config.block_m)
+    num_tokens, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_seqs = context_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    tokens_per_tile = config.block_m // group
+    # Sequence i's tiles fit in [cu[i] // tokens + i, cu[i + 1] // tokens + i + 1): the grid needs no lengths.
+    grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+        num_seqs, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        # The interpreter computes bf16 tl.dot wrongly (triton issue 11584): upcast its operands there.
+        UPCAST=interpreted(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of every prefill chunk of a step against its sequence's paged cache, one launch.
+
+    q: [T, Hq, D] fp16/bf16/fp32 (the chunks' tokens back to back; any token and head strides), D one of
+    SUPPORTED_HEAD_DIMS; k_cache, v_cache: [num_blocks, block_size, Hkv, D], same dtype, already holding
+    the chunks' own K/V; cu_seqlens_q: [P+1] int32, chunk i's tokens are q[cu[i]:cu[i+1]]; context_lens:
+    [P] int32, tokens in the cache after chunk i (its prefix + itself), so its token j sits at position
+    context_lens[i] - query_len + j and sees the keys up to there; block_tables: [P, max_blocks] int32;
+    sm_scale defaults to 1/sqrt(D); out: optional [T, Hq, D] buffer. Returns [T, Hq, D] in q's dtype.
+    Reads no lengths on the host (the grid comes from T and P)."""
+    config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
+    if config is None:
+        _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, 1)  # the precise error
+    config = _fitted(config, q.shape[-1], q.element_size(), q.device)
+    return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out, config)
