@@ -41,9 +41,11 @@ def rope_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     apply = rotary.rope_and_cache if qkv.is_cuda else reference_rope_and_cache
-    return apply(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    return apply(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -63,11 +65,15 @@ def decode_attention(
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LeanAttention on CUDA; elsewhere its twin, which records no kernel timestamps (the CPU's attention
     timer measures host time instead)."""
     if q.is_cuda:
         return lean_attention.lean_attention_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, timestamps
+            q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, timestamps, k_scale, v_scale
         )
-    return reference_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out)
+    return reference_decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, k_scale, v_scale
+    )

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from leanserve.kernels.kv_quant import dequantize_kv, select_blocks
+
 
 def reference_decode_attention(
     q: torch.Tensor,
@@ -17,12 +19,15 @@ def reference_decode_attention(
     seq_lens: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence against its paged cache.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
     int32; seq_lens: [B] int32 (0 gives a zero output). Returns [B, Hq, D] in q's dtype (written into
     `out` when given). Reads the lengths on the host: this is a reference, not a graph-capturable path.
+    float8_e4m3fn caches come with k_scale, v_scale: [num_blocks, block_size, Hkv] fp32 (kernels.kv_quant).
     """
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -39,8 +44,10 @@ def reference_decode_attention(
     num_pages = -(-max_len // block_size)
     pages = block_tables[:, :num_pages].reshape(-1).clamp(0, k_cache.shape[0] - 1)
     padded = (batch, num_pages * block_size, num_kv_heads, head_dim)
-    k = k_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)
+    k, v = (
+        _gather_pages(cache, scales, pages, padded)[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D] fp32
+        for cache, scales in ((k_cache, k_scale), (v_cache, v_scale))
+    )
 
     # The query heads of a KV group attend together: [B, Hkv, group, D] against [B, Hkv, L, D]. One
     # fused SDPA call (fp32) is the CPU engine's decode path, faster than spelled-out einsums.
@@ -58,3 +65,13 @@ def reference_decode_attention(
         return result.to(q.dtype)
     out.copy_(result)
     return out
+
+
+def _gather_pages(
+    cache: torch.Tensor, scales: torch.Tensor | None, pages: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The cache's `pages` as fp32 `shape` ([B, pages * block_size, Hkv, D]), dequantized with `scales`."""
+    values = select_blocks(cache, pages).view(shape)
+    if scales is None:
+        return values.float()
+    return dequantize_kv(values, scales.index_select(0, pages).view(shape[:3]), torch.float32)

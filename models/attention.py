@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from leanserve.kernels import ops
+from leanserve.kernels.kv_quant import dequantize_kv, select_blocks
 from leanserve.models.prefetch import SideStreamPrefetch
 
 
@@ -134,21 +135,31 @@ def paged_attention(
     v_cache: torch.Tensor,
     batch: AttentionBatch,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the step's new tokens over their sequences' caches, which only reads them.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, any strides, already written to the caches at
-    batch.slot_mapping); k_cache, v_cache: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D]."""
+    batch.slot_mapping); k_cache, v_cache: [num_blocks, block_size, Hkv, D], float8_e4m3fn with their
+    scales k_scale, v_scale [num_blocks, block_size, Hkv] or in q's dtype. Returns [T, Hq, D]."""
     out = torch.empty_like(q)
     timer = batch.timer
     num_prefill = batch.num_prefill_tokens
     if num_prefill:
         with timer.prefill() if timer else nullcontext():
-            _prefill(q, k, v, k_cache, v_cache, batch, scale, out)
+            _prefill(q, k, v, (k_cache, k_scale), (v_cache, v_scale), batch, scale, out)
     if num_prefill < q.shape[0]:
         args = (q[num_prefill:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens)
         with timer.decode() if timer else nullcontext() as stamps:
-            ops.decode_attention(*args, sm_scale=scale, out=out[num_prefill:], timestamps=stamps)
+            ops.decode_attention(
+                *args,
+                sm_scale=scale,
+                out=out[num_prefill:],
+                timestamps=stamps,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
     return out
 
 
@@ -156,16 +167,17 @@ def _prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: tuple[torch.Tensor, torch.Tensor | None],
+    v_cache: tuple[torch.Tensor, torch.Tensor | None],
     batch: AttentionBatch,
     scale: float,
     out: torch.Tensor,
 ) -> None:
     """One SDPA per prefill sequence (host lengths, no sync). A chunk with no cached prefix attends to
     its own K/V with the plain causal mask (flash with GQA on CUDA); a chunk after a prefix (chunked
-    prefill, prefix-cache hit) gathers the sequence's pages and uses a bottom-right-aligned causal mask."""
-    block_size = k_cache.shape[1]
+    prefill, prefix-cache hit) gathers the sequence's pages (dequantized, from an fp8 cache) and uses a
+    bottom-right-aligned causal mask. The caches come as (cache, scales or None)."""
+    block_size = k_cache[0].shape[1]
     start = 0
     for i, (query_len, context_len) in enumerate(
         zip(batch.prefill_query_lens_host, batch.prefill_context_lens_host, strict=True)
@@ -178,7 +190,9 @@ def _prefill(
             o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, scale=scale, enable_gqa=True)
         else:
             blocks = batch.prefill_block_tables[i, : -(-context_len // block_size)]
-            k_i, v_i = (_gather(cache, blocks, context_len, q.shape[1]) for cache in (k_cache, v_cache))
+            k_i, v_i = (
+                _gather(*cache, blocks, context_len, q.shape[1], q.dtype) for cache in (k_cache, v_cache)
+            )
             # Query j sits at position context_len - query_len + j and sees the keys up to it.
             mask = causal_lower_right(query_len, context_len)
             o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=scale)
@@ -186,9 +200,19 @@ def _prefill(
         start = end
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int, num_heads: int) -> torch.Tensor:
-    """The first `length` cached tokens of a sequence as [1, num_heads, length, D], KV heads repeated
-    for GQA (the memory-efficient kernel, the one that takes a bottom-right causal mask on CUDA, has no
-    GQA mode)."""
-    kv = cache[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, length, D]
+def _gather(
+    cache: torch.Tensor,
+    scales: torch.Tensor | None,
+    blocks: torch.Tensor,
+    length: int,
+    num_heads: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The first `length` cached tokens of a sequence as [1, num_heads, length, D] in `dtype` (an fp8
+    cache dequantized with its scales), KV heads repeated for GQA (the memory-efficient kernel, the one
+    that takes a bottom-right causal mask on CUDA, has no GQA mode)."""
+    kv = select_blocks(cache, blocks).flatten(0, 1)[:length]  # [length, Hkv, D]
+    if scales is not None:
+        kv = dequantize_kv(kv, scales[blocks].flatten(0, 1)[:length], dtype)
+    kv = kv.transpose(0, 1)  # [Hkv, length, D]
     return kv.repeat_interleave(num_heads // kv.shape[0], dim=0).unsqueeze(0)
