@@ -1,9 +1,16 @@
-"""FP8 KV cache accuracy: greedy decoding through the engine with `--kv-cache-dtype fp8` against the same
-model with its unquantized cache (bf16 by default), over a fixed prompt set. Prints, per model, the share
-of the first N generated tokens that agree (position by position, and up to each prompt's first
-difference) and the mean |delta logprob| of the chosen token where both runs saw the same context; writes
-JSON to --out. Runs on CPU or GPU. Usage: python benchmarks/kv_fp8_accuracy.py [--model DIR ...]
-[--dtype bfloat16] [--tokens 64] [--out DIR]"""
+"""FP8 KV cache accuracy: the engine with `--kv-cache-dtype fp8` against the same model with its
+unquantized cache (bf16 by default), over a fixed prompt set, both ways:
+
+- teacher-forced: each prompt plus the reference's greedy continuation is scored by both engines (prompt
+  logprobs, prefilled in chunks of 16 tokens so that every chunk after the first attends to the cache it
+  has just written, dequantized); the share of continuation positions where both pick the same argmax,
+  and the mean |delta logprob| of the reference's token. Positions in the first chunk, which attends to
+  its own unquantized K/V, are left out.
+- free-running: greedy decoding with each cache, the share of positions with the same token, and of
+  positions before each prompt's first difference (after which the contexts differ).
+
+Prints a table per model, writes JSON to --out. Runs on CPU or GPU. Usage:
+python benchmarks/kv_fp8_accuracy.py [--model DIR ...] [--dtype bfloat16] [--tokens 64] [--out DIR]"""
 
 from __future__ import annotations
 
@@ -33,66 +40,89 @@ PROMPTS = (
     "SELECT name, COUNT(*) FROM orders JOIN customers ON",
     "To bake bread at home, you will need flour, water,",
 )
+CHUNK = 16  # the smallest token budget a step takes (EngineConfig.max_num_batched_tokens)
 
 
 @dataclass
 class Agreement:
     model: str
     dtype: str
-    tokens: int  # generated tokens compared per prompt
+    tokens: int  # generated tokens per prompt
     prompts: int
-    position_agreement: float  # share of positions with the same token
-    prefix_agreement: float  # share of positions before each prompt's first difference
-    mean_abs_dlogprob: float  # chosen token's |logprob(fp8) - logprob(reference)| where contexts match
+    forced_positions: int  # continuation positions scored teacher-forced (past the first chunk)
+    forced_agreement: float  # share of them where fp8's argmax is the reference's
+    mean_abs_dlogprob: float  # |logprob(fp8) - logprob(reference)| of the reference's token, mean
     max_abs_dlogprob: float
+    free_agreement: float  # free-running: share of positions with the same token
+    free_prefix: float  # free-running: share of positions before each prompt's first difference
 
 
-def greedy_runs(
-    config: EngineConfig, prompts: list[list[int]], tokens: int
-) -> list[tuple[list[int], list[float]]]:
-    """Greedy tokens and each one's logprob for every prompt, from one engine of `config`."""
+def _engine(config: EngineConfig, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
+    """Run `requests` on one engine of `config`: id -> [token ids, their logprobs, prompt logprobs]."""
     engine = LLMEngine.from_config(config)
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
+    runs = {rid: [[], [], None] for rid in requests}
     try:
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, params)
-        runs: dict[str, tuple[list[int], list[float]]] = {str(i): ([], []) for i in range(len(prompts))}
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(rid, prompt, params)
         while engine.has_work:
             for out in engine.step():
                 for sample in out.samples:
                     runs[out.request_id][0].extend(sample.token_ids)
                     runs[out.request_id][1].extend(lp.logprob for lp in sample.logprobs or [])
+                if out.prompt_logprobs is not None:
+                    runs[out.request_id][2] = out.prompt_logprobs
     finally:
         engine.close()
-    return [runs[str(i)] for i in range(len(prompts))]
+    return runs
 
 
-def compare(model: str | None, dtype: str, device: str, tokens: int, prompts: list[list[int]]) -> Agreement:
-    """fp8 against the model dtype's cache (`auto`), one engine each, same prompts."""
+def compare(
+    model: str | None,
+    dtype: str,
+    device: str,
+    tokens: int,
+    prompts: list[list[int]],
+    free_running: bool = True,
+) -> Agreement:
+    """fp8 against the model dtype's cache (`auto`): one engine each for greedy decoding (the fp8 one
+    only if `free_running`; free_* are nan without it), one each for scoring the reference's
+    continuations."""
     base = dict(model=model, dtype=dtype, device=device, max_num_seqs=len(prompts), kv_cache_tokens=16384)
-    reference = greedy_runs(EngineConfig(**base, kv_cache_dtype="auto"), prompts, tokens)
-    fp8 = greedy_runs(EngineConfig(**base, kv_cache_dtype="fp8"), prompts, tokens)
+    greedy = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
+    requests = {str(i): (p, greedy) for i, p in enumerate(prompts)}
+    caches = ("auto", "fp8") if free_running else ("auto",)
+    free = {c: _engine(EngineConfig(**base, kv_cache_dtype=c), requests) for c in caches}
     same = prefix = 0
-    deltas: list[float] = []
-    for (ref_ids, ref_lps), (ids, lps) in zip(reference, fp8, strict=True):
-        same += sum(a == b for a, b in zip(ref_ids, ids, strict=True))
-        first_difference = next(
-            (i for i, (a, b) in enumerate(zip(ref_ids, ids, strict=True)) if a != b), tokens
-        )
-        prefix += first_difference
-        # Up to and including the first difference both runs scored the same context.
-        shared = min(first_difference + 1, tokens)
-        deltas += [abs(a - b) for a, b in zip(ref_lps[:shared], lps[:shared], strict=True)]
-    total = tokens * len(prompts)
+    for rid in requests if free_running else ():
+        ref, ids = free["auto"][rid][0], free["fp8"][rid][0]
+        same += sum(a == b for a, b in zip(ref, ids, strict=True))
+        prefix += next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
+
+    # Teacher-forced: prompt + continuation scored in CHUNK-token steps, every chunk after the first
+    # reading the whole context back from the cache.
+    score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    scored = {rid: (p + free["auto"][rid][0], score) for rid, (p, _) in requests.items()}
+    chunked = dict(base, max_num_batched_tokens=CHUNK, enable_prefix_caching=False)
+    forced = {c: _engine(EngineConfig(**chunked, kv_cache_dtype=c), scored) for c in ("auto", "fp8")}
+    agree, deltas = 0, []
+    for rid, (prompt, _) in requests.items():
+        ref, fp8 = forced["auto"][rid][2], forced["fp8"][rid][2]
+        # Entry pos scores token pos from the query at pos - 1: the first chunk's queries are 0..CHUNK-1.
+        for pos in range(max(len(prompt), CHUNK + 1), len(ref)):
+            agree += ref[pos].top[0][0] == fp8[pos].top[0][0]
+            deltas.append(abs(ref[pos].logprob - fp8[pos].logprob))
+    total = tokens * len(prompts) if free_running else float("nan")
     return Agreement(
         model=Path(model).name if model else "embedded default",
         dtype=dtype,
         tokens=tokens,
         prompts=len(prompts),
-        position_agreement=same / total,
-        prefix_agreement=prefix / total,
+        forced_positions=len(deltas),
+        forced_agreement=agree / len(deltas),
         mean_abs_dlogprob=statistics.fmean(deltas),
         max_abs_dlogprob=max(deltas),
+        free_agreement=same / total,
+        free_prefix=prefix / total,
     )
 
 
@@ -126,12 +156,16 @@ def main() -> None:
     (args.out / "kv_fp8_accuracy.json").write_text(
         json.dumps({"env": env, "results": [asdict(r) for r in results]}, indent=1)
     )
-    print("| model | dtype | prompts x tokens | same token | same prefix | mean abs dlogprob | max |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| model | dtype | prompts x tokens | teacher-forced positions | same argmax | mean abs dlogprob "
+        "| max | free-running same token | same prefix |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r.model} | {r.dtype} | {r.prompts} x {r.tokens} | {100 * r.position_agreement:.1f}% "
-            f"| {100 * r.prefix_agreement:.1f}% | {r.mean_abs_dlogprob:.4f} | {r.max_abs_dlogprob:.4f} |"
+            f"| {r.model} | {r.dtype} | {r.prompts} x {r.tokens} | {r.forced_positions} "
+            f"| {100 * r.forced_agreement:.1f}% | {r.mean_abs_dlogprob:.4f} | {r.max_abs_dlogprob:.4f} "
+            f"| {100 * r.free_agreement:.1f}% | {100 * r.free_prefix:.1f}% |"
         )
 
 

@@ -321,18 +321,17 @@ def _accuracy_script():
     return module
 
 
-@pytest.mark.parametrize("kind", ["llama3", "embedded"])
-def test_greedy_agreement_with_bf16_cache(tiny_model_factory, kind):
-    """The engine's greedy tokens with `--kv-cache-dtype fp8` against the bf16 cache: >= 95% of the first
-    64 tokens of a fixed prompt set agree (bf16 model, CPU); the mean |delta logprob| is reported by
-    benchmarks/kv_fp8_accuracy.py."""
+def test_greedy_agreement_with_bf16_cache():
+    """The embedded model (bf16, CPU) through the engine with `--kv-cache-dtype fp8` against its bf16
+    cache, teacher-forced over the first 64 greedy tokens of two fixed prompts: the same argmax at >= 95%
+    of the positions that read the cache. benchmarks/kv_fp8_accuracy.py reports the whole prompt set,
+    free-running agreement and the tiny models (docs/kernel_notes.md, FP8 KV cache)."""
     accuracy = _accuracy_script()
-    model = None if kind == "embedded" else str(tiny_model_factory(kind))
-    prompts = accuracy.tokenize(model, accuracy.PROMPTS[:4])
-    result = accuracy.compare(model, "bfloat16", DEVICE, 64, prompts)
-    print(result)
-    assert result.position_agreement >= 0.95
-    assert result.mean_abs_dlogprob < 0.1
+    prompts = accuracy.tokenize(None, accuracy.PROMPTS[:2])
+    result = accuracy.compare(None, "bfloat16", DEVICE, 64, prompts, free_running=False)
+    assert result.forced_positions >= 2 * (64 - accuracy.CHUNK)
+    assert result.forced_agreement >= 0.95, result
+    assert result.mean_abs_dlogprob < 0.1, result
 
 
 # -- GPU: the kernels compiled, bf16 ------------------------------------------------------------------
