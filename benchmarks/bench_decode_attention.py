@@ -1,7 +1,9 @@
 """Decode attention benchmark on a CUDA GPU: LeanAttention vs PyTorch SDPA (flash, cuDNN) on contiguous
 caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V+Q+O bytes over the read
-bandwidth measured in the same run). Writes JSON, a plot and a markdown table; `--tune` sweeps the launch
-configs instead. Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune]"""
+bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
+kernels/kv_quant.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
+markdown table; `--tune` sweeps the launch configs instead, `--skip-peers` times LeanAttention only.
+Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune] [--skip-peers]"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -23,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from leanserve.kernels.kv_quant import dequantize_kv, quantize_kv
 from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
 
 DTYPE = torch.bfloat16
@@ -46,6 +49,12 @@ class Shape:
         qo = 2 * len(self.lens) * self.num_q_heads * self.head_dim * DTYPE.itemsize
         return self.kv_bytes() + qo
 
+    def fp8_floor_bytes(self) -> int:
+        """What the fp8 kernel must read and write: K and V at a byte an element, a 4-byte scale per
+        cached row of each, Q and O in bf16."""
+        rows = 2 * sum(self.lens) * self.num_kv_heads
+        return self.floor_bytes() - self.kv_bytes() + rows * (self.head_dim + 4)
+
 
 @dataclass
 class Result:
@@ -53,11 +62,14 @@ class Result:
     batch: int
     kv_mb: float
     floor_us: float
+    fp8_kv_mb: float  # fp8 K/V with their scales
+    fp8_floor_us: float
     us: dict[str, float | None] = field(default_factory=dict)
 
     def pct_floor(self, name: str) -> float | None:
         t = self.us.get(name)
-        return None if t is None else 100 * self.floor_us / t
+        floor = self.fp8_floor_us if name == "lean_fp8" else self.floor_us
+        return None if t is None else 100 * floor / t
 
 
 def _lognormal_lens(count: int, median: int, seed: int) -> list[int]:
@@ -118,6 +130,14 @@ class Inputs:
     tables: torch.Tensor  # [copies, B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32
     copies: int
+    fp8: tuple[torch.Tensor, ...] = ()  # the pools quantized: k, v fp8 and k, v scales
+
+    def quantized(self) -> tuple[torch.Tensor, ...]:
+        """(k, v, k_scale, v_scale) of the pools in fp8, made on first use."""
+        if not self.fp8:
+            (k, k_scale), (v, v_scale) = quantize_kv(self.k_pool), quantize_kv(self.v_pool)
+            self.fp8 = (k, v, k_scale, v_scale)
+        return self.fp8
 
 
 def make_inputs(shape: Shape) -> Inputs:
@@ -143,20 +163,26 @@ def make_inputs(shape: Shape) -> Inputs:
     return Inputs(q, k_pool, v_pool, tables.cuda(), seq_lens, copies)
 
 
-def lean_calls(inp: Inputs, config: LeanConfig, num_programs: int | None = None) -> list[Callable]:
+def lean_calls(
+    inp: Inputs, config: LeanConfig, num_programs: int | None = None, fp8: bool = False
+) -> list[Callable]:
+    """One call per input copy; `fp8` reads the quantized pools."""
     outs = [torch.empty_like(inp.q[c]) for c in range(inp.copies)]
+    k, v, k_scale, v_scale = inp.quantized() if fp8 else (inp.k_pool, inp.v_pool, None, None)
     return [
         (
             lambda c=c: _launch(
                 inp.q[c],
-                inp.k_pool,
-                inp.v_pool,
+                k,
+                v,
                 inp.tables[c],
                 inp.seq_lens,
                 None,
                 outs[c],
                 config,
                 num_programs,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         )
         for c in range(inp.copies)
@@ -223,16 +249,24 @@ def peer_copies(inp: Inputs, shape: Shape) -> int:
     return inp.copies if shape.kv_bytes() * inp.copies <= (8 << 30) else 1
 
 
-def bench_shape(shape: Shape, bandwidth: float) -> Result:
+def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Result:
     inp = make_inputs(shape)
+    fp8_kv_bytes = shape.fp8_floor_bytes() - (shape.floor_bytes() - shape.kv_bytes())
     result = Result(
-        shape.name, len(shape.lens), shape.kv_bytes() / 1e6, 1e6 * shape.floor_bytes() / bandwidth
+        shape.name,
+        len(shape.lens),
+        shape.kv_bytes() / 1e6,
+        1e6 * shape.floor_bytes() / bandwidth,
+        fp8_kv_bytes / 1e6,
+        1e6 * shape.fp8_floor_bytes() / bandwidth,
     )
     config = _CONFIGS[shape.head_dim]
     result.us["lean"] = 1e6 * _time_graph(lean_calls(inp, config))
+    result.us["lean_fp8"] = 1e6 * _time_graph(lean_calls(inp, config, fp8=True))
+    check_fp8(inp, shape, config)
     copies = peer_copies(inp, shape)
-    peers = {"varlen_fa2": lambda: varlen_calls(inp, shape, copies)}
-    if not shape.ragged:
+    peers = {} if skip_peers else {"varlen_fa2": lambda: varlen_calls(inp, shape, copies)}
+    if not shape.ragged and not skip_peers:
         peers["sdpa_flash"] = lambda: sdpa_calls(inp, shape, SDPBackend.FLASH_ATTENTION, copies)
         peers["sdpa_cudnn"] = lambda: sdpa_calls(inp, shape, SDPBackend.CUDNN_ATTENTION, copies)
     for name, make in peers.items():
@@ -248,6 +282,20 @@ def bench_shape(shape: Shape, bandwidth: float) -> Result:
     err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
     assert err < 1e-2, f"{shape.name}: lean vs FA2 relative error {err:.2e}"
     return result
+
+
+def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
+    """The fp8 kernel on copy 0 against the bf16 kernel on the dequantized pools (the same values)."""
+    k, v, k_scale, v_scale = inp.quantized()
+    dequantized = replace(
+        inp, k_pool=dequantize_kv(k, k_scale, DTYPE), v_pool=dequantize_kv(v, v_scale, DTYPE), fp8=()
+    )
+    ours = lean_calls(inp, config, fp8=True)[0]()
+    theirs = lean_calls(dequantized, config)[0]()
+    err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+    assert err < 1e-2, f"{shape.name}: fp8 lean vs lean on the dequantized cache relative error {err:.2e}"
+    del dequantized
+    torch.cuda.empty_cache()
 
 
 def tune(bandwidth: float) -> list[dict]:
@@ -330,6 +378,20 @@ def markdown(results: list[Result], env: dict) -> str:
             + " | ".join(_fmt(r.us.get(p)) for p in peers)
             + f" | {_fmt(None if best is None else 100 * r.floor_us / best)} | {_fmt(speedup, 2)}x |"
         )
+    lines += [
+        "",
+        "FP8 cache (e4m3, an fp32 scale per cached row; its floor: fp8 K+V, scales, bf16 Q+O):",
+        "",
+        "| shape | fp8 KV MB | fp8 floor us | lean fp8 us | lean fp8 % own floor | lean bf16 us "
+        "| bf16 us / fp8 us |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        fp8_us = r.us["lean_fp8"]
+        lines.append(
+            f"| {r.shape} | {r.fp8_kv_mb:.0f} | {r.fp8_floor_us:.1f} | {fp8_us:.1f} "
+            f"| {_fmt(r.pct_floor('lean_fp8'))} | {r.us['lean']:.1f} | {r.us['lean'] / fp8_us:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -339,18 +401,18 @@ def plot(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ("lean", "sdpa_flash", "sdpa_cudnn", "varlen_fa2")
+    names = ("lean", "lean_fp8", "sdpa_flash", "sdpa_cudnn", "varlen_fa2")
     fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.2
+    width = 0.16
     for i, name in enumerate(names):
         values = [r.pct_floor(name) or 0 for r in results]
         ax.bar([x + i * width for x in range(len(results))], values, width, label=name)
     ax.axhline(90, color="k", linestyle="--", linewidth=0.8, label="90% target")
     ax.set_xticks(
-        [x + 1.5 * width for x in range(len(results))], [r.shape for r in results], rotation=45, ha="right"
+        [x + 2 * width for x in range(len(results))], [r.shape for r in results], rotation=45, ha="right"
     )
     ax.set_ylabel("% of HBM floor (higher is better)")
-    ax.set_title("Decode attention, bf16, D=128")
+    ax.set_title("Decode attention, bf16 (lean_fp8: fp8 cache, % of its own floor), D=128")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -371,6 +433,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--tune", action="store_true", help="sweep launch configs instead of the benchmark")
+    parser.add_argument("--skip-peers", action="store_true", help="time LeanAttention (bf16 and fp8) only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
@@ -383,7 +446,7 @@ def main() -> None:
         return
     results = []
     for shape in issue_shapes():
-        results.append(bench_shape(shape, bandwidth))
+        results.append(bench_shape(shape, bandwidth, args.skip_peers))
         torch.cuda.empty_cache()
         print(json.dumps(asdict(results[-1])), flush=True)
     (args.out / "decode_attention.json").write_text(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from leanserve.kernels.kv_quant import check_cache_scales, is_fp8
 from leanserve.kernels.launch import interpreted, sm_count, use_pdl
 from leanserve.kernels.lean_decode import _lean_decode_kernel
 from leanserve.kernels.lean_merge import red_chunk, workspace
@@ -55,7 +56,7 @@ def _default_programs(device: torch.device, config: LeanConfig) -> int:
     return sm_count(device) * config.programs_per_sm
 
 
-def _validate(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
+def _validate(q, k_cache, v_cache, block_tables, seq_lens, out, k_scale=None, v_scale=None) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -65,9 +66,11 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
         )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    check_cache_scales(k_cache, v_cache, k_scale, v_scale)
+    if not is_fp8(k_cache) and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
         raise ValueError(
-            f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+            f"q, k_cache and v_cache must share a dtype (or the caches be float8_e4m3fn), got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
         )
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -131,10 +134,12 @@ def _launch(
     config: LeanConfig,
     num_programs: int | None = None,
     timestamps: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The launcher behind `lean_attention_decode` with explicit launch parameters; `num_programs`
     overrides the grid (tests force a few programs so outputs split across 3+ of them; tuning sweeps)."""
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, out)
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, out, k_scale, v_scale)
     _validate_timestamps(timestamps, q.device)
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -153,6 +158,8 @@ def _launch(
         q,
         k_cache,
         v_cache,
+        k_scale,
+        v_scale,
         block_tables,
         seq_lens,
         out,
@@ -172,6 +179,8 @@ def _launch(
         v_cache.stride(1),
         v_cache.stride(2),
         block_tables.stride(0),
+        k_cache.shape[1] * num_kv_heads,  # the scales' strides: contiguous [num_blocks, block_size, Hkv]
+        num_kv_heads,
         out.stride(0),
         out.stride(1),
         NUM_KV_HEADS=num_kv_heads,
@@ -188,6 +197,7 @@ def _launch(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RED_CHUNK=red_chunk(group, head_dim),
         TIMED=timestamps is not None,
+        FP8=k_scale is not None,
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -205,10 +215,13 @@ def lean_attention_decode(
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence against its paged cache, in one persistent launch.
 
-    q: [B, Hq, D] fp16/bf16/fp32; k_cache, v_cache: [num_blocks, block_size, Hkv, D] same dtype;
+    q: [B, Hq, D] fp16/bf16/fp32; k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, or
+    float8_e4m3fn with k_scale, v_scale: [num_blocks, block_size, Hkv] fp32 (kernels.kv_quant);
     block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0 gives a zero output); sm_scale defaults
     to 1/sqrt(D); out: optional [B, Hq, D] buffer. Returns [B, Hq, D] in q's dtype. No host
     synchronisation: after one warm-up call (which allocates the workspace) it can be captured in a
@@ -227,5 +240,7 @@ def lean_attention_decode(
     """
     config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
     if config is None:
-        _validate(q, k_cache, v_cache, block_tables, seq_lens, out)  # raises the precise error
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, config, timestamps=timestamps)
+        _validate(q, k_cache, v_cache, block_tables, seq_lens, out, k_scale, v_scale)  # the precise error
+    return _launch(
+        q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, config, None, timestamps, k_scale, v_scale
+    )

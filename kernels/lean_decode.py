@@ -16,19 +16,21 @@ from leanserve.kernels.lean_partition import locate, partition
 # batch and min_tiles are plain runtime values: Triton would otherwise compile a variant for value 1.
 @triton.jit(do_not_specialize=["batch", "min_tiles"])
 def _lean_decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_acc_ptr, part_ml_ptr, counters_ptr, stamps_ptr,
     batch, min_tiles, qk_scale,
     stride_qb, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
-    stride_ob, stride_oh,
+    stride_sn, stride_sb, stride_ob, stride_oh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_RED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
     BLOCK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RED_CHUNK: tl.constexpr,
-    TIMED: tl.constexpr, PDL: tl.constexpr,
+    TIMED: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """part_acc_ptr, part_ml_ptr, counters_ptr: the workspace (lean_merge.Workspace). stamps_ptr (TIMED):
     int64 [2], the launch's first start and last end in ns, folded in by atomics. min_tiles: fewest tiles
-    per active program. qk_scale: sm_scale * log2(e), so scores come out in log2 units for exp2."""
+    per active program. qk_scale: sm_scale * log2(e), so scores come out in log2 units for exp2.
+    k_scale_ptr, v_scale_ptr (FP8): the fp32 scales [num_blocks, block_size, Hkv] of the fp8 caches'
+    rows (strides stride_sn, stride_sb, 1)."""
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
 
@@ -79,9 +81,9 @@ def _lean_decode_kernel(
             offs_g, offs_d, offs_t, HEAD_DIM, GROUP, PAGE_SIZE, TILE, UPCAST,
         )  # fmt: skip
         m_i, l_i, acc = _attend_tile(
-            q, k_ptr, v_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn, stride_kb,
-            stride_kh, stride_vn, stride_vb, stride_vh, offs_d, offs_t, td_mask_d,
-            PAGE_SIZE, TILE, UPCAST, DOT_PRECISION,
+            q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale,
+            stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, offs_d,
+            offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8,
         )  # fmt: skip
 
         if out_done | (u + 1 == end):
@@ -178,12 +180,16 @@ def _prefetch(
 
 @triton.jit
 def _attend_tile(
-    q, k_ptr, v_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn, stride_kb, stride_kh,
-    stride_vn, stride_vb, stride_vh, offs_d, offs_t, td_mask_d, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn,
+    stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, offs_d, offs_t, td_mask_d,
+    PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: the running max m_i, denominator l_i and accumulator acc of KV head h's
-    query heads, updated with the tile's K/V (page: its page ids). Returns (m_i, l_i, acc)."""
+    query heads, updated with the tile's K/V (page: its page ids). Returns (m_i, l_i, acc).
+    FP8: K/V are converted to q's dtype in registers (exact: e4m3 fits in fp16 and bf16) and their
+    per-token scales applied to the [GROUP_PAD, TILE] scores and probabilities instead of the [TILE, D]
+    tiles: s = (q . k_fp8) k_scale, and acc += (p v_scale) @ v_fp8."""
     tok = tile * TILE + offs_t
     tok_mask = tok < seq_len
     row = (tok % PAGE_SIZE)[:, None]
@@ -198,16 +204,24 @@ def _attend_tile(
         mask=kv_mask,
         other=0.0,
     )
+    if FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
+    if FP8:
+        scale_offs = h + page * stride_sn + (tok % PAGE_SIZE) * stride_sb
+        s = s * tl.load(k_scale_ptr + scale_offs, mask=tok_mask, other=0.0)[None, :]
     s = tl.where(tok_mask[None, :], s, float("-inf"))
     # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP8:
+        p = p * tl.load(v_scale_ptr + scale_offs, mask=tok_mask, other=0.0)[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 

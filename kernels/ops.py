@@ -43,9 +43,11 @@ def rope_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     apply = rotary.rope_and_cache if qkv.is_cuda else reference_rope_and_cache
-    return apply(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    return apply(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -65,14 +67,18 @@ def decode_attention(
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LeanAttention on CUDA; elsewhere its twin, which records no kernel timestamps (the CPU's attention
     timer measures host time instead)."""
     if q.is_cuda:
         return lean_attention.lean_attention_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, timestamps
+            q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, timestamps, k_scale, v_scale
         )
-    return reference_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out)
+    return reference_decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, sm_scale, out, k_scale, v_scale
+    )
 
 
 def prefill_attention(
@@ -84,8 +90,12 @@ def prefill_attention(
     block_tables: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All prefill chunks of a step against the paged cache: the Triton kernel on CUDA, one launch;
     elsewhere its twin (one fp32 SDPA per chunk)."""
     apply = paged_prefill.prefill_attention if q.is_cuda else reference_prefill_attention
-    return apply(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out)
+    return apply(
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out, k_scale, v_scale
+    )

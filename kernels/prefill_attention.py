@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from leanserve.kernels.kv_quant import check_cache_scales, is_fp8
 from leanserve.kernels.launch import interpreted, max_shared_memory
 from leanserve.kernels.prefill_kernel import _prefill_kernel
 
@@ -59,7 +60,9 @@ def _fitted(config: PrefillConfig, head_dim: int, itemsize: int, device: torch.d
     return replace(config, num_stages=stages)
 
 
-def _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, block_m) -> None:
+def _validate(
+    q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, block_m, k_scale=None, v_scale=None
+) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -69,9 +72,11 @@ def _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out
         )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    check_cache_scales(k_cache, v_cache, k_scale, v_scale)
+    if not is_fp8(k_cache) and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
         raise ValueError(
-            f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+            f"q, k_cache and v_cache must share a dtype (or the caches be float8_e4m3fn), got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
         )
     num_q_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
@@ -127,10 +132,14 @@ def _launch(
     sm_scale: float | None,
     out: torch.Tensor | None,
     config: PrefillConfig,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The launcher behind `prefill_attention` with explicit launch parameters (tests force small tiles so
     short chunks span several of them; the benchmark's tuning sweep)."""
-    _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, config.block_m)
+    _validate(
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, config.block_m, k_scale, v_scale
+    )
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -144,10 +153,11 @@ def _launch(
     grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads)
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+        q, k_cache, v_cache, k_scale, v_scale, cu_seqlens_q, context_lens, block_tables, out,
         num_seqs, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        block_size * num_kv_heads, num_kv_heads,  # the scales' strides ([num_blocks, block_size, Hkv])
         out.stride(0), out.stride(1),
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -158,6 +168,7 @@ def _launch(
         # The interpreter computes bf16 tl.dot wrongly (triton issue 11584): upcast its operands there.
         UPCAST=interpreted(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8=k_scale is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
@@ -173,18 +184,23 @@ def prefill_attention(
     block_tables: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every prefill chunk of a step against its sequence's paged cache, one launch.
 
     q: [T, Hq, D] fp16/bf16/fp32 (the chunks' tokens back to back; any token and head strides), D one of
-    SUPPORTED_HEAD_DIMS; k_cache, v_cache: [num_blocks, block_size, Hkv, D], same dtype, already holding
-    the chunks' own K/V; cu_seqlens_q: [P+1] int32, chunk i's tokens are q[cu[i]:cu[i+1]]; context_lens:
+    SUPPORTED_HEAD_DIMS; k_cache, v_cache: [num_blocks, block_size, Hkv, D] in q's dtype, or float8_e4m3fn
+    with k_scale, v_scale: [num_blocks, block_size, Hkv] fp32 (kernels.kv_quant), already holding the
+    chunks' own K/V; cu_seqlens_q: [P+1] int32, chunk i's tokens are q[cu[i]:cu[i+1]]; context_lens:
     [P] int32, tokens in the cache after chunk i (its prefix + itself), so its token j sits at position
     context_lens[i] - query_len + j and sees the keys up to there; block_tables: [P, max_blocks] int32;
     sm_scale defaults to 1/sqrt(D); out: optional [T, Hq, D] buffer. Returns [T, Hq, D] in q's dtype.
     Reads no lengths on the host (the grid comes from T and P)."""
     config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
     if config is None:
-        _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, 1)  # the precise error
+        _validate(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, 1, k_scale, v_scale)
     config = _fitted(config, q.shape[-1], q.element_size(), q.device)
-    return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out, config)
+    return _launch(
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sm_scale, out, config, k_scale, v_scale
+    )

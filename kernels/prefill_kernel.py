@@ -13,16 +13,18 @@ import triton.language as tl
 # a step of one chunk or one page, and for widths that are multiples of 16.
 @triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, out_ptr,
-    num_seqs, qk_scale,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
+    out_ptr, num_seqs, qk_scale,
     stride_qt, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
-    stride_ot, stride_oh,
+    stride_sn, stride_sb, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     """Grid: (query-tile programs, KV heads). A tile holds TOKENS = BLOCK_M // GROUP query tokens times the
     GROUP query heads of KV head h: row r is token r // GROUP, head h * GROUP + r % GROUP. qk_scale:
-    sm_scale * log2(e), so scores come out in log2 units for exp2."""
+    sm_scale * log2(e), so scores come out in log2 units for exp2. k_scale_ptr, v_scale_ptr (FP8): the fp32
+    scales [num_blocks, block_size, Hkv] of the fp8 caches' rows (strides stride_sn, stride_sb, 1)."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     # The programs run in reverse: the last tiles of a sequence see the most keys, so they start first.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -64,14 +66,14 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend_range(
-        q, m_i, l_i, acc, k_ptr, v_ptr, table, h, pos, 0, unmasked_end, context_len, qk_scale,
-        stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, offs_d, d_mask,
-        PAGE_SIZE, BLOCK_N, False, UPCAST, DOT_PRECISION,
+        q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, 0, unmasked_end,
+        context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn,
+        stride_sb, offs_d, d_mask, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, FP8,
     )  # fmt: skip
     m_i, l_i, acc = _attend_range(
-        q, m_i, l_i, acc, k_ptr, v_ptr, table, h, pos, unmasked_end, masked_end, context_len, qk_scale,
-        stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, offs_d, d_mask,
-        PAGE_SIZE, BLOCK_N, True, UPCAST, DOT_PRECISION,
+        q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, unmasked_end, masked_end,
+        context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn,
+        stride_sb, offs_d, d_mask, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, FP8,
     )  # fmt: skip
 
     # Every row saw at least its first key, so l_i > 0 (padding rows too: they are not stored).
@@ -95,14 +97,16 @@ def _find_sequence(cu_seqlens_ptr, pid, num_seqs, TOKENS: tl.constexpr):
 
 @triton.jit
 def _attend_range(
-    q, m_i, l_i, acc, k_ptr, v_ptr, table, h, pos, start, end, context_len, qk_scale,
-    stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, offs_d, d_mask,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, start, end, context_len,
+    qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, offs_d,
+    d_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key tiles from `start` (a multiple of BLOCK_N) to `end`: the running max
     m_i, denominator l_i and accumulator acc of the query tile, updated tile by tile. CAUSAL masks each
-    key past its row's position `pos` (and past the context); without it every key is visible."""
+    key past its row's position `pos` (and past the context); without it every key is visible.
+    FP8: K/V arrive converted to q's dtype (exact: e4m3 fits in fp16 and bf16); their per-key scales
+    multiply the [BLOCK_M, BLOCK_N] scores and probabilities rather than the [BLOCK_N, D] tiles."""
     offs_n = tl.arange(0, BLOCK_N)
     page = _page_ids(table, start + offs_n, context_len, PAGE_SIZE)
     for n in range(start, end, BLOCK_N):
@@ -112,8 +116,11 @@ def _attend_range(
         # keep Triton's pipeliner from putting the next tiles' K/V in flight.
         next_page = _page_ids(table, key + BLOCK_N, context_len, PAGE_SIZE)
         k, v = _load_kv_tile(k_ptr, v_ptr, page, key, key_mask, h, stride_kn, stride_kb, stride_kh,
-                             stride_vn, stride_vb, stride_vh, offs_d, d_mask, PAGE_SIZE, UPCAST)  # fmt: skip
+                             stride_vn, stride_vb, stride_vh, offs_d, d_mask, PAGE_SIZE, q.dtype)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if FP8:
+            scale_offs = page * stride_sn + (key % PAGE_SIZE) * stride_sb + h
+            s = s * tl.load(k_scale_ptr + scale_offs, mask=key_mask, other=0.0)[None, :]
         if CAUSAL:
             s = tl.where((key[None, :] <= pos[:, None]) & key_mask[None, :], s, float("-inf"))
         # The first tile of a range holds each row's first visible key, so m_new is finite.
@@ -121,6 +128,8 @@ def _attend_range(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP8:
+            p = p * tl.load(v_scale_ptr + scale_offs, mask=key_mask, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
         page = next_page
@@ -136,18 +145,15 @@ def _page_ids(table, key, context_len, PAGE_SIZE: tl.constexpr):
 @triton.jit
 def _load_kv_tile(
     k_ptr, v_ptr, page, key, key_mask, h, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh,
-    offs_d, d_mask, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
+    offs_d, d_mask, PAGE_SIZE: tl.constexpr, dtype: tl.constexpr,
 ):  # fmt: skip
     """K and V of KV head h at the sequence's positions `key` ([BLOCK_N], on pages `page`; masked ones
-    read as 0): [BLOCK_N, BLOCK_D] each, gathered row by row, so any page size works and a tile may span
-    pages."""
+    read as 0): [BLOCK_N, BLOCK_D] each in `dtype` (the query tile's), gathered row by row, so any page size
+    works and a tile may span pages."""
     slot = key % PAGE_SIZE
     mask = key_mask[:, None] & d_mask[None, :]
     k_rows = page * stride_kn + slot * stride_kb + h * stride_kh
     v_rows = page * stride_vn + slot * stride_vb + h * stride_vh
     k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
+    return k.to(dtype), v.to(dtype)

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from leanserve.kernels.kv_quant import dequantize_kv, select_blocks
+
 
 def reference_decode_attention(
     q: torch.Tensor,
@@ -18,12 +20,15 @@ def reference_decode_attention(
     seq_lens: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per sequence against its paged cache.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
     int32; seq_lens: [B] int32 (0 gives a zero output). Returns [B, Hq, D] in q's dtype (written into
     `out` when given). Reads the lengths on the host: this is a reference, not a graph-capturable path.
+    float8_e4m3fn caches come with k_scale, v_scale: [num_blocks, block_size, Hkv] fp32 (kernels.kv_quant).
     """
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -40,8 +45,10 @@ def reference_decode_attention(
     num_pages = -(-max_len // block_size)
     pages = block_tables[:, :num_pages].reshape(-1).clamp(0, k_cache.shape[0] - 1)
     padded = (batch, num_pages * block_size, num_kv_heads, head_dim)
-    k = k_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, pages).view(padded)[:, :max_len].float().transpose(1, 2)
+    k, v = (
+        _gather_pages(cache, scales, pages, padded)[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D] fp32
+        for cache, scales in ((k_cache, k_scale), (v_cache, v_scale))
+    )
 
     # The query heads of a KV group attend together: [B, Hkv, group, D] against [B, Hkv, L, D]. One
     # fused SDPA call (fp32) is the CPU engine's decode path, faster than spelled-out einsums.
@@ -70,12 +77,15 @@ def reference_prefill_attention(
     block_tables: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each prefill chunk against its paged cache (the chunk's prefix and itself).
 
     q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; cu_seqlens_q: [P+1] int32;
     context_lens: [P] int32 (chunk i's token j sits at position context_lens[i] - query_len + j);
-    block_tables: [P, max_blocks] int32. Returns [T, Hq, D] in q's dtype (written into `out` when given).
+    block_tables: [P, max_blocks] int32; float8_e4m3fn caches come with k_scale, v_scale as in
+    `reference_decode_attention`. Returns [T, Hq, D] in q's dtype (written into `out` when given).
     Computes in fp32 and reads the lengths on the host: one SDPA per chunk."""
     head_dim = q.shape[-1]
     block_size = k_cache.shape[1]
@@ -90,8 +100,10 @@ def reference_prefill_attention(
             continue
         # The sequence's first context_len cached tokens, whole pages gathered at once: [Hkv, L, D].
         pages = block_tables[i, : -(-context_len // block_size)]
+        shape = (1, pages.shape[0] * block_size, *k_cache.shape[2:])
         k, v = (
-            c[pages].flatten(0, 1)[:context_len].transpose(0, 1)[None].float() for c in (k_cache, v_cache)
+            _gather_pages(cache, scales, pages, shape)[0, :context_len].transpose(0, 1)[None]
+            for cache, scales in ((k_cache, k_scale), (v_cache, v_scale))
         )
         q_i = q[start:end].transpose(0, 1)[None].float()  # [1, Hq, query_len, D]: SDPA's fused layout
         if context_len == query_len:  # no prefix: the plain causal mask (CPU's fused kernel takes it)
@@ -102,3 +114,13 @@ def reference_prefill_attention(
             o_i = F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = o_i[0].transpose(0, 1)
     return out
+
+
+def _gather_pages(
+    cache: torch.Tensor, scales: torch.Tensor | None, pages: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The cache's `pages` as fp32 `shape` ([B, pages * block_size, Hkv, D]), dequantized with `scales`."""
+    values = select_blocks(cache, pages).view(shape)
+    if scales is None:
+        return values.float()
+    return dequantize_kv(values, scales.index_select(0, pages).view(shape[:3]), torch.float32)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from leanserve.kernels.kv_quant import check_cache_scales, fp8_scale, is_fp8, quantize_kv
 from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
@@ -43,12 +44,15 @@ def _rope_and_cache_kernel(
     cos_sin_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,  # FP8: [num_blocks * block_size, Hkv] fp32 scales of the cached rows
+    v_scale_ptr,
     slot_mapping_ptr,
     stride_qkv,
     stride_pos,  # cos_sin: one position's [2, D] rows
     stride_sin,  # cos_sin: from the cos row to the sin row
     stride_slot,  # caches: [num_blocks * block_size, Hkv, D] as flat slots
     stride_head,
+    stride_scale_slot,  # scales: [num_blocks * block_size, Hkv] as flat slots, unit head stride
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -57,6 +61,7 @@ def _rope_and_cache_kernel(
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -77,14 +82,28 @@ def _rope_and_cache_kernel(
     cache_row = slot * stride_slot
     k_dst = k_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_half[None, :]
     k_mask = (offs_kv[:, None] < NUM_KV_HEADS) & half_mask[None, :]
+    kv_heads_mask = offs_kv < NUM_KV_HEADS
+    if FP8:
+        # Quantized from k as stored in qkv (rounded to its dtype), as the torch twin reads it.
+        k1 = k1.to(row.dtype.element_ty).to(tl.float32)
+        k2 = k2.to(row.dtype.element_ty).to(tl.float32)
+        k_scale = fp8_scale(tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)))
+        k1, k2 = k1 / k_scale[:, None], k2 / k_scale[:, None]
+        tl.store(k_scale_ptr + slot * stride_scale_slot + offs_kv, k_scale, mask=kv_heads_mask)
     tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
     tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
 
     offs_d = tl.arange(0, BLOCK_D)
-    v_mask = (offs_kv[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = kv_heads_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     v_src = row + (NUM_Q_HEADS + NUM_KV_HEADS) * HEAD_DIM + offs_kv[:, None] * HEAD_DIM + offs_d[None, :]
     v = tl.load(v_src, mask=v_mask, other=0.0)
-    tl.store(v_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_d[None, :], v, mask=v_mask)
+    if FP8:
+        v = v.to(tl.float32)
+        v_scale = fp8_scale(tl.max(tl.abs(v), axis=1))
+        v = v / v_scale[:, None]
+        tl.store(v_scale_ptr + slot * stride_scale_slot + offs_kv, v_scale, mask=kv_heads_mask)
+    v_dst = v_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_d[None, :]
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -147,6 +166,8 @@ def check_rope_inputs(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """ValueError unless the arguments are as `rope_and_cache` documents them (qkv: its output too)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
@@ -165,9 +186,12 @@ def check_rope_inputs(
             f"qkv must be [T, (Hq + 2 * {num_kv_heads}) * {head_dim}] with unit column stride, "
             f"got {tuple(qkv.shape)} {qkv.stride()}"
         )
-    dtypes = {qkv.dtype, cos_sin.dtype, k_cache.dtype, v_cache.dtype}
+    check_cache_scales(k_cache, v_cache, k_scale, v_scale)
+    dtypes = {qkv.dtype, cos_sin.dtype} | (set() if is_fp8(k_cache) else {k_cache.dtype, v_cache.dtype})
     if len(dtypes) != 1:
-        raise ValueError(f"qkv, cos_sin and the caches must share a dtype, got {sorted(map(str, dtypes))}")
+        raise ValueError(
+            f"qkv, cos_sin and the (not fp8) caches must share a dtype, got {sorted(map(str, dtypes))}"
+        )
     if cos_sin.dim() != 3 or cos_sin.shape[1:] != (2, head_dim) or cos_sin.stride(2) != 1:
         raise ValueError(f"cos_sin must be [max_pos, 2, {head_dim}], got {tuple(cos_sin.shape)}")
     for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
@@ -187,6 +211,8 @@ def rope_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rotate q and k of qkv in place and write k and v to the cache, in one launch.
 
@@ -195,8 +221,9 @@ def rope_and_cache(
     models.layers.RotaryEmbedding); k_cache, v_cache: [num_blocks, block_size, Hkv, D] in qkv's dtype;
     slot_mapping: [T] int64 flat slots (block * block_size + offset). Returns the views q [T, Hq, D],
     k, v [T, Hkv, D] of qkv. No host synchronisation (CUDA-graph capturable); positions and slots are
-    not bounds-checked."""
-    check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    not bounds-checked. With float8_e4m3fn caches, k_scale and v_scale ([num_blocks, block_size, Hkv]
+    fp32) receive each written row's scale and the caches its quantized values (kernels.kv_quant)."""
+    check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     _, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
     if qkv.shape[0]:
@@ -207,12 +234,15 @@ def rope_and_cache(
             cos_sin,
             k_cache,
             v_cache,
+            k_scale,
+            v_scale,
             slot_mapping,
             qkv.stride(0),
             cos_sin.stride(0),
             cos_sin.stride(1),
             k_cache.stride(1),
             k_cache.stride(2),
+            num_kv_heads,
             NUM_Q_HEADS=q.shape[1],
             NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim,
@@ -221,6 +251,7 @@ def rope_and_cache(
             BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             BLOCK_D=triton.next_power_of_2(head_dim),
+            FP8=k_scale is not None,
             PDL=pdl,
             num_warps=_NUM_WARPS,
             launch_pdl=pdl,
@@ -235,15 +266,23 @@ def reference_rope_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch twin of `rope_and_cache`, with the same in-place effects: q and k rotated together with the
-    full-width tables (3 ops), then k and v copied into the caches."""
+    full-width tables (3 ops), then k and v copied into the caches (quantized, with their scales, for
+    fp8 caches)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     qk, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
     cos, sin = cos_sin.index_select(0, positions).unsqueeze(1).unbind(2)  # [T, 1, D] each
     half = head_dim // 2
     swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
     qk.mul_(cos).addcmul_(swapped, sin)
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if scales is not None:
+            new, new_scales = quantize_kv(new)
+            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, new_scales)
+            # CPU torch has no fp8 index_copy_: the bytes are copied as uint8.
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, new)
     return q, k, v

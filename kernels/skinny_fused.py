@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from leanserve.kernels.kv_quant import is_fp8
 from leanserve.kernels.rotary import check_rope_inputs
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
 from leanserve.kernels.skinny_linear import check_product, launch_skinny, rows_of
@@ -56,6 +57,9 @@ def skinny_linear_rope(
     check_product(x, weight, bias)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
+    if is_fp8(k_cache):
+        # An fp8 row's scale is the amax of the whole head; a program holds BLOCK_N / 2 of its pairs.
+        raise ValueError("the fused epilogue writes unquantized caches only; fp8 caches take rope_and_cache")
     n = weight.shape[0]
     qkv = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)

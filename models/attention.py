@@ -138,21 +138,31 @@ def paged_attention(
     v_cache: torch.Tensor,
     batch: AttentionBatch,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the step's new tokens over their sequences' caches, which only reads them.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, any strides, already written to the caches at
-    batch.slot_mapping); k_cache, v_cache: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D]."""
+    batch.slot_mapping); k_cache, v_cache: [num_blocks, block_size, Hkv, D], float8_e4m3fn with their
+    scales k_scale, v_scale [num_blocks, block_size, Hkv] or in q's dtype. Returns [T, Hq, D]."""
     out = torch.empty_like(q)
     timer = batch.timer
     num_prefill = batch.num_prefill_tokens
     if num_prefill:
         with timer.prefill() if timer else nullcontext():
-            _prefill(q, k, v, k_cache, v_cache, batch, scale, out)
+            _prefill(q, k, v, k_cache, v_cache, k_scale, v_scale, batch, scale, out)
     if num_prefill < q.shape[0]:
         args = (q[num_prefill:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens)
         with timer.decode() if timer else nullcontext() as stamps:
-            ops.decode_attention(*args, sm_scale=scale, out=out[num_prefill:], timestamps=stamps)
+            ops.decode_attention(
+                *args,
+                sm_scale=scale,
+                out=out[num_prefill:],
+                timestamps=stamps,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
     return out
 
 
@@ -162,6 +172,8 @@ def _prefill(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
     batch: AttentionBatch,
     scale: float,
     out: torch.Tensor,
@@ -181,6 +193,8 @@ def _prefill(
         batch.prefill_block_tables,
         sm_scale=scale,
         out=out[:num_prefill],
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 

@@ -1,12 +1,40 @@
 """The paged KV cache tensors: per layer one K and one V tensor of [num_blocks, block_size, Hkv, D],
 all views of a single allocation. Under tensor parallelism a rank caches only its Hkv / tp KV heads.
-Which sequence owns which block is the block manager's business."""
+An fp8 cache (float8_e4m3fn) also holds one fp32 scale per cached (token, KV head) row of K and of V,
+per layer [num_blocks, block_size, Hkv] views of a second allocation (kernels.kv_quant). Which sequence
+owns which block is the block manager's business."""
 
 from __future__ import annotations
 
 import torch
 
+from leanserve.kernels.kv_quant import FP8_DTYPE
 from leanserve.models.config import ModelConfig
+
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
+_SCALE_DTYPE = torch.float32
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`--kv-cache-dtype` -> the cache's storage dtype: auto is the model's dtype, bf16 needs a bf16
+    model (the attention kernels read the cache in q's dtype), fp8 is float8_e4m3fn with scales, for
+    any model dtype, where torch has float8 and (CUDA) the GPU converts it (compute capability 8.9+)."""
+    if name == "auto":
+        return model_dtype
+    if name == "bf16":
+        if model_dtype != torch.bfloat16:
+            raise ValueError(f"kv_cache_dtype bf16 needs dtype bfloat16, the model runs in {model_dtype}")
+        return torch.bfloat16
+    if name != "fp8":
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
+    if FP8_DTYPE is None:
+        raise ValueError(f"kv_cache_dtype fp8 needs a torch with float8_e4m3fn (torch {torch.__version__})")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer, got "
+            f"{torch.cuda.get_device_name(device)}"
+        )
+    return FP8_DTYPE
 
 
 class KVCache:
@@ -21,30 +49,39 @@ class KVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype = dtype
+        num_kv_heads = config.num_kv_heads // tp_size
+        rows = (config.num_layers, 2, num_blocks, block_size, num_kv_heads)
         # Zeroed, not empty: kernels multiply masked-out probabilities (0) with whatever V holds in a
         # partly filled block, and 0 * NaN from stale memory would poison the output.
-        self.data = torch.zeros(
-            config.num_layers,
-            2,
-            num_blocks,
-            block_size,
-            config.num_kv_heads // tp_size,
-            config.head_dim,
-            dtype=dtype,
-            device=device,
-        )
+        self.data = torch.zeros(*rows, config.head_dim, dtype=dtype, device=device)
         self.k = list(self.data[:, 0].unbind(0))  # per layer [num_blocks, block_size, Hkv, D]
         self.v = list(self.data[:, 1].unbind(0))
+        self.scales = None
+        self.k_scale: list[torch.Tensor | None] = [None] * config.num_layers
+        self.v_scale: list[torch.Tensor | None] = [None] * config.num_layers
+        if self.quantized:
+            self.scales = torch.zeros(rows, dtype=_SCALE_DTYPE, device=device)
+            self.k_scale = list(self.scales[:, 0].unbind(0))  # per layer [num_blocks, block_size, Hkv]
+            self.v_scale = list(self.scales[:, 1].unbind(0))
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == FP8_DTYPE
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy whole blocks (all layers, K and V) from src to dst for each (src, dst) pair."""
+        """Copy whole blocks (all layers, K and V, with their scales) from src to dst for each pair."""
         if copies:
             src, dst = (torch.tensor(c, device=self.data.device) for c in zip(*copies, strict=True))
             self.data[:, :, dst] = self.data[:, :, src]
+            if self.scales is not None:
+                self.scales[:, :, dst] = self.scales[:, :, src]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-        """Bytes one block takes over all layers, K and V (on one rank of `tp_size`)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        """Bytes one block takes over all layers, K and V, scales included (on one rank of `tp_size`)."""
+        row_bytes = config.head_dim * torch.empty((), dtype=dtype).element_size()
+        if dtype == FP8_DTYPE:
+            row_bytes += torch.empty((), dtype=_SCALE_DTYPE).element_size()
         kv_heads = config.num_kv_heads // tp_size
-        return 2 * config.num_layers * block_size * kv_heads * config.head_dim * itemsize
+        return 2 * config.num_layers * block_size * kv_heads * row_bytes

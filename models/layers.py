@@ -193,11 +193,15 @@ class RotaryEmbedding(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotate the q and k heads of qkv [T, (Hq + 2 Hkv) * D] in place at positions [T] int64 and write
-        k and v to the caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64. Returns views
-        of qkv: q [T, Hq, D], k and v [T, Hkv, D]."""
-        return ops.rope_and_cache(qkv, positions, self.cos_sin, k_cache, v_cache, slot_mapping)
+        k and v to the caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64 (fp8 caches:
+        quantized, their scales to k_scale, v_scale [num_blocks, block_size, Hkv]). Returns views of
+        qkv: q [T, Hq, D], k and v [T, Hkv, D]."""
+        caches = (k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return ops.rope_and_cache(qkv, positions, self.cos_sin, *caches)
 
 
 class GatedMLP(nn.Module):

@@ -56,9 +56,15 @@ class Attention(nn.Module):
         projection `o_weight`, which the layer applies (with the residual add in its epilogue, or not)."""
         num_tokens = x.shape[0]
         k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
+        k_scale, v_scale = kv_cache.k_scale[self.layer_idx], kv_cache.v_scale[self.layer_idx]
         # Decode-sized steps on CUDA rotate q and k and write the cache in the product's epilogue; the
-        # q/k norm (Qwen3) sits between the two and needs whole heads, so it keeps them apart.
-        fused = self.qk_norm_weight is None and self.rope.fuses_with(x, self.qkv_weight)
+        # q/k norm (Qwen3) sits between the two and needs whole heads, so it keeps them apart, and so
+        # does an fp8 cache, whose row scale needs a whole head (a program of the product holds part).
+        fused = (
+            self.qk_norm_weight is None
+            and not kv_cache.quantized
+            and self.rope.fuses_with(x, self.qkv_weight)
+        )
         if fused:
             qkv = self.rope.project(
                 x, self.qkv_weight, self.qkv_bias, positions, k_cache, v_cache, batch.slot_mapping
@@ -75,8 +81,9 @@ class Attention(nn.Module):
                 # The q and k heads, normalised in place: the rotation reads them from qkv.
                 qk = qkv[:, : self.qk_norm_weight.numel()].view(num_tokens, *self.qk_norm_weight.shape)
                 torch.mul(F.rms_norm(qk, (self.head_dim,), None, self.eps), self.qk_norm_weight, out=qk)
-            q, k, v = self.rope(qkv, positions, k_cache, v_cache, batch.slot_mapping)
-        return paged_attention(q, k, v, k_cache, v_cache, batch, self.scale).view(num_tokens, -1)
+            q, k, v = self.rope(qkv, positions, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
+        out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, k_scale, v_scale)
+        return out.view(num_tokens, -1)
 
 
 class DecoderLayer(nn.Module):

@@ -43,16 +43,16 @@ class GreedyRunner:
         num_blocks: int = 256,
         timer: AttentionTimer | None = None,
         workers: TPWorkers | None = None,
+        cache_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.device = model.embed_weight.device
-        self.cache = KVCache(
-            model.config, num_blocks, BLOCK_SIZE, model.embed_weight.dtype, self.device, model.tp_size
-        )
+        cache_dtype = cache_dtype or model.embed_weight.dtype
+        self.cache = KVCache(model.config, num_blocks, BLOCK_SIZE, cache_dtype, self.device, model.tp_size)
         # Tensor parallelism: mirror the cache and every forward to the other ranks, as the engine does.
         self.workers = workers
         if workers is not None:
-            workers.allocate_kv_cache(num_blocks, BLOCK_SIZE)
+            workers.allocate_kv_cache(num_blocks, BLOCK_SIZE, cache_dtype)
         self.last_logits: torch.Tensor | None = None  # logits of generate()'s last step
         self.free = list(range(num_blocks))
         random.Random(0).shuffle(self.free)

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+KVCacheDtype = Literal["auto", "bf16", "fp8"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "dummy"]
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
@@ -25,7 +26,10 @@ class EngineConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="model name clients use; unset: the model directory name"
     )
-    dtype: Dtype = Field("auto", description="weights and KV cache dtype")
+    dtype: Dtype = Field("auto", description="weights dtype (and the KV cache's under kv_cache_dtype auto)")
+    kv_cache_dtype: KVCacheDtype = Field(
+        "auto", description="KV cache storage: auto (the model dtype), bf16, fp8 (e4m3 with per-row scales)"
+    )
     device: Device = Field("auto", description="cuda when available under auto")
     load_format: LoadFormat = Field("auto", description="dummy: random weights from config.json")
     block_size: int = Field(16, description=f"tokens per KV cache block, one of {BLOCK_SIZES}")

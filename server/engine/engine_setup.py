@@ -3,12 +3,13 @@ tokenizer, the KV pool's size (from free GPU memory, or `kv_cache_tokens` on CPU
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
 
-from leanserve.models.kv_cache import KVCache
+from leanserve.models.kv_cache import KVCache, resolve_kv_cache_dtype
 from leanserve.models.layers import prepack_linear_weights
 from leanserve.models.loader import load_model, resolve_dtype
 from leanserve.models.weights_source import resolve_model_dir
@@ -23,6 +24,8 @@ from leanserve.server.engine.tp_worker import TPWorkers, WorkerSpec
 _ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
 _LOGIT_COPIES = 4
 _GRAPH_RESERVE_BYTES = 1 << 30
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +47,7 @@ def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> Engi
     model_dir = resolve_model_dir(config.model)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
     workers = None
     if config.tensor_parallel_size > 1:
         spec = WorkerSpec(str(model_dir), dtype, device.type, config.load_format, torch.get_num_threads())
@@ -55,14 +59,23 @@ def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> Engi
         prepack_linear_weights(model)
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
     max_model_len = config.max_model_len or model.config.max_position_embeddings
-    num_blocks = num_kv_blocks(config, model, dtype, device)
+    num_blocks = num_kv_blocks(config, model, kv_cache_dtype, device)
+    block_bytes = KVCache.bytes_per_block(model.config, config.block_size, kv_cache_dtype, model.tp_size)
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB a rank)",
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        str(kv_cache_dtype).removeprefix("torch."),
+        num_blocks * block_bytes / (1 << 30),
+    )
     runner = ModelRunner(
         model,
         num_blocks,
         config.block_size,
         config.max_num_seqs,
         max_model_len,
-        dtype,
+        kv_cache_dtype,
         device,
         use_cuda_graphs=not config.enforce_eager,
         time_attention=time_attention,
@@ -71,16 +84,18 @@ def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> Engi
     return EngineParts(runner, tokenizer, num_blocks, max_model_len)
 
 
-def num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
+def num_kv_blocks(config: EngineConfig, model, kv_cache_dtype: torch.dtype, device: torch.device) -> int:
     """CPU: `kv_cache_tokens`. GPU: what `gpu_memory_utilization` of the card leaves after the weights,
-    the step's activations and the CUDA graphs."""
+    the step's activations and the CUDA graphs, in blocks of `kv_cache_dtype` (an fp8 cache holds
+    about twice the tokens of a bf16 one)."""
     if device.type != "cuda":
         return config.kv_cache_tokens // config.block_size
     free, total = torch.cuda.mem_get_info(device)
     logits = config.max_num_seqs * model.config.vocab_size * 4 * _LOGIT_COPIES
     reserve = config.max_num_batched_tokens * _ACTIVATION_BYTES_PER_TOKEN + logits + _GRAPH_RESERVE_BYTES
     budget = total * config.gpu_memory_utilization - (total - free) - reserve
-    num_blocks = int(budget // KVCache.bytes_per_block(model.config, config.block_size, dtype, model.tp_size))
+    block_bytes = KVCache.bytes_per_block(model.config, config.block_size, kv_cache_dtype, model.tp_size)
+    num_blocks = int(budget // block_bytes)
     if num_blocks < 1:
         raise RuntimeError(
             f"no GPU memory left for the KV cache (gpu_memory_utilization={config.gpu_memory_utilization})"

@@ -77,7 +77,7 @@ class ModelRunner:
         block_size: int,
         max_num_seqs: int,
         max_model_len: int,
-        dtype: torch.dtype,
+        kv_cache_dtype: torch.dtype,
         device: torch.device,
         use_cuda_graphs: bool,
         time_attention: bool = True,
@@ -87,9 +87,11 @@ class ModelRunner:
         self.workers = workers  # tensor parallelism: the other ranks mirror every forward and copy
         self.device = device
         self.block_size = block_size
-        self.kv_cache = KVCache(model.config, num_blocks + 1, block_size, dtype, device, model.tp_size)
+        self.kv_cache = KVCache(
+            model.config, num_blocks + 1, block_size, kv_cache_dtype, device, model.tp_size
+        )
         if workers is not None:
-            workers.allocate_kv_cache(num_blocks + 1, block_size)
+            workers.allocate_kv_cache(num_blocks + 1, block_size, kv_cache_dtype)
         self.scratch_block = num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.time_attention = time_attention

@@ -54,6 +54,7 @@ class WorkerSpec:
 class _AllocateCache:
     num_blocks: int
     block_size: int
+    dtype: torch.dtype
 
 
 @dataclass
@@ -120,9 +121,10 @@ class TPWorkers:
         self._serving = True
         return model
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        """Every worker allocates its share of a cache of `num_blocks` blocks (rank 0 makes its own)."""
-        self._send(_AllocateCache(num_blocks, block_size))
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        """Every worker allocates its share of a cache of `num_blocks` blocks of `dtype` (rank 0 makes
+        its own)."""
+        self._send(_AllocateCache(num_blocks, block_size, dtype))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Mirror a block copy (forked sequences) into every worker's cache."""
@@ -213,7 +215,7 @@ def _serve(model: CausalLM, tp: TensorParallel, device: torch.device) -> None:
     while not isinstance(message := _receive(tp), _Stop):
         if isinstance(message, _AllocateCache):
             kv_cache = KVCache(
-                model.config, message.num_blocks, message.block_size, model.dtype, device, tp.world_size
+                model.config, message.num_blocks, message.block_size, message.dtype, device, tp.world_size
             )
         elif isinstance(message, _CopyBlocks):
             kv_cache.copy_blocks(message.copies)

@@ -1,0 +1,169 @@
+"""FP8 KV cache accuracy: the engine with `--kv-cache-dtype fp8` against the same model with its
+unquantized cache (bf16 by default), over a fixed prompt set, both ways:
+
+- teacher-forced: each prompt plus the reference's greedy continuation is scored by both engines (prompt
+  logprobs; prefill attention reads the K/V back from the cache it has just written, dequantized); the
+  share of continuation positions where both pick the same argmax, and the mean |delta logprob| of the
+  reference's token.
+- free-running: greedy decoding with each cache, the share of positions with the same token, and of
+  positions before each prompt's first difference (after which the contexts differ).
+
+Prints a table per model, writes JSON to --out. Runs on CPU or GPU. Usage:
+python benchmarks/kv_fp8_accuracy.py [--model DIR ...] [--dtype bfloat16] [--tokens 64] [--out DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.sampling_params import SamplingParams
+
+# Fixed prompts of different kinds (prose, code, a list, a question); each is decoded greedily.
+PROMPTS = (
+    "The history of the printing press begins in",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Here is a list of the planets of the solar system, in order from the sun:",
+    "Question: Why is the sky blue? Answer:",
+    "Once upon a time, in a small village by the sea, there lived",
+    "The three laws of thermodynamics state that",
+    "SELECT name, COUNT(*) FROM orders JOIN customers ON",
+    "To bake bread at home, you will need flour, water,",
+)
+
+
+@dataclass
+class Agreement:
+    model: str
+    dtype: str
+    tokens: int  # generated tokens per prompt
+    prompts: int
+    forced_positions: int  # continuation positions scored teacher-forced
+    forced_agreement: float  # share of them where fp8's argmax is the reference's
+    mean_abs_dlogprob: float  # |logprob(fp8) - logprob(reference)| of the reference's token, mean
+    max_abs_dlogprob: float
+    free_agreement: float  # free-running: share of positions with the same token
+    free_prefix: float  # free-running: share of positions before each prompt's first difference
+
+
+def _engine(config: EngineConfig, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
+    """Run `requests` on one engine of `config`: id -> [token ids, their logprobs, prompt logprobs]."""
+    engine = LLMEngine.from_config(config)
+    runs = {rid: [[], [], None] for rid in requests}
+    try:
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(rid, prompt, params)
+        while engine.has_work:
+            for out in engine.step():
+                for sample in out.samples:
+                    runs[out.request_id][0].extend(sample.token_ids)
+                    runs[out.request_id][1].extend(lp.logprob for lp in sample.logprobs or [])
+                if out.prompt_logprobs is not None:
+                    runs[out.request_id][2] = out.prompt_logprobs
+    finally:
+        engine.close()
+    return runs
+
+
+def compare(
+    model: str | None,
+    dtype: str,
+    device: str,
+    tokens: int,
+    prompts: list[list[int]],
+    free_running: bool = True,
+) -> Agreement:
+    """fp8 against the model dtype's cache (`auto`): one engine each for greedy decoding (the fp8 one
+    only if `free_running`; free_* are nan without it), one each for scoring the reference's
+    continuations."""
+    base = dict(model=model, dtype=dtype, device=device, max_num_seqs=len(prompts), kv_cache_tokens=16384)
+    greedy = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
+    requests = {str(i): (p, greedy) for i, p in enumerate(prompts)}
+    caches = ("auto", "fp8") if free_running else ("auto",)
+    free = {c: _engine(EngineConfig(**base, kv_cache_dtype=c), requests) for c in caches}
+    same = prefix = 0
+    for rid in requests if free_running else ():
+        ref, ids = free["auto"][rid][0], free["fp8"][rid][0]
+        same += sum(a == b for a, b in zip(ref, ids, strict=True))
+        prefix += next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
+
+    # Teacher-forced: prompt + continuation scored in one prefill, which reads its K/V back from the cache.
+    score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    scored = {rid: (p + free["auto"][rid][0], score) for rid, (p, _) in requests.items()}
+    unshared = dict(base, enable_prefix_caching=False)
+    forced = {c: _engine(EngineConfig(**unshared, kv_cache_dtype=c), scored) for c in ("auto", "fp8")}
+    agree, deltas = 0, []
+    for rid, (prompt, _) in requests.items():
+        ref, fp8 = forced["auto"][rid][2], forced["fp8"][rid][2]
+        for pos in range(len(prompt), len(ref)):
+            agree += ref[pos].top[0][0] == fp8[pos].top[0][0]
+            deltas.append(abs(ref[pos].logprob - fp8[pos].logprob))
+    total = tokens * len(prompts) if free_running else float("nan")
+    return Agreement(
+        model=Path(model).name if model else "embedded default",
+        dtype=dtype,
+        tokens=tokens,
+        prompts=len(prompts),
+        forced_positions=len(deltas),
+        forced_agreement=agree / len(deltas),
+        mean_abs_dlogprob=statistics.fmean(deltas),
+        max_abs_dlogprob=max(deltas),
+        free_agreement=same / total,
+        free_prefix=prefix / total,
+    )
+
+
+def tokenize(model: str | None, texts: tuple[str, ...]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from leanserve.models.weights_source import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
+    return [tokenizer.encode(text) for text in texts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", action="append", help="model directory (repeatable); default: embedded")
+    parser.add_argument("--dtype", default="bfloat16", help="model dtype; the reference cache uses it")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model in args.model or [None]:
+        results.append(compare(model, args.dtype, args.device, args.tokens, tokenize(model, PROMPTS)))
+        print(json.dumps(asdict(results[-1])), flush=True)
+    env = {"device": args.device, "torch": torch.__version__}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    (args.out / "kv_fp8_accuracy.json").write_text(
+        json.dumps({"env": env, "results": [asdict(r) for r in results]}, indent=1)
+    )
+    print(
+        "| model | dtype | prompts x tokens | teacher-forced positions | same argmax | mean abs dlogprob "
+        "| max | free-running same token | same prefix |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.model} | {r.dtype} | {r.prompts} x {r.tokens} | {r.forced_positions} "
+            f"| {100 * r.forced_agreement:.1f}% | {r.mean_abs_dlogprob:.4f} | {r.max_abs_dlogprob:.4f} "
+            f"| {100 * r.free_agreement:.1f}% | {100 * r.free_prefix:.1f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()
