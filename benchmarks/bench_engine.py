@@ -3,9 +3,10 @@
 GPU: Llama-3-8B shapes with random bf16 weights (`load_format="dummy"`), token-id prompts, ignore_eos:
 TPOT at batch 1 with a 1k context and decode throughput of 64 concurrent 1k-prompt / 1k-output requests,
 each beside the floor = (weight + KV bytes read per step) / HBM read bandwidth measured in the same run;
+the same with FP8 weights (`--quantization fp8`, against its own floor: 1 byte a weight plus the scales);
 then the per-request attention timing on vs off, asynchronous scheduling on vs off and programmatic
-dependent launch on vs off. CPU: SmolLM2 single-stream tokens/s. `--profile`: kernel time per decode
-step by kernel (GPU).
+dependent launch on vs off (`--configs` runs a subset, e.g. `timing_on fp8` within a short time limit).
+CPU: SmolLM2 single-stream tokens/s. `--profile`: kernel time per decode step by kernel (GPU).
 Prints a table and writes JSON + a plot (per-step time vs floor) to --out."""
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def read_bandwidth(device: torch.device, gib: int = 4) -> float:
 
 def weight_bytes_read(engine: LLMEngine) -> int:
     """Bytes of weights one decode step reads: every parameter except the input embedding table (only a
-    few rows are gathered), counting a tied LM head once."""
+    few rows are gathered), counting a tied LM head once; FP8 weights at 1 byte each plus their fp32
+    scales."""
     model = engine.runner.model
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in params.values())
@@ -121,12 +123,29 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(num)]
 
 
-def gpu_config(args: argparse.Namespace, async_scheduling: bool | None = None) -> EngineConfig:
-    """The engine the GPU runs measure: Llama-3-8B shapes with dummy bf16 weights."""
+# (result key, attention timing, async scheduling, programmatic dependent launch, quantization): the
+# configurations after the first two are compared with the first. FP8 runs second, so that a run cut off
+# by its time limit still has both weight formats.
+CONFIGS = (
+    ("timing_on", True, True, True, "none"),
+    ("fp8", True, True, True, "fp8"),
+    ("timing_off", False, True, True, "none"),
+    ("sync", True, False, True, "none"),
+    ("pdl_off", True, True, False, "none"),
+)
+# Configurations that decode the full --output-len in the concurrent run (the others: the overhead one).
+FULL_RUNS = ("timing_on", "fp8")
+
+
+def gpu_config(
+    args: argparse.Namespace, async_scheduling: bool | None = None, quantization: str = "none"
+) -> EngineConfig:
+    """The engine the GPU runs measure: Llama-3-8B shapes with dummy bf16 (or FP8) weights."""
     return EngineConfig(
         model=args.model,
         tokenizer=args.tokenizer,
         load_format="dummy",
+        quantization=quantization,
         dtype="bfloat16",
         device="cuda",
         max_num_seqs=args.concurrency,
@@ -145,29 +164,26 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         "triton": __import__("triton").__version__,
         "read_bandwidth_GBps": bandwidth / 1e9,
     }
-    # (result key, attention timing, async scheduling, programmatic dependent launch): the others are
-    # compared with the first. The decode graphs are captured when the engine is built.
-    for key, timing, async_scheduling, pdl in (
-        ("timing_on", True, True, True),
-        ("timing_off", False, True, True),
-        ("sync", True, False, True),
-        ("pdl_off", True, True, False),
-    ):
+    # The decode graphs are captured when the engine is built.
+    for key, timing, async_scheduling, pdl, quantization in CONFIGS:
+        if key not in args.configs:
+            continue
         launch.PDL_ENABLED = pdl
         logging.info("[%s] building the engine", key)
-        engine = LLMEngine.from_config(gpu_config(args, async_scheduling), time_attention=timing)
+        config = gpu_config(args, async_scheduling, quantization)
+        engine = LLMEngine.from_config(config, time_attention=timing)
         settle_process()
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
         vocab = len(engine.tokenizer)
         run_decode(engine, make_prompts(2, 64, vocab, seed=9), 16)  # warm-up (caches, allocator)
         tpot = run_decode(engine, make_prompts(1, args.context, vocab), args.tpot_tokens)
         # For the comparisons a shorter concurrent run suffices.
-        out_len = args.output_len if key == "timing_on" else args.overhead_output_len
+        out_len = args.output_len if key in FULL_RUNS else args.overhead_output_len
         concurrent = run_decode(engine, make_prompts(args.concurrency, args.context, vocab, 1), out_len)
         tpot_floor = statistics.median(tpot.floor_s(weights, kv_token, bandwidth))
         conc_floor = concurrent.floor_s(weights, kv_token, bandwidth)
         steps = concurrent.step_s
-        if key != "timing_on":  # compare the same steps: the first overhead_output_len of the full run
+        if key not in FULL_RUNS and "timing_on" in results:  # the same steps: the full run's first ones
             on = results["timing_on"]["concurrent_step_ms_list"][: len(steps)]
             results[f"{key}_vs_on_concurrent_pct"] = 100 * (sum(x * 1e3 for x in steps) / sum(on) - 1)
         results[key] = {
@@ -201,11 +217,12 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
     launch.PDL_ENABLED = True
-    on, off = results["timing_on"], results["timing_off"]
-    results["timing_overhead_tpot_pct"] = 100 * (on["tpot_ms"] / off["tpot_ms"] - 1)
-    results["timing_overhead_concurrent_pct"] = 100 * (
-        1 / (1 + results["timing_off_vs_on_concurrent_pct"] / 100) - 1
-    )
+    if "timing_on" in results and "timing_off" in results:
+        on, off = results["timing_on"], results["timing_off"]
+        results["timing_overhead_tpot_pct"] = 100 * (on["tpot_ms"] / off["tpot_ms"] - 1)
+        results["timing_overhead_concurrent_pct"] = 100 * (
+            1 / (1 + results["timing_off_vs_on_concurrent_pct"] / 100) - 1
+        )
     return results
 
 
@@ -218,7 +235,7 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import profile as torch_profile
 
     launch.PDL_ENABLED = False
-    engine = LLMEngine.from_config(gpu_config(args))
+    engine = LLMEngine.from_config(gpu_config(args, quantization=args.quantization))
     settle_process()
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for batch in (1, args.concurrency):
@@ -273,10 +290,13 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    on = results["timing_on"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(on["concurrent_step_ms_list"], label="engine decode step")
-    ax.plot(on["concurrent_floor_ms_list"], label="floor: (weights + KV) / read bandwidth")
+    for key, name in (("timing_on", "bf16"), ("fp8", "fp8")):
+        if key in results:
+            ax.plot(results[key]["concurrent_step_ms_list"], label=f"{name} engine decode step")
+            ax.plot(
+                results[key]["concurrent_floor_ms_list"], label=f"{name} floor: (weights + KV) / bandwidth"
+            )
     ax.set_xlabel("decode step")
     ax.set_ylabel("ms")
     ax.set_title(f"Llama-3-8B shapes, {results['gpu']}, batch {results['concurrency']}")
@@ -300,6 +320,13 @@ def main() -> None:
     parser.add_argument("--cpu-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("out/bench_engine"))
     parser.add_argument("--profile", action="store_true", help="kernel time per step instead (GPU)")
+    parser.add_argument(
+        "--configs", nargs="+", choices=[c[0] for c in CONFIGS], default=[c[0] for c in CONFIGS],
+        help="GPU configurations to run (default all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quantization", choices=["none", "fp8"], default="none", help="--profile's weights (GPU)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # start-up phases
@@ -317,43 +344,54 @@ def main() -> None:
         )
     else:
         results = gpu_benchmark(args) | {"concurrency": args.concurrency, "context": args.context}
-        on, off = results["timing_on"], results["timing_off"]
-        print(f"{results['gpu']}  read bandwidth {results['read_bandwidth_GBps']:.0f} GB/s")
-        print(f"{'':34}{'engine':>12}{'floor':>12}{'floor/engine':>14}")
-        print(
-            f"{'TPOT, batch 1, 1k context (ms)':34}{on['tpot_ms']:12.2f}{on['tpot_floor_ms']:12.2f}"
-            f"{on['tpot_floor_ms'] / on['tpot_ms']:14.1%}"
-        )
-        print(
-            f"{f'decode, {args.concurrency} x 1k/1k (tok/s)':34}{on['concurrent_tokens_per_s']:12.0f}"
-            f"{on['concurrent_floor_tokens_per_s']:12.0f}{on['concurrent_floor_ratio']:14.1%}"
-        )
-        print(
-            f"host time per step (not waiting on the GPU): batch 1 {on['tpot_host_ms']:.2f} ms, "
-            f"batch {args.concurrency} {on['concurrent_host_ms']:.2f} ms"
-        )
-        pause_ms = [p[2] for p in on["concurrent_gc_pauses"]]
-        print(
-            f"garbage collections in the {args.concurrency}-way run: {len(pause_ms)}, "
-            f"{sum(pause_ms):.1f} ms in all, longest {max(pause_ms, default=0):.1f} ms"
-        )
-        print(
-            f"attention timing overhead: TPOT {results['timing_overhead_tpot_pct']:+.2f}% "
-            f"({off['tpot_ms']:.2f} ms off), 64-way {results['timing_overhead_concurrent_pct']:+.2f}%"
-        )
-        sync = results["sync"]
-        print(
-            f"without async scheduling: TPOT {sync['tpot_ms']:.2f} ms (host {sync['tpot_host_ms']:.2f} ms), "
-            f"64-way steps {results['sync_vs_on_concurrent_pct']:+.1f}% longer "
-            f"(host {sync['concurrent_host_ms']:.2f} ms)"
-        )
-        pdl_off = results["pdl_off"]
-        print(
-            f"without programmatic dependent launch: TPOT {pdl_off['tpot_ms']:.2f} ms, "
-            f"64-way steps {results['pdl_off_vs_on_concurrent_pct']:+.1f}% longer"
-        )
+        print_gpu_table(results, args.concurrency)
         plot(results, args.out / "bench_engine.png")
     (args.out / f"bench_engine_{args.device}.json").write_text(json.dumps(results, indent=1))
+
+
+def print_gpu_table(results: dict, concurrency: int) -> None:
+    """The table of the configurations that ran: bf16 and FP8 against their floors, then the overheads."""
+    print(f"{results['gpu']}  read bandwidth {results['read_bandwidth_GBps']:.0f} GB/s")
+    print(f"{'':40}{'engine':>12}{'floor':>12}{'floor/engine':>14}")
+    for key, name in (("timing_on", "bf16"), ("fp8", "fp8")):
+        if key not in results:
+            continue
+        r = results[key]
+        print(
+            f"{f'{name} TPOT, batch 1, 1k context (ms)':40}{r['tpot_ms']:12.2f}{r['tpot_floor_ms']:12.2f}"
+            f"{r['tpot_floor_ms'] / r['tpot_ms']:14.1%}"
+        )
+        print(
+            f"{f'{name} decode, {concurrency} x 1k/1k (tok/s)':40}{r['concurrent_tokens_per_s']:12.0f}"
+            f"{r['concurrent_floor_tokens_per_s']:12.0f}{r['concurrent_floor_ratio']:14.1%}"
+        )
+    if not all(k in results for k in ("timing_on", "timing_off", "sync", "pdl_off")):
+        return
+    on, off = results["timing_on"], results["timing_off"]
+    print(
+        f"host time per step (not waiting on the GPU): batch 1 {on['tpot_host_ms']:.2f} ms, "
+        f"batch {concurrency} {on['concurrent_host_ms']:.2f} ms"
+    )
+    pause_ms = [p[2] for p in on["concurrent_gc_pauses"]]
+    print(
+        f"garbage collections in the {concurrency}-way run: {len(pause_ms)}, "
+        f"{sum(pause_ms):.1f} ms in all, longest {max(pause_ms, default=0):.1f} ms"
+    )
+    print(
+        f"attention timing overhead: TPOT {results['timing_overhead_tpot_pct']:+.2f}% "
+        f"({off['tpot_ms']:.2f} ms off), 64-way {results['timing_overhead_concurrent_pct']:+.2f}%"
+    )
+    sync = results["sync"]
+    print(
+        f"without async scheduling: TPOT {sync['tpot_ms']:.2f} ms (host {sync['tpot_host_ms']:.2f} ms), "
+        f"64-way steps {results['sync_vs_on_concurrent_pct']:+.1f}% longer "
+        f"(host {sync['concurrent_host_ms']:.2f} ms)"
+    )
+    pdl_off = results["pdl_off"]
+    print(
+        f"without programmatic dependent launch: TPOT {pdl_off['tpot_ms']:.2f} ms, "
+        f"64-way steps {results['pdl_off_vs_on_concurrent_pct']:+.1f}% longer"
+    )
 
 
 if __name__ == "__main__":
