@@ -5,8 +5,10 @@
 #                                     weights); the Llama-3-8B config is in benchmarks/models/
 #   benchmarks/gpu_suite.sh run [PART...]  there (device tool: carry [".cache"]); PART is tests (GPU tests
 #                                     of kernels, models, engine, sampler), kernel, fused, linear, engine, tp
-#                                     (benchmarks); default all. Logs and results under $OUT. A device
-#                                     call is limited to 10 minutes, so the parts share one deadline,
+#                                     (benchmarks), fp8 (FP8 weights: their GPU tests, bench_fp8_linear and
+#                                     bench_engine's bf16 and fp8 configurations, under $OUT/fp8); default
+#                                     all. Logs and results under $OUT. A device call is limited to 10
+#                                     minutes, so the parts share one deadline,
 #                                     GPU_SUITE_SECONDS (default 570) from the start: each part gets what
 #                                     is left, and the logs of a part cut off still come back. On a cold
 #                                     Triton cache the engine part alone takes most of it.
@@ -39,17 +41,22 @@ run)
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     deadline=$((SECONDS + ${GPU_SUITE_SECONDS:-570}))
     parts=("${@:2}")
-    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused linear engine tp)
+    [[ ${#parts[@]} -gt 0 ]] || parts=(tests kernel fused linear engine tp fp8)
     for part in "${parts[@]}"; do
         ((SECONDS < deadline)) || { echo "no time left for $part" | tee "$out/$part.log"; continue; }
         case $part in
         tests) timeout $((deadline - SECONDS)) python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_lean_attention.py \
             tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
-            tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py ;;
+            tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py \
+            tests/test_fp8.py ;;
         kernel) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fused_ops.py --out "$out" ;;
         linear) timeout $((deadline - SECONDS)) python3 benchmarks/bench_skinny_linear.py --out "$out" ;;
-        engine) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --out "$out" ;;
+        engine) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --out "$out" \
+            --configs timing_on timing_off sync pdl_off ;;
+        fp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
+            tests/test_fp8.py; python3 benchmarks/bench_fp8_linear.py --out '$out'; \
+            python3 benchmarks/bench_engine.py --out '$out/fp8' --configs timing_on fp8" ;;
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         *) echo "unknown part $part" >&2 ;;
         esac 2>&1 | tee "$out/$part.log"

@@ -2,7 +2,12 @@
 and the many-row product (prefill, large batches). Decode-sized products read the FP8 weight in the skinny
 Triton kernel (kernels/skinny_linear.py, `scale`); this module's `fp8_linear` is the rest: on CUDA W8A8
 through `torch._scaled_mm` (x quantized per row on the fly), elsewhere the weight dequantized to x's
-dtype and multiplied (the reference and the CPU path)."""
+dtype and multiplied (the reference and the CPU path).
+
+Decode stays weight-only: its products stream W once for a few rows of x, so quantizing x saves no
+bytes and adds its rounding and a pass over x. Prefill is bound by tensor-core throughput, which FP8
+doubles on Hopper, and W8A8 reads W once at 1 byte where dequantizing first writes and reads a bf16 copy
+besides; benchmarks/bench_fp8_linear.py times the two (and bf16) per projection."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels import ops
-from leanserve.kernels.fp8 import FP8, fp8_linear
+from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from leanserve.kernels.skinny_linear import skinny_linear
@@ -109,20 +109,28 @@ def prepack_linear_weights(model: nn.Module) -> None:
     decode step take 13.3 ms packed against 19.0 dense in bf16, 27.6 against 44.9 in fp32, with identical
     results (bench_engine.py --device cpu, docs/benchmarks.md, docs/cpu_dtype.md). Packed weights
     can no longer be sliced or loaded into: call this after loading, for serving only. bf16 weights stay
-    dense on a CPU without native bf16, where oneDNN has no bf16 layout."""
+    dense on a CPU without native bf16, where oneDNN has no bf16 layout. FP8 weights are dequantized to
+    the model dtype here, once (the values the reference path computes with at every call, where the
+    CPU's FP8 -> float conversion makes a SmolLM2 decode step seconds long): oneDNN has no FP8 product."""
     if not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
         for name in LINEAR_WEIGHTS:
             weight = module._parameters.get(name)
-            if weight is None or weight.device.type != "cpu" or weight.dtype == FP8:
+            if weight is None or weight.device.type != "cpu":
                 continue
-            if weight.dtype == torch.bfloat16 and not cpu_has_native_bf16():
-                continue
-            # The batch-size hint only tunes the layout; any number of rows works (prefill included).
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            packable = weight.dtype != torch.bfloat16 or cpu_has_native_bf16()
+            if weight.dtype == FP8:
+                weight = dequantize(weight, getattr(module, f"{name}_scale"), model.dtype)
+                setattr(module, f"{name}_scale", None)
+                packable = weight.dtype != torch.bfloat16 or cpu_has_native_bf16()
+            elif not packable:
+                continue  # stays the dense parameter it is
+            if packable:
+                # The batch-size hint only tunes the layout; any number of rows works (prefill included).
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
             delattr(module, name)  # a tied lm_head is unbound here; the embedding keeps its dense weight
-            module.register_buffer(name, packed, persistent=False)
+            module.register_buffer(name, weight, persistent=False)
 
 
 class RMSNorm(nn.Module):

@@ -197,6 +197,7 @@ class CausalLM(nn.Module):
             check_divisible(config, tp.world_size)
         self.config = config
         self.tp = tp
+        self.fp8 = fp8
         self.embed_weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype)
         self.rope = RotaryEmbedding(config, dtype)
         self.layers = nn.ModuleList(

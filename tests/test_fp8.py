@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from greedy_runner import GreedyRunner
 from test_fused_ops import MAX_POS, cos_sin_table
 
 from leanserve.kernels.activation import reference_silu_and_mul
@@ -23,6 +24,8 @@ from leanserve.kernels.skinny_fused import (
     skinny_linear_silu,
 )
 from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.models import layers as model_layers
+from leanserve.models.loader import load_model
 
 config_module = importlib.import_module("leanserve.kernels.skinny_config")
 
@@ -191,3 +194,43 @@ def test_gpu_scaled_mm_matches_dequantized_product(rows, n, k):
     want = _expected(x, q, scale)
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n) and err < 0.05
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_seqs", [1, 8, 40])
+def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_model_factory, monkeypatch):
+    """A bf16 decode step with FP8 weights in the skinny kernel (RoPE epilogue at 1 and 8 rows, SiLU at
+    40; prefill of 40 x 3 rows through torch._scaled_mm) against the fp32 model holding the same weights
+    dequantized: as close as the bf16 model of the dense weights is to the fp32 one."""
+    path = tiny_model_factory("qwen2")
+    fp8 = load_model(path, torch.bfloat16, "cuda", quantization="fp8")
+    truth_model = load_model(path, torch.float32, "cuda")
+    params = dict(fp8.named_parameters())
+    with torch.no_grad():
+        for name, param in truth_model.named_parameters():
+            if params[name].dtype == FP8:
+                param.copy_(dequantize(params[name], params[f"{name}_scale"], torch.float32))
+    prompts = [[5 + i, 300, 41 + 7 * i] for i in range(num_seqs)]
+    scaled = []  # rows of the FP8 products the kernel ran
+    route = model_layers.use_skinny_linear
+
+    def recording_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        used = route(x, weight)
+        if used and weight.dtype == FP8:
+            scaled.append(x.shape[0])
+        return used
+
+    monkeypatch.setattr(model_layers, "use_skinny_linear", recording_route)
+
+    def errors(model, truth) -> float:
+        runner = GreedyRunner(model)
+        first = [t[0] for t in runner.generate(prompts, new_tokens=2)]  # a prefill step, a decode step
+        truth_runner = GreedyRunner(truth)
+        truth_runner.generate([[*p, t] for p, t in zip(prompts, first, strict=True)], new_tokens=1)
+        return float((runner.last_logits - truth_runner.last_logits).abs().max())
+
+    fp8_error = errors(fp8, truth_model)
+    assert num_seqs in scaled  # the decode step's products read FP8 in the kernel
+    dense_error = errors(load_model(path, torch.bfloat16, "cuda"), load_model(path, torch.float32, "cuda"))
+    assert fp8_error <= 1.25 * dense_error + 0.05, (fp8_error, dense_error)
