@@ -17,6 +17,7 @@ from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, quantize_rows, quant
 from leanserve.models.config import ModelConfig
 from leanserve.models.layers import prepack_linear_weights
 from leanserve.models.loader import load_model
+from leanserve.models.parallel import TensorParallel
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -38,28 +39,30 @@ def _encode(model_dir) -> list[list[int]]:
     return [tokenizer(p)["input_ids"] for p in PROMPTS]
 
 
-def _chosen_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """Log-probabilities of `tokens` after `prompt` (teacher-forced, one prefill)."""
+def _logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Log-probabilities [len(tokens), vocab] of the positions that predict `tokens` after `prompt`
+    (teacher-forced, one prefill)."""
     seq = prompt + tokens
     hidden = GreedyRunner(model).step([(Seq(list(seq), len(seq)), len(seq))], [])
     with torch.inference_mode():
-        logprobs = model.compute_logits(hidden[len(prompt) - 1 : -1]).log_softmax(-1)
-    return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        return model.compute_logits(hidden[len(prompt) - 1 : -1]).log_softmax(-1)
 
 
 def _agreement(dense, fp8, prompts: list[list[int]]) -> tuple[float, float]:
-    """(share of the first NEW_TOKENS greedy tokens the two models agree on, position by position;
-    mean |delta logprob| of the dense model's chosen tokens under the two)."""
+    """Over the dense model's first NEW_TOKENS greedy tokens of each prompt: the share FP8 picks too
+    (its greedy choice at each position of the dense continuation, so one early difference does not
+    decide the rest), and the mean |delta logprob| of those tokens between the two."""
     want = GreedyRunner(dense).generate(prompts, new_tokens=NEW_TOKENS)
-    got = GreedyRunner(fp8).generate(prompts, new_tokens=NEW_TOKENS)
-    same = sum(a == b for w, g in zip(want, got, strict=True) for a, b in zip(w, g, strict=True))
-    deltas = [
-        (_chosen_logprobs(fp8, p, w) - _chosen_logprobs(dense, p, w)).abs()
-        for p, w in zip(prompts, want, strict=True)
-    ]
+    same, deltas = 0, []
+    for prompt, tokens in zip(prompts, want, strict=True):
+        ids = torch.tensor(tokens)[:, None]
+        ours, theirs = _logprobs(fp8, prompt, tokens), _logprobs(dense, prompt, tokens)
+        same += int((ours.argmax(-1) == ids[:, 0]).sum())
+        deltas.append((ours.gather(1, ids) - theirs.gather(1, ids)).abs())
     return same / (len(prompts) * NEW_TOKENS), torch.cat(deltas).mean().item()
 
 
+@pytest.mark.slow
 def test_embedded_model_fp8_greedy_agrees_with_dense(default_model_path):
     """The real weights: FP8 (quantized at load) against the fp32 model, both as the CPU engine serves
     them (prepacked: the FP8 weights dequantized once; the tiny models check that this changes nothing)."""
@@ -71,7 +74,7 @@ def test_embedded_model_fp8_greedy_agrees_with_dense(default_model_path):
     agree, delta = _agreement(dense, fp8, _encode(default_model_path))
     print(f"embedded: fp8 vs fp32 greedy agreement {agree:.1%}, mean |delta logprob| {delta:.4f}")
     assert agree >= 0.9
-    assert 0 < delta < 0.1  # FP8 moved the log-probabilities, a little
+    assert 0 < delta < 0.15  # FP8 moved the log-probabilities, a little (0.079 here)
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3"])
@@ -188,6 +191,28 @@ def test_per_tensor_fp8_checkpoint_broadcasts_each_parts_scale(kind, tiny_model_
     )
     prompts = _encode(src)
     assert _greedy(model, prompts) == _greedy(dense, prompts)
+
+
+def test_ranks_read_their_rows_of_the_scales(tiny_model_factory, tmp_path):
+    """Tensor parallelism: the per-channel scales of row-split weights (q/k/v, gate/up) are sliced with
+    their rows; column-split weights (o, down) keep every row, so each rank holds the whole scale."""
+    _write_fp8_checkpoint(tiny_model_factory("llama3"), tmp_path, "compressed-tensors")
+    full = load_model(tmp_path, torch.float32, "cpu")
+    shards = [load_model(tmp_path, torch.float32, "cpu", tp=TensorParallel(r, 2)) for r in range(2)]
+    cfg = full.config
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    for ours, theirs in zip(full.layers, zip(*(s.layers for s in shards), strict=True), strict=True):
+        scales = [t.attn.qkv_weight_scale for t in theirs]
+        for start, size, local in ((0, q, 0), (q, kv, q // 2), (q + kv, kv, q // 2 + kv // 2)):
+            parts = [s[local : local + size // 2] for s in scales]
+            assert torch.equal(torch.cat(parts), ours.attn.qkv_weight_scale[start : start + size])
+        gate_up = [t.mlp.gate_up_weight_scale.view(2, inter // 2) for t in theirs]
+        assert torch.equal(torch.cat(gate_up, dim=1).flatten(), ours.mlp.gate_up_weight_scale)
+        for shard in theirs:
+            assert torch.equal(shard.attn.o_weight_scale, ours.attn.o_weight_scale)
+            assert torch.equal(shard.mlp.down_weight_scale, ours.mlp.down_weight_scale)
+        down = torch.cat([t.mlp.down_weight.view(torch.uint8) for t in theirs], dim=1)
+        assert torch.equal(down, ours.mlp.down_weight.view(torch.uint8))
 
 
 @pytest.mark.parametrize(

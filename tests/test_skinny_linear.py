@@ -132,7 +132,7 @@ def test_touches_nothing_past_its_inputs(rows, sms, monkeypatch):
         (lambda a: a.update(x=a["x"].repeat(22, 1)), "at most 64 rows"),
         (lambda a: a.update(x=a["x"][:, :-1]), "to match weight"),
         (lambda a: a.update(weight=a["weight"].t()), "contiguous"),
-        (lambda a: a.update(weight=a["weight"].double()), "share a float dtype"),
+        (lambda a: a.update(weight=a["weight"].double()), "share a dtype"),
         (lambda a: a.update(bias=a["weight"][0]), "bias must be"),
     ],
     ids=["rows", "k", "weight", "dtype", "bias"],
