@@ -77,7 +77,7 @@ def test_embedded_model_fp8_greedy_agrees_with_dense(default_model_path):
     assert 0 < delta < 0.15  # FP8 moved the log-probabilities, a little (0.079 here)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])  # untied LM head; qkv bias
 def test_tiny_fp8_model_computes_its_dequantized_weights(kind, tiny_model_factory):
     """The tiny random models' FP8 forward is exactly the dense forward of the dequantized weights (the
     CPU path's products), through chunked prefill and batched decode. Their agreement with the dense
