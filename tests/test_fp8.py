@@ -201,8 +201,9 @@ def test_gpu_scaled_mm_matches_dequantized_product(rows, n, k):
 @pytest.mark.parametrize("num_seqs", [1, 8, 40])
 def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_model_factory, monkeypatch):
     """A bf16 decode step with FP8 weights in the skinny kernel (RoPE epilogue at 1 and 8 rows, SiLU at
-    40; prefill of 40 x 3 rows through torch._scaled_mm) against the fp32 model holding the same weights
-    dequantized: as close as the bf16 model of the dense weights is to the fp32 one."""
+    40) against the fp32 model holding the same weights dequantized, within a few times the bf16 model's
+    error against the fp32 one: the prefill of 40 x 3 rows runs W8A8 (torch._scaled_mm), whose quantized
+    activations move the cached keys and values by FP8's rounding, not bf16's."""
     path = tiny_model_factory("qwen2")
     fp8 = load_model(path, torch.bfloat16, "cuda", quantization="fp8")
     truth_model = load_model(path, torch.float32, "cuda")
@@ -233,4 +234,4 @@ def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_mod
     fp8_error = errors(fp8, truth_model)
     assert num_seqs in scaled  # the decode step's products read FP8 in the kernel
     dense_error = errors(load_model(path, torch.bfloat16, "cuda"), load_model(path, torch.float32, "cuda"))
-    assert fp8_error <= 1.25 * dense_error + 0.05, (fp8_error, dense_error)
+    assert fp8_error <= 3 * dense_error + 0.1, (fp8_error, dense_error)
