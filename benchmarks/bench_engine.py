@@ -3,9 +3,10 @@
 GPU: Llama-3-8B shapes with random bf16 weights (`load_format="dummy"`), token-id prompts, ignore_eos:
 TPOT at batch 1 with a 1k context and decode throughput of 64 concurrent 1k-prompt / 1k-output requests,
 each beside the floor = (weight + KV bytes read per step) / HBM read bandwidth measured in the same run;
+the same with FP8 weights (`--quantization fp8`, against its own floor: 1 byte a weight plus the scales);
 then the per-request attention timing on vs off, asynchronous scheduling on vs off and programmatic
-dependent launch on vs off. CPU: SmolLM2 single-stream tokens/s. `--profile`: kernel time per decode
-step by kernel (GPU).
+dependent launch on vs off (`--variants` runs a subset, e.g. `timing_on fp8` within a short time limit).
+CPU: SmolLM2 single-stream tokens/s. `--profile`: kernel time per decode step by kernel (GPU).
 Prints a table and writes JSON + a plot (per-step time vs floor) to --out."""
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def read_bandwidth(device: torch.device, gib: int = 4) -> float:
 
 def weight_bytes_read(engine: LLMEngine) -> int:
     """Bytes of weights one decode step reads: every parameter except the input embedding table (only a
-    few rows are gathered), counting a tied LM head once."""
+    few rows are gathered), counting a tied LM head once; FP8 weights at 1 byte each plus their fp32
+    scales."""
     model = engine.runner.model
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in params.values())
@@ -116,14 +118,18 @@ def _decode_until_done(engine: LLMEngine, run: DecodeRun) -> None:
             run.kv_tokens.append(kv)
 
 
-# Engine variants: (attention timing, async scheduling, programmatic dependent launch). The others are
-# compared with timing_on, which always runs first.
+# Engine variants: (attention timing, async scheduling, programmatic dependent launch, quantization).
+# timing_on always runs first and the others after it in this order: fp8 against its own floor, then the
+# overhead variants, compared with timing_on's first steps.
 VARIANTS = {
-    "timing_on": (True, True, True),
-    "timing_off": (False, True, True),
-    "sync": (True, False, True),
-    "pdl_off": (True, True, False),
+    "timing_on": (True, True, True, "none"),
+    "fp8": (True, True, True, "fp8"),
+    "timing_off": (False, True, True, "none"),
+    "sync": (True, False, True, "none"),
+    "pdl_off": (True, True, False, "none"),
 }
+# Variants that decode the full --output-len in the concurrent run (the others: the overhead one).
+FULL_RUNS = ("timing_on", "fp8")
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -131,12 +137,15 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(num)]
 
 
-def gpu_config(args: argparse.Namespace, async_scheduling: bool | None = None) -> EngineConfig:
-    """The engine the GPU runs measure: Llama-3-8B shapes with dummy bf16 weights."""
+def gpu_config(
+    args: argparse.Namespace, async_scheduling: bool | None = None, quantization: str = "none"
+) -> EngineConfig:
+    """The engine the GPU runs measure: Llama-3-8B shapes with dummy bf16 (or FP8) weights."""
     return EngineConfig(
         model=args.model,
         tokenizer=args.tokenizer,
         load_format="dummy",
+        quantization=quantization,
         dtype="bfloat16",
         device="cuda",
         max_num_seqs=args.concurrency,
@@ -157,22 +166,23 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     }
     # The decode graphs are captured when the engine is built.
     for key in args.variants:
-        timing, async_scheduling, pdl = VARIANTS[key]
+        timing, async_scheduling, pdl, quantization = VARIANTS[key]
         launch.PDL_ENABLED = pdl
         logging.info("[%s] building the engine", key)
-        engine = LLMEngine.from_config(gpu_config(args, async_scheduling), time_attention=timing)
+        config = gpu_config(args, async_scheduling, quantization)
+        engine = LLMEngine.from_config(config, time_attention=timing)
         settle_process()
         weights, kv_token = weight_bytes_read(engine), kv_bytes_per_token(engine)
         vocab = len(engine.tokenizer)
         run_decode(engine, make_prompts(2, 64, vocab, seed=9), 16)  # warm-up (caches, allocator)
         tpot = run_decode(engine, make_prompts(1, args.context, vocab), args.tpot_tokens)
         # For the comparisons a shorter concurrent run suffices.
-        out_len = args.output_len if key == "timing_on" else args.overhead_output_len
+        out_len = args.output_len if key in FULL_RUNS else args.overhead_output_len
         concurrent = run_decode(engine, make_prompts(args.concurrency, args.context, vocab, 1), out_len)
         tpot_floor = statistics.median(tpot.floor_s(weights, kv_token, bandwidth))
         conc_floor = concurrent.floor_s(weights, kv_token, bandwidth)
         steps = concurrent.step_s
-        if key != "timing_on":  # compare the same steps: the first overhead_output_len of the full run
+        if key not in FULL_RUNS:  # the same steps as timing_on's first ones
             on = results["timing_on"]["concurrent_step_ms_list"][: len(steps)]
             results[f"{key}_vs_on_concurrent_pct"] = 100 * (sum(x * 1e3 for x in steps) / sum(on) - 1)
         results[key] = {
@@ -224,7 +234,7 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import profile as torch_profile
 
     launch.PDL_ENABLED = False
-    engine = LLMEngine.from_config(gpu_config(args))
+    engine = LLMEngine.from_config(gpu_config(args, quantization=args.quantization))
     settle_process()
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for batch in (1, args.concurrency):
@@ -279,10 +289,13 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    on = results["timing_on"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(on["concurrent_step_ms_list"], label="engine decode step")
-    ax.plot(on["concurrent_floor_ms_list"], label="floor: (weights + KV) / read bandwidth")
+    for key, name in (("timing_on", "bf16"), ("fp8", "fp8")):
+        if key in results:
+            ax.plot(results[key]["concurrent_step_ms_list"], label=f"{name} engine decode step")
+            ax.plot(
+                results[key]["concurrent_floor_ms_list"], label=f"{name} floor: (weights + KV) / bandwidth"
+            )
     ax.set_xlabel("decode step")
     ax.set_ylabel("ms")
     ax.set_title(f"Llama-3-8B shapes, {results['gpu']}, batch {results['concurrency']}")
@@ -313,8 +326,11 @@ def main() -> None:
         default=list(VARIANTS),
         help="GPU engine variants to build and run (each costs a start-up: minutes on a cold Triton cache)",
     )
+    parser.add_argument(
+        "--quantization", choices=["none", "fp8"], default="none", help="--profile's weights (GPU)"
+    )
     args = parser.parse_args()
-    args.variants = ["timing_on"] + [v for v in args.variants if v != "timing_on"]
+    args.variants = ["timing_on"] + [v for v in VARIANTS if v in args.variants and v != "timing_on"]
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # start-up phases
     setup_process(args.device, seed=0)
@@ -331,47 +347,55 @@ def main() -> None:
         )
     else:
         results = gpu_benchmark(args) | {"concurrency": args.concurrency, "context": args.context}
-        on = results["timing_on"]
-        print(f"{results['gpu']}  read bandwidth {results['read_bandwidth_GBps']:.0f} GB/s")
-        print(f"{'':34}{'engine':>12}{'floor':>12}{'floor/engine':>14}")
-        print(
-            f"{'TPOT, batch 1, 1k context (ms)':34}{on['tpot_ms']:12.2f}{on['tpot_floor_ms']:12.2f}"
-            f"{on['tpot_floor_ms'] / on['tpot_ms']:14.1%}"
-        )
-        print(
-            f"{f'decode, {args.concurrency} x 1k/1k (tok/s)':34}{on['concurrent_tokens_per_s']:12.0f}"
-            f"{on['concurrent_floor_tokens_per_s']:12.0f}{on['concurrent_floor_ratio']:14.1%}"
-        )
-        print(
-            f"host time per step (not waiting on the GPU): batch 1 {on['tpot_host_ms']:.2f} ms, "
-            f"batch {args.concurrency} {on['concurrent_host_ms']:.2f} ms"
-        )
-        pause_ms = [p[2] for p in on["concurrent_gc_pauses"]]
-        print(
-            f"garbage collections in the {args.concurrency}-way run: {len(pause_ms)}, "
-            f"{sum(pause_ms):.1f} ms in all, longest {max(pause_ms, default=0):.1f} ms"
-        )
-        if "timing_off" in results:
-            print(
-                f"attention timing overhead: TPOT {results['timing_overhead_tpot_pct']:+.2f}% "
-                f"({results['timing_off']['tpot_ms']:.2f} ms off), "
-                f"{args.concurrency}-way {results['timing_overhead_concurrent_pct']:+.2f}%"
-            )
-        if "sync" in results:
-            sync = results["sync"]
-            print(
-                f"without async scheduling: TPOT {sync['tpot_ms']:.2f} ms "
-                f"(host {sync['tpot_host_ms']:.2f} ms), "
-                f"{args.concurrency}-way steps {results['sync_vs_on_concurrent_pct']:+.1f}% longer "
-                f"(host {sync['concurrent_host_ms']:.2f} ms)"
-            )
-        if "pdl_off" in results:
-            print(
-                f"without programmatic dependent launch: TPOT {results['pdl_off']['tpot_ms']:.2f} ms, "
-                f"{args.concurrency}-way steps {results['pdl_off_vs_on_concurrent_pct']:+.1f}% longer"
-            )
+        print_gpu_table(results, args.concurrency)
         plot(results, args.out / "bench_engine.png")
     (args.out / f"bench_engine_{args.device}.json").write_text(json.dumps(results, indent=1))
+
+
+def print_gpu_table(results: dict, concurrency: int) -> None:
+    """The table of the configurations that ran: bf16 and FP8 against their floors, then the overheads."""
+    print(f"{results['gpu']}  read bandwidth {results['read_bandwidth_GBps']:.0f} GB/s")
+    print(f"{'':40}{'engine':>12}{'floor':>12}{'floor/engine':>14}")
+    for key, name in (("timing_on", "bf16"), ("fp8", "fp8")):
+        if key not in results:
+            continue
+        r = results[key]
+        print(
+            f"{f'{name} TPOT, batch 1, 1k context (ms)':40}{r['tpot_ms']:12.2f}{r['tpot_floor_ms']:12.2f}"
+            f"{r['tpot_floor_ms'] / r['tpot_ms']:14.1%}"
+        )
+        print(
+            f"{f'{name} decode, {concurrency} x 1k/1k (tok/s)':40}{r['concurrent_tokens_per_s']:12.0f}"
+            f"{r['concurrent_floor_tokens_per_s']:12.0f}{r['concurrent_floor_ratio']:14.1%}"
+        )
+    on = results["timing_on"]
+    print(
+        f"host time per step (not waiting on the GPU): batch 1 {on['tpot_host_ms']:.2f} ms, "
+        f"batch {concurrency} {on['concurrent_host_ms']:.2f} ms"
+    )
+    pause_ms = [p[2] for p in on["concurrent_gc_pauses"]]
+    print(
+        f"garbage collections in the {concurrency}-way run: {len(pause_ms)}, "
+        f"{sum(pause_ms):.1f} ms in all, longest {max(pause_ms, default=0):.1f} ms"
+    )
+    if "timing_off" in results:
+        print(
+            f"attention timing overhead: TPOT {results['timing_overhead_tpot_pct']:+.2f}% "
+            f"({results['timing_off']['tpot_ms']:.2f} ms off), "
+            f"{concurrency}-way {results['timing_overhead_concurrent_pct']:+.2f}%"
+        )
+    if "sync" in results:
+        sync = results["sync"]
+        print(
+            f"without async scheduling: TPOT {sync['tpot_ms']:.2f} ms (host {sync['tpot_host_ms']:.2f} ms), "
+            f"{concurrency}-way steps {results['sync_vs_on_concurrent_pct']:+.1f}% longer "
+            f"(host {sync['concurrent_host_ms']:.2f} ms)"
+        )
+    if "pdl_off" in results:
+        print(
+            f"without programmatic dependent launch: TPOT {results['pdl_off']['tpot_ms']:.2f} ms, "
+            f"{concurrency}-way steps {results['pdl_off_vs_on_concurrent_pct']:+.1f}% longer"
+        )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
 #                                     of kernels, models, engine, sampler), kernel, fused, linear, engine, tp,
 #                                     structured, long (benchmarks), kvfp8 (the fp8 KV cache's GPU tests,
 #                                     its decode benchmark beside bf16 without the peers, its greedy accuracy
-#                                     against bf16 on the default model); default all but kvfp8 (tests and
-#                                     kernel already run its tests and its benchmark rows) and long-tune (the
-#                                     prefill kernel's tile sweep). Logs and results under $OUT. A device
+#                                     against bf16 on the default model), fp8 (FP8 weights: their GPU tests,
+#                                     bench_fp8_linear and bench_engine's bf16 and fp8 variants, under
+#                                     $OUT/fp8); default all but kvfp8 and fp8 (tests, kernel and engine
+#                                     already run theirs) and long-tune (the prefill kernel's tile sweep).
+#                                     Logs and results under $OUT. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
 #                                     GPU_SUITE_SECONDS (default 570) from the start: each part gets what
 #                                     is left, and the logs of a part cut off still come back. On a cold
@@ -50,13 +52,16 @@ run)
         tests) timeout $((deadline - SECONDS)) python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_lean_attention.py \
             tests/test_prefill_attention.py tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
             tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py \
-            tests/test_kv_fp8.py ;;
+            tests/test_kv_fp8.py tests/test_fp8.py ;;
         kernel) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --out "$out" ;;
         fused) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fused_ops.py --out "$out" ;;
         linear) timeout $((deadline - SECONDS)) python3 benchmarks/bench_skinny_linear.py --out "$out" ;;
         engine) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --out "$out" ;;
         structured) timeout $((deadline - SECONDS)) python3 benchmarks/bench_structured.py --load-format dummy \
             --model benchmarks/models/llama-3-8b --tokenizer ".cache/leanserve/$default_model" ;;
+        fp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
+            tests/test_fp8.py; python3 benchmarks/bench_fp8_linear.py --out '$out'; \
+            python3 benchmarks/bench_engine.py --out '$out/fp8' --variants timing_on fp8" ;;
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
         long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;

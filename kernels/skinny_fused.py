@@ -44,6 +44,7 @@ def skinny_linear_rope(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     norm: StreamNorm | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The q/k/v projection of a decode step with `rope_and_cache` in its epilogue, in one launch: the
     effects of rope_and_cache(skinny_linear(x, weight, bias, norm=norm), positions, cos_sin, k_cache,
@@ -53,8 +54,9 @@ def skinny_linear_rope(
     takes them (caches [num_blocks, block_size, Hkv, D]), all one dtype. Returns qkv [T, N] in that dtype,
     q and k rotated, in the projection's column layout; k and v are written to the caches at slot_mapping.
     Each program rotates what it has just stored, as rope_and_cache reads it: the same bits as the two
-    launches where skinny_linear runs the same grid. No host synchronisation."""
-    check_product(x, weight, bias)
+    launches where skinny_linear runs the same grid. An FP8 weight comes with its per-row `scale` [N]
+    fp32 (skinny_linear's). No host synchronisation."""
+    check_product(x, weight, bias, scale)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
     if is_fp8(k_cache):
@@ -86,7 +88,7 @@ def skinny_linear_rope(
             "HEAD_DIM": head_dim,
             "ROPE": True,
         }
-        launch_skinny(rows_of(x), weight, bias, qkv, config, rope, norm)
+        launch_skinny(rows_of(x), weight, bias, qkv, config, rope, norm, scale)
     return qkv
 
 
@@ -108,12 +110,15 @@ def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     return config if (n // 2) % (config.block_n // 2) == 0 else None
 
 
-def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
+def skinny_linear_silu(
+    x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """The gate/up product of a gated MLP with SiLU-and-multiply in its epilogue, in one launch:
-    silu_and_mul(skinny_linear(x, weight, norm=norm)) with the same bits, where fuses_silu(x, weight)
-    (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous, gate rows first. Returns [T, I]; the
-    [T, 2I] product itself never reaches memory. No host synchronisation."""
-    check_product(x, weight, None)
+    silu_and_mul(skinny_linear(x, weight, norm=norm, scale=scale)) with the same bits, where
+    fuses_silu(x, weight) (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous, gate rows first
+    (FP8 with its `scale` [2I], or x's dtype). Returns [T, I]; the [T, 2I] product itself never reaches
+    memory. No host synchronisation."""
+    check_product(x, weight, None, scale)
     config = _silu_config(x, weight)
     if x.dim() != 2 or config is None:
         raise ValueError(
@@ -121,20 +126,21 @@ def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm |
             "of [T, K] and a tile that divides I (see fuses_silu)"
         )
     act = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
-    launch_skinny(rows_of(x), weight, None, act, config, {"SILU": True}, norm)
+    launch_skinny(rows_of(x), weight, None, act, config, {"SILU": True}, norm, scale)
     return act
 
 
 def skinny_linear_residual(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A product whose output joins the residual stream (the model uses it for attention's output
     projection), with the stream's addition and the next norm's statistics in its epilogue: returns
     (stream, squares), stream = residual + x @ weight.T rounded as `fused_add_rms_norm` rounds the
     stream, and squares the partial sums of its rows' squares, for the next product's StreamNorm (which
     then stands for that norm kernel). x: [T, K] with at most SKINNY_MAX_ROWS rows; weight: [N, K]
-    contiguous; residual: [T, N] of unit column stride; one dtype. No host synchronisation."""
-    check_product(x, weight, None)
+    contiguous (or FP8 with its `scale` [N]); residual: [T, N] of unit column stride in x's dtype. No
+    host synchronisation."""
+    check_product(x, weight, None, scale)
     if x.dim() != 2 or residual.shape != (x.shape[0], weight.shape[0]) or residual.stride(1) != 1:
         raise ValueError(f"x must be [T, K] and residual [T, {weight.shape[0]}], got {tuple(x.shape)}, "
                          f"{tuple(residual.shape)}")  # fmt: skip
@@ -147,5 +153,5 @@ def skinny_linear_residual(
     if x.shape[0]:
         epilogue = {"res_ptr": residual, "stride_res": residual.stride(0), "squares_ptr": squares,
                     "stride_sq": squares.stride(0), "ADD_RESIDUAL": True}  # fmt: skip
-        launch_skinny(rows_of(x), weight, None, stream, config, epilogue)
+        launch_skinny(rows_of(x), weight, None, stream, config, epilogue, scale=scale)
     return stream, squares

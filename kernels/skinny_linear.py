@@ -24,7 +24,7 @@ from leanserve.kernels.activation import silu_times
 from leanserve.kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from leanserve.kernels.rotary import rotate_and_store_heads
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
-from leanserve.kernels.skinny_tiles import dot_acc, load_rows, multiply_tile, store_block
+from leanserve.kernels.skinny_tiles import dot_acc, load_rows, multiply_tile, scale_channels, store_block
 from leanserve.kernels.stream_norm import StreamNorm, add_to_stream, load_residual, load_squares, scale_rows
 
 
@@ -33,6 +33,7 @@ def _skinny_linear_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
+    scale_ptr,  # an FP8 W's per-row scales (W_SCALED)
     y_ptr,
     M,
     N,
@@ -69,6 +70,7 @@ def _skinny_linear_kernel(
     PERSISTENT: tl.constexpr,
     SWAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
@@ -82,31 +84,32 @@ def _skinny_linear_kernel(
     squares = load_squares(squares_ptr, stride_sq, num_squares, offs_m, M, SQ_BLOCK, SCALE_ROWS)
     if PERSISTENT:
         _persistent_blocks(
-            x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
-            stride_ym, K_TILES, EVEN_K, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, SCALE_ROWS, UPCAST, DOT_PRECISION,
+            x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
+            stride_wn, stride_ym, K_TILES, EVEN_K, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, W_SCALED, SCALE_ROWS,
+            UPCAST, DOT_PRECISION,
         )  # fmt: skip
     elif SILU:
         _silu_block(
-            x_ptr, w_ptr, bias_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
-            stride_ym, K_TILES, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, SCALE_ROWS, UPCAST,
-            DOT_PRECISION,
+            x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
+            stride_wn, stride_ym, K_TILES, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, W_SCALED,
+            SCALE_ROWS, UPCAST, DOT_PRECISION,
         )  # fmt: skip
     else:
         _block(
-            x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
-            stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_pos,
-            stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
+            x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
+            stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+            stride_pos, stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
             ADD_RESIDUAL, SCALE_ROWS, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, K_TILES, EVEN_K, BLOCK_N,
-            BLOCK_K, SWAP, HAS_BIAS, UPCAST, DOT_PRECISION,
+            BLOCK_K, SWAP, HAS_BIAS, W_SCALED, UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
 
 @triton.jit
 def _persistent_blocks(
-    x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
-    stride_ym, K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
+    stride_wn, stride_ym, K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The persistent grid: a contiguous run of blocks of W's rows in one flat loop over (block, K tile),
     so the pipeline keeps loading across block boundaries instead of filling up again for every block."""
@@ -119,6 +122,7 @@ def _persistent_blocks(
         acc = multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, k, M, N, K, EVEN_K, stride_xm, stride_wn,
                              SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
         if i % K_TILES == K_TILES - 1:
+            acc = scale_channels(acc, scale_ptr, offs_n, N, SWAP, W_SCALED)
             acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
             store_block(y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP, HAS_BIAS)
             acc = tl.zeros_like(acc)
@@ -126,10 +130,10 @@ def _persistent_blocks(
 
 @triton.jit
 def _silu_block(
-    x_ptr, w_ptr, bias_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn, stride_ym,
-    K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
+    stride_ym, K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The SiLU epilogue's block. W is gate || up: a program multiplies BLOCK_N / 2 gate rows and the up
     rows of the same columns into two accumulators of one layout, so silu(gate) * up is elementwise in
@@ -145,6 +149,8 @@ def _silu_block(
                     DOT_PRECISION)  # fmt: skip
         up = dot_acc(x, load_rows(w_ptr, cols + N // 2, N, stride_wn, k, K, EVEN_K, UPCAST), up, SWAP,
                   DOT_PRECISION)  # fmt: skip
+    gate = scale_channels(gate, scale_ptr, cols, N, SWAP, W_SCALED)
+    up = scale_channels(up, scale_ptr, cols + N // 2, N, SWAP, W_SCALED)
     gate = scale_rows(gate, squares, K, eps, SWAP, SCALE_ROWS)
     up = scale_rows(up, squares, K, eps, SWAP, SCALE_ROWS)
     # Rounded as silu_and_mul reads the stored product: the two launches' bits.
@@ -154,13 +160,13 @@ def _silu_block(
 
 @triton.jit
 def _block(
-    x_ptr, w_ptr, bias_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
-    stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_pos, stride_sin,
-    stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
+    stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_pos,
+    stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
     ADD_RESIDUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_SCALED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program's block of W's rows, stored plainly or through the RoPE or residual epilogue."""
     if ROPE:
@@ -179,6 +185,7 @@ def _block(
     for kt in range(0, K_TILES):
         acc = multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
                              stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
+    acc = scale_channels(acc, scale_ptr, offs_n, N, SWAP, W_SCALED)
     acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
     if ADD_RESIDUAL:
         add_to_stream(y_ptr, acc, r, squares_ptr, stride_sq, tl.program_id(0), offs_m, offs_n, M, N,
@@ -217,15 +224,17 @@ def launch_skinny(
     config: SkinnyConfig,
     epilogue: dict | None = None,
     norm: StreamNorm | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N], its rows
-    scaled by x's 1 / rms with a `norm`; then the `epilogue` (its arguments: skinny_linear_rope's,
-    skinny_linear_silu's, skinny_linear_residual's)."""
+    scaled by x's 1 / rms with a `norm`, its columns by an FP8 weight's `scale` [N]; then the `epilogue`
+    (its arguments: skinny_linear_rope's, skinny_linear_silu's, skinny_linear_residual's)."""
     pdl = use_pdl(x.device)
     _skinny_linear_kernel[(config.programs or triton.cdiv(weight.shape[0], config.block_n),)](
         x,
         weight,
         bias,
+        scale,
         y,
         x.shape[0],
         weight.shape[0],
@@ -240,6 +249,7 @@ def launch_skinny(
         PERSISTENT=config.programs is not None,
         SWAP=config.swap,
         HAS_BIAS=bias is not None,
+        W_SCALED=scale is not None,
         UPCAST=interpreted(),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PDL=pdl,
@@ -278,24 +288,28 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     norm: StreamNorm | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias for x: [..., K] with at most SKINNY_MAX_ROWS rows in all (any leading shape),
-    weight: [N, K] contiguous, bias: [N] or None, all one dtype (fp16, bf16 or fp32) on one device.
-    Returns [..., N] in out_dtype (default: that dtype), accumulated in fp32 and rounded once; with a
+    weight: [N, K] contiguous, bias: [N] or None, all one dtype (fp16, bf16 or fp32) on one device; or
+    weight in FP8 (e4m3) with its per-row `scale` [N] fp32 (x @ (weight * scale[:, None]).T).
+    Returns [..., N] in out_dtype (default: x's dtype), accumulated in fp32 and rounded once; with a
     `norm`, that of x's RMS-normalised rows. No host synchronisation (CUDA-graph safe)."""
-    check_product(x, weight, bias)
+    check_product(x, weight, bias, scale)
     x2 = rows_of(x)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
         config = skinny_config(x2.shape[0], *weight.shape, x.element_size(), x.device)
-        launch_skinny(x2, weight, bias, y, config, norm=norm)
+        launch_skinny(x2, weight, bias, y, config, norm=norm, scale=scale)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 reference_skinny_linear = F.linear  # the torch twin: same arguments, same result up to rounding
 
 
-def check_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None
+) -> None:
     """ValueError unless x, weight and bias are what the skinny product takes (see skinny_linear)."""
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [N, K] matrix, got shape {tuple(weight.shape)}")
@@ -303,9 +317,21 @@ def check_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight, got {tuple(x.shape)}")
     if x.numel() // max(x.shape[-1], 1) > SKINNY_MAX_ROWS:
         raise ValueError(f"at most {SKINNY_MAX_ROWS} rows of x, got {x.numel() // x.shape[-1]}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != x.dtype:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    if scale is None and weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share a dtype (or weight be FP8 with a scale), got {x.dtype}, "
+                         f"{weight.dtype}")  # fmt: skip
+    if scale is not None and (
+        weight.dtype != torch.float8_e4m3fn
+        or scale.shape != (weight.shape[0],)
+        or scale.dtype != torch.float32
+        or not scale.is_contiguous()
+        or scale.device != weight.device
+    ):
         raise ValueError(
-            f"x and weight must share a float dtype (fp16, bf16, fp32), got {x.dtype}, {weight.dtype}"
+            f"a scaled weight is float8_e4m3fn with a contiguous [{weight.shape[0]}] float32 scale on its "
+            f"device, got {weight.dtype} and {scale.dtype} {tuple(scale.shape)}"
         )
     if bias is not None and (
         bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or not bias.is_contiguous()

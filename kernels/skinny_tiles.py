@@ -1,6 +1,6 @@
 """The tiles the skinny decode product (kernels/skinny_linear.py) is built of: a block of rows of x or W
-over one K tile, their tensor-core product (optionally with W's rows on the MMA's M side) and the stored
-block of y."""
+over one K tile, their tensor-core product (optionally with W's rows on the MMA's M side), an FP8 W's
+per-row scales and the stored block of y."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ def load_rows(ptr, rows, num_rows, stride, k, K, EVEN_K: tl.constexpr, UPCAST: t
 
 @triton.jit
 def dot_acc(x, w, acc, SWAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + x @ w.T, or with SWAP its transpose: the tile is y.T's, W's rows fill the MMA's M side."""
+    """acc + x @ w.T, or with SWAP its transpose: the tile is y.T's, W's rows fill the MMA's M side. An
+    FP8 w is widened to x's dtype in registers (exact: every e4m3 value is a bf16 / fp16 value); its scale
+    waits for the epilogue (`scale_channels`)."""
+    w = w.to(x.dtype)
     if SWAP:
         acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
     else:
@@ -37,6 +40,15 @@ def multiply_tile(
     x = load_rows(x_ptr, offs_m, M, stride_xm, k, K, EVEN_K, UPCAST)
     w = load_rows(w_ptr, offs_n, N, stride_wn, k, K, EVEN_K, UPCAST)
     return dot_acc(x, w, acc, SWAP, DOT_PRECISION)
+
+
+@triton.jit
+def scale_channels(acc, scale_ptr, offs_n, N, SWAP: tl.constexpr, W_SCALED: tl.constexpr):
+    """With W_SCALED (an FP8 W), the product's columns offs_n times W's per-row scales."""
+    if W_SCALED:
+        scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc = acc * scale[:, None] if SWAP else acc * scale[None, :]
+    return acc
 
 
 @triton.jit

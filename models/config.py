@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leanserve.models.quantization import checkpoint_quantization
+
 # model_type -> architecture, for configs that omit "architectures".
 SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -39,6 +41,7 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm over each head of q and k before RoPE (Qwen3)
     bos_token_id: int | None
     eos_token_ids: list[int] = field(default_factory=list)
+    quantization: str | None = None  # how the checkpoint stores its linear weights: "fp8" or None (dense)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -104,6 +107,7 @@ class ModelConfig:
             qk_norm=architecture == "Qwen3ForCausalLM",
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
+            quantization=checkpoint_quantization(raw),
         )
 
 

@@ -1,7 +1,8 @@
-"""Building blocks shared by the Llama-family layers: RMSNorm (fused with the residual add), rotary
-embeddings (plain, linear and Llama-3 scaled) applied together with the KV-cache write, and the fused
-gated (SwiGLU) MLP. Each runs its Triton kernel on CUDA tensors and the kernel's torch twin elsewhere.
-Weights are created empty; the loader fills them."""
+"""Building blocks shared by the Llama-family layers: the linear product (bf16 / fp16 / fp32 weights, or
+FP8 weights with per-row scales), RMSNorm (fused with the residual add), rotary embeddings (plain, linear
+and Llama-3 scaled) applied together with the KV-cache write, and the fused gated (SwiGLU) MLP. Each runs
+its Triton kernel on CUDA tensors and the kernel's torch twin elsewhere. Weights are created empty; the
+loader fills them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels import ops
-from leanserve.kernels.skinny_config import skinny_beats_cublas
+from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear
+from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from leanserve.kernels.skinny_linear import skinny_linear
 from leanserve.kernels.stream_norm import StreamNorm
@@ -24,8 +26,18 @@ def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+def linear_weight(module: nn.Module, name: str, rows: int, cols: int, dtype: torch.dtype, fp8: bool) -> None:
+    """Give `module` an empty [rows, cols] weight `name`: in dtype, or with `fp8` in float8 e4m3 with its
+    per-row fp32 scales `{name}_scale` [rows] beside it (None without fp8), for `linear(..., scale=)`."""
+    setattr(module, name, empty_param(rows, cols, dtype=FP8 if fp8 else dtype))
+    setattr(module, f"{name}_scale", empty_param(rows, dtype=torch.float32) if fp8 else None)
+
+
 # Weights every `linear` call of the model reads (the embedding is a lookup and stays dense).
 LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "lm_head_weight")
+# Those `--quantization fp8` stores in FP8: the LM head stays in the model dtype (as in the published
+# FP8 checkpoints, which list it as ignored).
+FP8_WEIGHTS = LINEAR_WEIGHTS[:4]
 
 
 def linear(
@@ -33,13 +45,19 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias in out_dtype (default x's). x: [..., K]; weight: [N, K], dense or packed by
-    `prepack_linear_weights`. Decode-sized batches on CUDA take the skinny Triton kernel, everything else
-    cuBLAS / oneDNN. On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM head's fp32
-    logits without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast takes 24 us; the product
-    with cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256 rows against 450 / 534 with the cast;
-    bench_engine.py --profile, docs/benchmarks.md)."""
+    `prepack_linear_weights`, or FP8 with its per-row `scale` [N] fp32 (x @ (weight * scale).T).
+    Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN (FP8:
+    kernels.fp8.fp8_linear). On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM
+    head's fp32 logits without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast takes 24 us;
+    the product with cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256 rows against 450 / 534
+    with the cast; bench_engine.py --profile, docs/benchmarks.md)."""
+    if scale is not None:
+        if use_skinny_linear(x, weight):
+            return skinny_linear(x, weight, bias, out_dtype, scale=scale)
+        return fp8_linear(x, weight, scale, bias, out_dtype)
     if weight.is_mkldnn:
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     elif use_skinny_linear(x, weight):
@@ -69,10 +87,13 @@ def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Half-precision CUDA inputs where the kernel was tuned and beats cuBLASLt (`skinny_beats_cublas`:
     decode-sized batches); fp32 keeps torch's products, so the fp32 checks against Hugging Face compare
-    like with like."""
+    like with like. An FP8 weight takes the kernel at every decode-sized batch: the alternative there is
+    not a bf16 cuBLASLt product but an FP8 one that quantizes x first (kernels.fp8)."""
     if not x.is_cuda or x.dtype == torch.float32:
         return False
     n, k = weight.shape
+    if weight.dtype == FP8:
+        return x.numel() // k <= SKINNY_MAX_ROWS
     return skinny_beats_cublas(x.numel() // k, n, k)
 
 
@@ -88,7 +109,9 @@ def prepack_linear_weights(model: nn.Module) -> None:
     decode step take 13.3 ms packed against 19.0 dense in bf16, 27.6 against 44.9 in fp32, with identical
     results (bench_engine.py --device cpu, docs/benchmarks.md, docs/cpu_dtype.md). Packed weights
     can no longer be sliced or loaded into: call this after loading, for serving only. bf16 weights stay
-    dense on a CPU without native bf16, where oneDNN has no bf16 layout."""
+    dense on a CPU without native bf16, where oneDNN has no bf16 layout. FP8 weights are dequantized to
+    the model dtype here, once (the values the reference path computes with at every call, where the
+    CPU's FP8 -> float conversion makes a SmolLM2 decode step seconds long): oneDNN has no FP8 product."""
     if not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
@@ -96,12 +119,18 @@ def prepack_linear_weights(model: nn.Module) -> None:
             weight = module._parameters.get(name)
             if weight is None or weight.device.type != "cpu":
                 continue
-            if weight.dtype == torch.bfloat16 and not cpu_has_native_bf16():
-                continue
-            # The batch-size hint only tunes the layout; any number of rows works (prefill included).
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            packable = weight.dtype != torch.bfloat16 or cpu_has_native_bf16()
+            if weight.dtype == FP8:
+                weight = dequantize(weight, getattr(module, f"{name}_scale"), model.dtype)
+                setattr(module, f"{name}_scale", None)
+                packable = weight.dtype != torch.bfloat16 or cpu_has_native_bf16()
+            elif not packable:
+                continue  # stays the dense parameter it is
+            if packable:
+                # The batch-size hint only tunes the layout; any number of rows works (prefill included).
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
             delattr(module, name)  # a tied lm_head is unbound here; the embedding keeps its dense weight
-            module.register_buffer(name, packed, persistent=False)
+            module.register_buffer(name, weight, persistent=False)
 
 
 class RMSNorm(nn.Module):
@@ -177,13 +206,15 @@ class RotaryEmbedding(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        qkv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`forward` applied to linear(x, qkv_weight, qkv_bias), in one kernel (where `fuses_with`).
+        """`forward` applied to linear(x, qkv_weight, qkv_bias, scale=qkv_scale), in one kernel (where
+        `fuses_with`).
         Returns qkv [T, (Hq + 2 Hkv) * D], q and k rotated; k and v written to the caches. On an H100 a
         Llama-3-8B layer chain without its 32 rope_and_cache launches takes 5739 us a step at batch 1
         against 5810, 10499 at batch 64 against 10570 (docs/benchmarks.md, Engine)."""
         return skinny_linear_rope(
-            x, qkv_weight, qkv_bias, positions, self.cos_sin, k_cache, v_cache, slot_mapping
+            x, qkv_weight, qkv_bias, positions, self.cos_sin, k_cache, v_cache, slot_mapping, scale=qkv_scale
         )
 
     def forward(
@@ -205,24 +236,27 @@ class RotaryEmbedding(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one [2 * I, H] matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one [2 * I, H] matmul; with `fp8`, both
+    weights in FP8 with per-row scales."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, dtype: torch.dtype, fp8: bool = False
+    ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_weight = empty_param(2 * intermediate_size, hidden_size, dtype=dtype)
-        self.down_weight = empty_param(hidden_size, intermediate_size, dtype=dtype)
+        linear_weight(self, "gate_up_weight", 2 * intermediate_size, hidden_size, dtype, fp8)
+        linear_weight(self, "down_weight", hidden_size, intermediate_size, dtype, fp8)
 
     def forward(self, x: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
         """x: [T, H] -> [T, H]; with a `norm`, of x's RMS-normalised rows (the skinny kernel only, the
         norm's weight folded into gate/up). Decode batches of 17-64 rows on CUDA take SiLU into the gate/up
         product's epilogue (`fuses_silu`): on an H100 a Llama-3-8B layer chain at 24 / 40 / 64 rows takes
         22 / 43 / 51 us less a step than with the separate SiLU launch (docs/benchmarks.md, Engine)."""
-        if use_skinny_linear(x, self.gate_up_weight) and fuses_silu(x, self.gate_up_weight):
-            act = skinny_linear_silu(x, self.gate_up_weight, norm)
+        gate_up_weight, gate_up_scale = self.gate_up_weight, self.gate_up_weight_scale
+        if use_skinny_linear(x, gate_up_weight) and fuses_silu(x, gate_up_weight):
+            act = skinny_linear_silu(x, gate_up_weight, norm, gate_up_scale)
         elif norm is not None:
-            act = ops.silu_and_mul(skinny_linear(x, self.gate_up_weight, norm=norm))
+            act = ops.silu_and_mul(skinny_linear(x, gate_up_weight, norm=norm, scale=gate_up_scale))
         else:
-            gate_up = linear(x, self.gate_up_weight)
-            act = ops.silu_and_mul(gate_up)
-        return linear(act, self.down_weight)
+            act = ops.silu_and_mul(linear(x, gate_up_weight, scale=gate_up_scale))
+        return linear(act, self.down_weight, scale=self.down_weight_scale)

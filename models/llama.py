@@ -15,7 +15,15 @@ from leanserve.kernels.stream_norm import StreamNorm
 from leanserve.models.attention import AttentionBatch, paged_attention
 from leanserve.models.config import ModelConfig
 from leanserve.models.kv_cache import KVCache
-from leanserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, empty_param, linear, stream_norm_fuses
+from leanserve.models.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    empty_param,
+    linear,
+    linear_weight,
+    stream_norm_fuses,
+)
 from leanserve.models.parallel import TensorParallel, check_divisible
 
 # HF tensor name -> (our parameter, first row, end row, checkpoint slice or None). The slice is
@@ -24,10 +32,17 @@ Layout = dict[str, tuple[str, int, int, tuple[int, int, int] | None]]
 
 
 class Attention(nn.Module):
-    """Self-attention over this rank's heads: Hq / tp query heads and Hkv / tp KV heads."""
+    """Self-attention over this rank's heads: Hq / tp query heads and Hkv / tp KV heads; with `fp8`, the
+    q/k/v and output projections in FP8 with per-row scales."""
 
     def __init__(
-        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, rope: RotaryEmbedding, tp_size: int = 1
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        rope: RotaryEmbedding,
+        tp_size: int = 1,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -38,9 +53,9 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         self.rope = rope  # the model's one table, shared by every layer
         qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_weight = empty_param(qkv_rows, config.hidden_size, dtype=dtype)
+        linear_weight(self, "qkv_weight", qkv_rows, config.hidden_size, dtype, fp8)
         self.qkv_bias = empty_param(qkv_rows, dtype=dtype) if config.attention_bias else None
-        self.o_weight = empty_param(config.hidden_size, self.num_heads * self.head_dim, dtype=dtype)
+        linear_weight(self, "o_weight", config.hidden_size, self.num_heads * self.head_dim, dtype, fp8)
         # Qwen3: q_norm's weight repeated over the query heads and k_norm's over the KV heads, so one
         # normalisation and one multiply cover q and k.
         self.qk_norm_weight = (
@@ -67,10 +82,11 @@ class Attention(nn.Module):
         )
         if fused:
             qkv = self.rope.project(
-                x, self.qkv_weight, self.qkv_bias, positions, k_cache, v_cache, batch.slot_mapping
-            )
+                x, self.qkv_weight, self.qkv_bias, positions, k_cache, v_cache, batch.slot_mapping,
+                self.qkv_weight_scale,
+            )  # fmt: skip
         else:
-            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias, scale=self.qkv_weight_scale)
         if batch.prefetch is not None:
             batch.prefetch(self.o_weight)
         if fused:
@@ -98,23 +114,27 @@ class DecoderLayer(nn.Module):
         dtype: torch.dtype,
         rope: RotaryEmbedding,
         tp: TensorParallel | None,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         tp_size = tp.world_size if tp else 1
         self.tp = tp
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, layer_idx, dtype, rope, tp_size)
+        self.attn = Attention(config, layer_idx, dtype, rope, tp_size, fp8)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size // tp_size, dtype)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size // tp_size, dtype, fp8)
         self.post_attention_norm_folded = False  # see fold_post_attention_norm
 
     def fold_post_attention_norm(self) -> None:
         """Multiply the post-attention norm's weight into the gate/up weight's columns (rounded once to
         the dtype) and make the norm's own weight ones: the same MLP input up to that rounding, and the
         norm can then live in the products' epilogues (`stream_norm_fuses`). Single device only (the
-        residual add needs the all-reduced output under tensor parallelism)."""
+        residual add needs the all-reduced output under tensor parallelism) and dense weights only (an FP8
+        weight's scales are per row, the norm's per column)."""
         if self.tp is not None:
             raise ValueError("the post-attention norm stays a kernel under tensor parallelism")
+        if self.mlp.gate_up_weight_scale is not None:
+            raise ValueError("the post-attention norm stays a kernel with FP8 weights")
         weight = self.post_attention_norm.weight
         gate_up = self.mlp.gate_up_weight
         gate_up.copy_(gate_up.float() * weight.float()[None, :])
@@ -143,7 +163,7 @@ class DecoderLayer(nn.Module):
         """o projection, residual add + post-attention norm (one kernel), MLP. o_proj and down_proj are
         row-parallel: each rank's output is a partial sum over its heads (its MLP columns), so one
         all-reduce after each completes it before it joins the stream."""
-        x = linear(attn, self.attn.o_weight)
+        x = linear(attn, self.attn.o_weight, scale=self.attn.o_weight_scale)
         if self.tp is not None:
             x = self.tp.all_reduce(x)
         x, residual = self.post_attention_norm(x, residual)
@@ -158,7 +178,9 @@ class DecoderLayer(nn.Module):
         """The same with the post-attention norm carried by the products (small decode batches, single
         device): o adds its output to the stream and writes its sums of squares, gate/up scales its rows
         by 1/rms (the norm's weight folded into gate/up at load)."""
-        residual, squares = skinny_linear_residual(attn, self.attn.o_weight, residual)
+        residual, squares = skinny_linear_residual(
+            attn, self.attn.o_weight, residual, self.attn.o_weight_scale
+        )
         return self.mlp(residual, StreamNorm(squares, self.post_attention_norm.eps)), residual
 
 
@@ -168,19 +190,25 @@ class CausalLM(nn.Module):
     `tp` (tensor parallelism): this rank's place; the model then holds its share of every attention
     and MLP matrix, and every rank runs forward on the same inputs. Embeddings, norms and the LM head
     stay whole on every rank (see docs/benchmarks.md, Tensor parallelism). None or one rank: the
-    plain single-device model, with no collective anywhere."""
+    plain single-device model, with no collective anywhere.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel | None = None) -> None:
+    `fp8`: the attention and MLP matrices in float8 e4m3 with per-row fp32 scales (`{weight}_scale`);
+    embeddings, norms and the LM head stay in `dtype`."""
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel | None = None, fp8: bool = False
+    ) -> None:
         super().__init__()
         tp = tp if tp is not None and tp.world_size > 1 else None
         if tp is not None:
             check_divisible(config, tp.world_size)
         self.config = config
         self.tp = tp
+        self.fp8 = fp8
         self.embed_weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype)
         self.rope = RotaryEmbedding(config, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, self.rope, tp) for i in range(config.num_layers)
+            DecoderLayer(config, i, dtype, self.rope, tp, fp8) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head_weight = (

@@ -1,7 +1,9 @@
 """Build a CausalLM from a Hugging Face directory: weights from safetensors (sharded or not, with a
 progress bar) copied into the fused parameters on the target device, or random weights from
 `config.json` alone (`load_format="dummy"`, for benchmarks at real shapes); and the `--dtype` choice.
-Under tensor parallelism each rank reads only its slices of the sharded matrices."""
+Under tensor parallelism each rank reads only its slices of the sharded matrices. With FP8 linear weights
+(`--quantization`, models/quantization.py) an FP8 checkpoint tensor is copied with its scales and a dense
+one is quantized per row on the device; a dense model dequantizes an FP8 checkpoint's tensors."""
 
 from __future__ import annotations
 
@@ -13,18 +15,23 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from leanserve.kernels.fp8 import FP8, dequantize, quantize_rows
 from leanserve.models.config import ModelConfig
 from leanserve.models.layers import cpu_has_native_bf16
 from leanserve.models.llama import CausalLM
 from leanserve.models.parallel import TensorParallel
+from leanserve.models.quantization import use_fp8
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# Checkpoint tensors that are not weights of ours (recomputed buffers).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Checkpoint tensors that are not weights of ours (recomputed buffers; static activation scales of FP8
+# checkpoints: decode keeps activations in the model dtype and prefill scales them per row).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "input_scale")
+# An FP8 checkpoint tensor `<module>.weight`'s scales: one per tensor, or per output row ([N] or [N, 1]).
+_SCALE_SUFFIX = "_scale"
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -44,20 +51,23 @@ def load_model(
     device: torch.device | str,
     load_format: str = "auto",
     tp: TensorParallel | None = None,
+    quantization: str = "auto",
 ) -> CausalLM:
     """The model of `model_dir` (config.json + *.safetensors) in `dtype` on `device`, in eval mode;
-    with `tp`, this rank's shard of it."""
+    with `tp`, this rank's shard of it; its linear weights in FP8 where `quantization` says so
+    (models.quantization.use_fp8: "auto" follows the checkpoint, "fp8" quantizes a dense one)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    fp8 = use_fp8(quantization, config.quantization)
     with torch.device(device):
-        model = CausalLM(config, dtype, tp)
+        model = CausalLM(config, dtype, tp, fp8)
     if load_format == "dummy":
         _fill_random(model)
     elif load_format == "auto":
         _load_safetensors(model, model_dir)
     else:
         raise ValueError(f"unsupported load_format '{load_format}' (auto, dummy)")
-    if model.device.type == "cuda" and dtype != torch.float32 and model.tp is None:
+    if model.device.type == "cuda" and dtype != torch.float32 and model.tp is None and not fp8:
         with torch.no_grad():
             for layer in model.layers:
                 layer.fold_post_attention_norm()  # the skinny decode products then hold that norm
@@ -82,6 +92,7 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
     params = dict(model.named_parameters())
     missing = set(layout)
     files = _safetensors_files(model_dir)
+    scales = _read_scales(files, layout) if model.config.quantization else {}
     total = sum(len(safe_open(f, framework="pt").keys()) for f in files)
     # disable=None: no bar when stderr is not a terminal (log pipelines, --log-format json, containers).
     bar = tqdm(total=total, desc=f"loading {model_dir.name}", unit="tensor", leave=False, disable=None)
@@ -91,9 +102,8 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     progress.update()
                     if name not in layout:
-                        if not name.endswith(_IGNORED_SUFFIXES) and not (
-                            name == "lm_head.weight" and model.config.tie_word_embeddings
-                        ):
+                        tied_head = name == "lm_head.weight" and model.config.tie_word_embeddings
+                        if not (name.endswith(_IGNORED_SUFFIXES) or tied_head or name in scales):
                             logger.warning("ignoring unexpected checkpoint tensor %s", name)
                         continue
                     param_name, lo, hi, shard = layout[name]
@@ -104,12 +114,71 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
                         raise ValueError(
                             f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {param_name}"
                         )
-                    target.copy_(tensor)
+                    scale = _tensor_scale(scales, name, tensor, shard)
+                    _copy_weight(params, param_name, lo, hi, tensor.to(target.device), scale)
                     missing.discard(name)
     if missing:
         raise ValueError(
             f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
         )
+
+
+def _read_scales(files: list[Path], layout: dict) -> dict[str, torch.Tensor]:
+    """Every `<weight>_scale` tensor of a weight in `layout`, as fp32 (small: one per tensor or row)."""
+    scales = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if name.endswith(_SCALE_SUFFIX) and name.removesuffix(_SCALE_SUFFIX) in layout:
+                    scales[name] = f.get_tensor(name).float()
+    return scales
+
+
+def _tensor_scale(
+    scales: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, shard: tuple[int, int, int] | None
+) -> torch.Tensor | None:
+    """An FP8 checkpoint tensor's scales as [rows of `tensor`] fp32 (a per-tensor scale repeated, this
+    rank's rows of per-row ones); None for a dense tensor. ValueError for an FP8 tensor we cannot read."""
+    if not tensor.dtype.is_floating_point or tensor.element_size() != 1:
+        return None
+    if tensor.dtype != FP8:
+        raise ValueError(f"{name}: unsupported checkpoint dtype {tensor.dtype} (FP8 weights are e4m3)")
+    scale = scales.get(name + _SCALE_SUFFIX)
+    if scale is None:
+        raise ValueError(f"{name} is FP8 but the checkpoint has no {name}{_SCALE_SUFFIX}")
+    scale = scale.reshape(-1)
+    if scale.numel() == 1:
+        return scale.expand(tensor.shape[0]).contiguous()
+    if shard is not None and shard[0] == 0:
+        scale = scale[shard[1] : shard[2]]
+    if scale.numel() != tensor.shape[0]:
+        raise ValueError(
+            f"{name}{_SCALE_SUFFIX}: {scale.numel()} scales for {tensor.shape[0]} rows (per-tensor or "
+            "per-output-channel scales only)"
+        )
+    return scale
+
+
+def _copy_weight(
+    params: dict[str, torch.nn.Parameter],
+    param_name: str,
+    lo: int,
+    hi: int,
+    tensor: torch.Tensor,
+    scale: torch.Tensor | None,
+) -> None:
+    """Rows [lo, hi) of a parameter from a checkpoint tensor on its device, FP8 (with per-row `scale`) or
+    dense: an FP8 parameter takes FP8 as it is and quantizes a dense tensor per row; a dense parameter
+    takes a dense tensor as it is and dequantizes FP8."""
+    param = params[param_name]
+    if param.dtype == FP8:
+        weight, scale = (tensor, scale.to(tensor.device)) if scale is not None else quantize_rows(tensor)
+        param.data[lo:hi].copy_(weight)
+        params[param_name + _SCALE_SUFFIX].data[lo:hi].copy_(scale)
+    elif scale is not None:
+        param.data[lo:hi].copy_(dequantize(tensor, scale.to(tensor.device), param.dtype))
+    else:
+        param.data[lo:hi].copy_(tensor)
 
 
 def _read_slice(f, name: str, dim: int, start: int, end: int) -> torch.Tensor:
@@ -119,10 +188,17 @@ def _read_slice(f, name: str, dim: int, start: int, end: int) -> torch.Tensor:
 
 
 def _fill_random(model: CausalLM, seed: int = 0) -> None:
-    """Random weights made on the device: N(0, 0.02) matrices, unit norm weights, zero biases."""
+    """Random weights made on the device: N(0, 0.02) matrices (FP8 ones drawn in the model dtype and
+    quantized per row), unit norm weights, zero biases."""
     generator = torch.Generator(device=model.embed_weight.device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "norm" in name:
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if name.endswith(_SCALE_SUFFIX):
+            continue  # filled with its weight
+        if param.dtype == FP8:
+            dense = torch.empty(param.shape, dtype=model.dtype, device=param.device)
+            _copy_weight(params, name, 0, param.shape[0], dense.normal_(0.0, 0.02, generator=generator), None)
+        elif "norm" in name:
             param.data.fill_(1.0)
         elif name.endswith("bias"):
             param.data.zero_()

@@ -132,7 +132,7 @@ def test_touches_nothing_past_its_inputs(rows, sms, monkeypatch):
         (lambda a: a.update(x=a["x"].repeat(22, 1)), "at most 64 rows"),
         (lambda a: a.update(x=a["x"][:, :-1]), "to match weight"),
         (lambda a: a.update(weight=a["weight"].t()), "contiguous"),
-        (lambda a: a.update(weight=a["weight"].double()), "share a float dtype"),
+        (lambda a: a.update(weight=a["weight"].double()), "share a dtype"),
         (lambda a: a.update(bias=a["weight"][0]), "bias must be"),
     ],
     ids=["rows", "k", "weight", "dtype", "bias"],
@@ -379,7 +379,7 @@ def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     monkeypatch.setattr(
         model_layers,
         "skinny_linear_rope",
-        lambda x, *rest: fused.append(x.shape) or skinny_linear_rope(x, *rest),
+        lambda x, *rest, **kw: fused.append(x.shape) or skinny_linear_rope(x, *rest, **kw),
     )
     got, logits = run()
     assert calls and fused and got == expected
@@ -434,7 +434,7 @@ def test_gpu_bf16_model_decode_matches_cublas(num_seqs, tiny_model_factory, monk
     monkeypatch.setattr(
         model_layers,
         "skinny_linear_silu",
-        lambda x, w, n: silu_rows.append(len(x)) or skinny_linear_silu(x, w, n),
+        lambda x, *rest: silu_rows.append(len(x)) or skinny_linear_silu(x, *rest),
     )
     monkeypatch.setattr(
         model_llama,

@@ -11,6 +11,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 KVCacheDtype = Literal["auto", "bf16", "fp8"]
 Device = Literal["auto", "cpu", "cuda"]
 LoadFormat = Literal["auto", "dummy"]
+Quantization = Literal["auto", "none", "fp8"]  # models.quantization.QUANTIZATIONS
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 
 
@@ -32,6 +33,12 @@ class EngineConfig(BaseModel):
     )
     device: Device = Field("auto", description="cuda when available under auto")
     load_format: LoadFormat = Field("auto", description="dummy: random weights from config.json")
+    quantization: Quantization = Field(
+        "auto",
+        description="fp8: attention and MLP weights in float8 e4m3 with per-channel scales (a bf16/fp16 "
+        "checkpoint is quantized at load); auto: as the checkpoint stores them; none: dense (an FP8 "
+        "checkpoint is dequantized)",
+    )
     block_size: int = Field(16, description=f"tokens per KV cache block, one of {BLOCK_SIZES}")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one batch")
     max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of a step (chunked prefill)")

@@ -50,11 +50,18 @@ def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> Engi
     kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
     workers = None
     if config.tensor_parallel_size > 1:
-        spec = WorkerSpec(str(model_dir), dtype, device.type, config.load_format, torch.get_num_threads())
+        spec = WorkerSpec(
+            str(model_dir),
+            dtype,
+            device.type,
+            config.load_format,
+            torch.get_num_threads(),
+            config.quantization,
+        )
         workers = TPWorkers(spec, config.tensor_parallel_size)
         model = workers.load_model(device)
     else:
-        model = load_model(model_dir, dtype, device, config.load_format)
+        model = load_model(model_dir, dtype, device, config.load_format, quantization=config.quantization)
     if device.type == "cpu":
         prepack_linear_weights(model)
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)

@@ -47,6 +47,7 @@ class WorkerSpec:
     device_type: str  # "cpu" or "cuda" (rank r uses cuda:r)
     load_format: str = "auto"
     num_threads: int = 1  # torch intra-op threads of a worker (CPU)
+    quantization: str = "auto"  # EngineConfig.quantization
 
 
 # Messages from rank 0 to the workers, over the gloo group.
@@ -108,8 +109,9 @@ class TPWorkers:
         """Load rank 0's shard, then wait for every worker's; raises if any rank failed to load."""
         error = None
         try:
+            spec = self.spec
             model = load_model(
-                Path(self.spec.model_dir), self.spec.dtype, device, self.spec.load_format, self.tp
+                Path(spec.model_dir), spec.dtype, device, spec.load_format, self.tp, spec.quantization
             )
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
@@ -198,7 +200,7 @@ def _worker_main(rank: int, world_size: int, port: int, spec: WorkerSpec) -> Non
     device = torch.device("cuda", rank) if spec.device_type == "cuda" else torch.device("cpu")
     model, error = None, None
     try:
-        model = load_model(Path(spec.model_dir), spec.dtype, device, spec.load_format, tp)
+        model = load_model(Path(spec.model_dir), spec.dtype, device, spec.load_format, tp, spec.quantization)
         if device.type == "cpu":  # as the engine does for rank 0's shard
             prepack_linear_weights(model)
     except Exception as e:

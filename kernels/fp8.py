@@ -1,0 +1,76 @@
+"""FP8 (float8 e4m3) weights with one fp32 scale per output channel: row-wise quantization, its inverse,
+and the many-row product (prefill, large batches). Decode-sized products read the FP8 weight in the skinny
+Triton kernel (kernels/skinny_linear.py, `scale`); this module's `fp8_linear` is the rest: on CUDA W8A8
+through `torch._scaled_mm` (x quantized per row on the fly), elsewhere the weight dequantized to x's
+dtype and multiplied (the reference and the CPU path).
+
+Decode stays weight-only: its products stream W once for a few rows of x, so quantizing x saves no
+bytes and adds its rounding and a pass over x. Prefill is bound by tensor-core throughput, which FP8
+doubles on Hopper, and W8A8 reads W once at 1 byte where dequantizing first writes and reads a bf16 copy
+besides; benchmarks/bench_fp8_linear.py times the two (and bf16) per projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# A row of zeros keeps a tiny positive scale, so dividing by it stays finite (and quantizes to zeros).
+_MIN_SCALE = 1e-12
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] float -> (fp8 [N, K], scale [N] fp32) with w ~ fp8 * scale[:, None]: each row's largest
+    magnitude maps to FP8_MAX."""
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return quantize_with(w32, scale), scale
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w: [N, K] float, scale: [N] fp32 -> fp8 [N, K]: w / scale rounded to nearest, saturated."""
+    return (w.float() / scale.float()[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 [N, K] and scale [N] -> [N, K] in dtype (the product computed in fp32, rounded once)."""
+    return (w.float() * scale.float()[:, None]).to(dtype)
+
+
+def reference_fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x @ dequantize(weight, scale).T + bias: x [..., K] (fp32, bf16 or fp16), weight fp8 [N, K], scale
+    [N] fp32; [..., N] in out_dtype (default x's). The torch twin of every FP8 product."""
+    y = F.linear(x, dequantize(weight, scale, x.dtype), bias)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """reference_fp8_linear's result for any number of rows. On CUDA (half-precision x, K and N multiples
+    of 16) the activations are quantized per row and the product runs on FP8 tensor cores with row-wise
+    scales (`torch._scaled_mm`): the weight is read once at 1 byte an element, where dequantizing first
+    would write and read it again at 2. Elsewhere the reference."""
+    n, k = weight.shape
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % 16 == 0 and k % 16 == 0):
+        return reference_fp8_linear(x, weight, scale, bias, out_dtype)
+    x2 = x.reshape(-1, k)
+    x_q, x_scale = quantize_rows(x2)
+    # Row-wise scaling takes bf16 output only; column-major B is weight.T of the row-major weight.
+    y = torch._scaled_mm(
+        x_q, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], out_dtype=torch.bfloat16
+    )
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype or x.dtype).view(*x.shape[:-1], n)

@@ -1,0 +1,237 @@
+"""FP8 weights: row-wise quantization and its inverse, the skinny decode product reading FP8 W with its
+scales in the epilogue (plain, persistent grid, RoPE + cache write, SiLU, residual + norm statistics)
+against the dequantizing twin over ragged shapes and 1..64 rows (interpreted on CPU, compiled on GPU),
+validation, and on GPU the many-row W8A8 product (`torch._scaled_mm`)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from greedy_runner import GreedyRunner
+from test_fused_ops import MAX_POS, cos_sin_table
+
+from leanserve.kernels.activation import reference_silu_and_mul
+from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, fp8_linear, quantize_rows, reference_fp8_linear
+from leanserve.kernels.rotary import reference_rope_and_cache
+from leanserve.kernels.skinny_fused import (
+    fuses_rope,
+    fuses_silu,
+    skinny_linear_residual,
+    skinny_linear_rope,
+    skinny_linear_silu,
+)
+from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.models import layers as model_layers
+from leanserve.models.loader import load_model
+
+config_module = importlib.import_module("leanserve.kernels.skinny_config")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# Against the fp32 product of x and the dequantized W: the FP8 W is exact in every dtype, so only x's
+# rounding and the output's remain (bf16 tl.dot is wrong in the interpreter: bf16 runs on GPU only).
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+DTYPES = [*CPU_DTYPES, torch.bfloat16] if HAS_CUDA else CPU_DTYPES
+
+
+def _quantized(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 weight [n, k] and its scales [n] on DEVICE, rows of unequal magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) / k**0.5
+    q, scale = quantize_rows(w)
+    return q.to(DEVICE), scale.to(DEVICE)
+
+
+def _x(rows: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype=dtype, device=DEVICE)
+
+
+def _expected(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """fp32 product with the dequantized W, rounded once to x's dtype (as the kernel's accumulator is)."""
+    b = bias.float() if bias is not None else None
+    return F.linear(x.float(), dequantize(q, scale, torch.float32), b).to(x.dtype)
+
+
+# -- quantization -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (7, 19), (64, 989)])
+def test_quantize_rows_round_trip(n, k):
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=gen) * 10.0 ** torch.randint(-4, 3, (n, 1), generator=gen)
+    q, scale = quantize_rows(w)
+    assert q.dtype == FP8 and scale.shape == (n,) and scale.dtype == torch.float32
+    # Each row's largest magnitude maps to the largest FP8 value; every element rounds to 3 mantissa bits
+    # (relative error <= 2^-4), or to the subnormal step (2^-9 of the scale) near zero.
+    assert torch.equal(q.float().abs().amax(1), torch.full((n,), FP8_MAX))
+    back = dequantize(q, scale, torch.float32)
+    assert torch.all((back - w).abs() <= w.abs() * 2**-4 + scale[:, None] * 2**-9)
+    # Dequantize-then-quantize with the same scales is the identity.
+    assert torch.equal(quantize_rows(back)[0].view(torch.uint8), q.view(torch.uint8))
+
+
+def test_zero_rows_quantize_to_zeros():
+    q, scale = quantize_rows(torch.zeros(3, 8))
+    assert torch.all(scale > 0) and torch.equal(q.float(), torch.zeros(3, 8))
+
+
+def test_reference_product_is_the_dequantized_product():
+    q, scale = _quantized(24, 40)
+    x = _x(5, 40, torch.float32)
+    bias = torch.randn(24, device=DEVICE)
+    want = F.linear(x, dequantize(q, scale, torch.float32), bias)
+    assert torch.equal(reference_fp8_linear(x, q, scale, bias), want)
+    assert torch.equal(fp8_linear(x.cpu(), q.cpu(), scale.cpu(), bias.cpu()), want.cpu())  # CPU: the twin
+
+
+# -- the skinny product ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "bias", "sms"),
+    [
+        (1, 64, 512, False, 1 << 20),  # one program per 32-row block, unmasked K loop
+        (3, 50, 200, True, 1 << 20),  # ragged N and K, bias
+        (7, 33 * 32, 96, False, 8),  # the persistent grid (4 blocks per program)
+        (17, 130, 200, True, 1),  # W's rows on the MMA's M side, 128 a program, ragged N
+        (64, 40, 300, False, 1 << 20),  # the most rows, 64 rows of W a program
+    ],
+)
+def test_skinny_fp8_matches_dequantized_product(rows, n, k, bias, sms, dtype, monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
+    q, scale = _quantized(n, k)
+    x = _x(rows, k, dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    tol = TOLERANCES[dtype]
+    got = skinny_linear(x, q, b, scale=scale)
+    torch.testing.assert_close(got, _expected(x, q, scale, b), atol=tol, rtol=tol)
+    # The twin (the CPU path) within x's rounding of the same.
+    torch.testing.assert_close(reference_fp8_linear(x, q, scale, b), got, atol=2 * tol, rtol=2 * tol)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(
+    ("rows", "head_dim", "sms"), [(1, 64, 1), (5, 128, 1), (17, 128, 1), (40, 64, 1 << 20)]
+)
+def test_rope_epilogue_scales_before_rotating(rows, head_dim, sms, dtype, monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
+    hq, hkv, k = 4, 2, 96
+    q, scale = _quantized((hq + 2 * hkv) * head_dim, k)
+    x = _x(rows, k, dtype)
+    assert fuses_rope(x, q, head_dim)
+    gen = torch.Generator().manual_seed(2)
+    positions = torch.randint(0, MAX_POS, (rows,), generator=gen).to(DEVICE)
+    num_blocks, block_size = rows // 4 + 3, 4
+    slots = (1 + torch.randperm(num_blocks * block_size - 1, generator=gen)[:rows]).to(DEVICE)
+    k_cache, v_cache = (
+        torch.randn(2, num_blocks, block_size, hkv, head_dim, generator=gen).to(dtype).to(DEVICE)
+    )
+    table = cos_sin_table(head_dim, dtype, DEVICE)
+    expected = F.linear(x.float(), dequantize(q, scale, torch.float32))
+    k_want, v_want = k_cache.float(), v_cache.float()
+    reference_rope_and_cache(expected, positions, table.float(), k_want, v_want, slots)
+    qkv = skinny_linear_rope(x, q, None, positions, table, k_cache, v_cache, slots, scale=scale)
+    tol = 2 * TOLERANCES[dtype]
+    torch.testing.assert_close(qkv, expected.to(dtype), atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache, k_want.to(dtype), atol=tol, rtol=tol)
+    torch.testing.assert_close(v_cache, v_want.to(dtype), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(("rows", "inter", "sms"), [(17, 128, 1), (64, 96, 1 << 20)])
+def test_silu_epilogue_scales_gate_and_up(rows, inter, sms, dtype, monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
+    q, scale = _quantized(2 * inter, 72)
+    x = _x(rows, 72, dtype)
+    assert fuses_silu(x, q)
+    want = reference_silu_and_mul(F.linear(x.float(), dequantize(q, scale, torch.float32)))
+    tol = 2 * TOLERANCES[dtype]
+    torch.testing.assert_close(skinny_linear_silu(x, q, scale=scale), want.to(dtype), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(("rows", "n"), [(1, 50), (3, 256), (20, 130)])
+def test_residual_epilogue_scales_before_adding(rows, n, dtype, monkeypatch):
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 1)
+    q, scale = _quantized(n, 64)
+    x = _x(rows, 64, dtype)
+    residual = _x(rows, n, dtype, seed=5)
+    stream, squares = skinny_linear_residual(x, q, residual, scale=scale)
+    want = (_expected(x, q, scale).float() + residual.float()).to(dtype)
+    tol = 2 * TOLERANCES[dtype]
+    torch.testing.assert_close(stream, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(squares.sum(0), stream.float().square().sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda q, s: (q, None), "share a dtype"),  # FP8 without its scales
+        (lambda q, s: (q, s[1:]), "float32 scale"),
+        (lambda q, s: (q, s.double()), "float32 scale"),
+        (lambda q, s: (q.float(), s), "float8_e4m3fn"),  # scales beside a dense weight
+        (lambda q, s: (q.view(torch.float8_e5m2), s), "float8_e4m3fn"),
+    ],
+)
+def test_validation_errors(mutate, message):
+    q, scale = _quantized(32, 64)
+    weight, scale = mutate(q, scale)
+    with pytest.raises(ValueError, match=message):
+        skinny_linear(_x(2, 64, torch.float32), weight, scale=scale)
+
+
+# -- GPU: the many-row product -------------------------------------------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "n", "k"), [(65, 96, 128), (1000, 4096, 4096), (333, 14336, 4096)])
+def test_gpu_scaled_mm_matches_dequantized_product(rows, n, k):
+    """W8A8 (x quantized per row): within FP8's rounding of x (2^-4 relative) of the weight-only product."""
+    q, scale = _quantized(n, k)
+    x = _x(rows, k, torch.bfloat16)
+    got = fp8_linear(x, q, scale)
+    want = _expected(x, q, scale)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n) and err < 0.05
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_seqs", [1, 8, 40])
+def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_model_factory, monkeypatch):
+    """A bf16 decode step with FP8 weights in the skinny kernel (RoPE epilogue at 1 and 8 rows, SiLU at
+    40) against the fp32 model holding the same weights dequantized, within a few times the bf16 model's
+    error against the fp32 one: the prefill of 40 x 3 rows runs W8A8 (torch._scaled_mm), whose quantized
+    activations move the cached keys and values by FP8's rounding, not bf16's."""
+    path = tiny_model_factory("qwen2")
+    fp8 = load_model(path, torch.bfloat16, "cuda", quantization="fp8")
+    truth_model = load_model(path, torch.float32, "cuda")
+    params = dict(fp8.named_parameters())
+    with torch.no_grad():
+        for name, param in truth_model.named_parameters():
+            if params[name].dtype == FP8:
+                param.copy_(dequantize(params[name], params[f"{name}_scale"], torch.float32))
+    prompts = [[5 + i, 300, 41 + 7 * i] for i in range(num_seqs)]
+    scaled = []  # rows of the FP8 products the kernel ran
+    route = model_layers.use_skinny_linear
+
+    def recording_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        used = route(x, weight)
+        if used and weight.dtype == FP8:
+            scaled.append(x.shape[0])
+        return used
+
+    monkeypatch.setattr(model_layers, "use_skinny_linear", recording_route)
+
+    def errors(model, truth) -> float:
+        runner = GreedyRunner(model)
+        first = [t[0] for t in runner.generate(prompts, new_tokens=2)]  # a prefill step, a decode step
+        truth_runner = GreedyRunner(truth)
+        truth_runner.generate([[*p, t] for p, t in zip(prompts, first, strict=True)], new_tokens=1)
+        return float((runner.last_logits - truth_runner.last_logits).abs().max())
+
+    fp8_error = errors(fp8, truth_model)
+    assert num_seqs in scaled  # the decode step's products read FP8 in the kernel
+    dense_error = errors(load_model(path, torch.bfloat16, "cuda"), load_model(path, torch.float32, "cuda"))
+    assert fp8_error <= 3 * dense_error + 0.1, (fp8_error, dense_error)
