@@ -49,7 +49,8 @@ run)
     for part in "${parts[@]}"; do
         ((SECONDS < deadline)) || { echo "no time left for $part" | tee "$out/$part.log"; continue; }
         case $part in
-        tests) timeout $((deadline - SECONDS)) python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_lean_attention.py \
+        # Eight test processes: on a cold Triton cache the tests wait mostly on compiling kernels, on the CPU.
+        tests) timeout $((deadline - SECONDS)) python3 -m pytest -v -n 8 -m gpu -p no:cacheprovider tests/test_lean_attention.py \
             tests/test_prefill_attention.py tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
             tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py \
             tests/test_kv_fp8.py tests/test_fp8.py ;;
