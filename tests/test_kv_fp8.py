@@ -117,9 +117,12 @@ def _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, device, every_va
         expected[0], positions, cos_sin, expected[1], expected[2], slots, expected[3], expected[4]
     )
     rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale)
-    torch.testing.assert_close(qkv, expected[0], rtol=2e-3, atol=2e-3)  # q and k rotated in place
-    # k's scale comes from k as rotated and rounded to qkv's dtype: the twin's rotation rounds in fp16/bf16.
-    torch.testing.assert_close(k_scale, expected[3], rtol=1e-6 if dtype == torch.float32 else 2e-3, atol=0)
+    # q and k rotated in place, within one step of qkv's dtype (bf16: 2^-8 relative) of the twin's rotation.
+    rotation_tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(qkv, expected[0], rtol=rotation_tol, atol=rotation_tol)
+    # k's scale comes from k as rotated and rounded to qkv's dtype, so it inherits that step.
+    scale_tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(k_scale, expected[3], rtol=scale_tol, atol=0)
     torch.testing.assert_close(v_scale, expected[4], rtol=0, atol=0)
     if not every_value:
         for got, want in ((k_cache, expected[1]), (v_cache, expected[2])):
@@ -242,9 +245,14 @@ def _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, device, confi
     q, k, v, cu, ctx, bt, ks, vs = _fp8_prefill_inputs(chunks, heads, head_dim, block_size, dtype, device)
     out = prefill._launch(q, k, v, cu, ctx, bt, None, None, config, ks, vs)
     expected = reference_prefill_attention(q, k, v, cu, ctx, bt, k_scale=ks, v_scale=vs)
-    # As in decode: probabilities times V's scale are rounded to q's dtype for the P @ V product.
+    # As in decode: probabilities times V's scale are rounded to q's dtype for the P @ V product, so a
+    # row's error is at most that rounding (bf16: 2^-9 relative) times the largest |v| it averages; rows
+    # with few keys (a chunk's first tokens) keep it, where decode's long rows average it out.
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    atol = tol
+    if dtype == torch.bfloat16:
+        atol = 2**-8 * float(dequantize_kv(v, vs, torch.float32).abs().max())
+    torch.testing.assert_close(out, expected, atol=atol, rtol=tol)
 
 
 @pytest.mark.parametrize(("chunks", "heads", "head_dim", "block_size", "dtype"), PREFILL_CASES)
