@@ -2,9 +2,10 @@
 unquantized cache (bf16 by default), over a fixed prompt set, both ways:
 
 - teacher-forced: each prompt plus the reference's greedy continuation is scored by both engines (prompt
-  logprobs; prefill attention reads the K/V back from the cache it has just written, dequantized); the
-  share of continuation positions where both pick the same argmax, and the mean |delta logprob| of the
-  reference's token.
+  logprobs, prefilled in chunks of 16 tokens so that every chunk after the first attends to the cache it
+  has just written, dequantized); the share of continuation positions where both pick the same argmax,
+  and the mean |delta logprob| of the reference's token. Positions in the first chunk, which attends to
+  its own unquantized K/V, are left out.
 - free-running: greedy decoding with each cache, the share of positions with the same token, and of
   positions before each prompt's first difference (after which the contexts differ).
 
@@ -39,6 +40,7 @@ PROMPTS = (
     "SELECT name, COUNT(*) FROM orders JOIN customers ON",
     "To bake bread at home, you will need flour, water,",
 )
+CHUNK = 16  # the smallest token budget a step takes (EngineConfig.max_num_batched_tokens)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Agreement:
     dtype: str
     tokens: int  # generated tokens per prompt
     prompts: int
-    forced_positions: int  # continuation positions scored teacher-forced
+    forced_positions: int  # continuation positions scored teacher-forced (past the first chunk)
     forced_agreement: float  # share of them where fp8's argmax is the reference's
     mean_abs_dlogprob: float  # |logprob(fp8) - logprob(reference)| of the reference's token, mean
     max_abs_dlogprob: float
@@ -96,15 +98,17 @@ def compare(
         same += sum(a == b for a, b in zip(ref, ids, strict=True))
         prefix += next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
 
-    # Teacher-forced: prompt + continuation scored in one prefill, which reads its K/V back from the cache.
+    # Teacher-forced: prompt + continuation scored in CHUNK-token steps, every chunk after the first
+    # reading the whole context back from the cache.
     score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
     scored = {rid: (p + free["auto"][rid][0], score) for rid, (p, _) in requests.items()}
-    unshared = dict(base, enable_prefix_caching=False)
-    forced = {c: _engine(EngineConfig(**unshared, kv_cache_dtype=c), scored) for c in ("auto", "fp8")}
+    chunked = dict(base, max_num_batched_tokens=CHUNK, enable_prefix_caching=False)
+    forced = {c: _engine(EngineConfig(**chunked, kv_cache_dtype=c), scored) for c in ("auto", "fp8")}
     agree, deltas = 0, []
     for rid, (prompt, _) in requests.items():
         ref, fp8 = forced["auto"][rid][2], forced["fp8"][rid][2]
-        for pos in range(len(prompt), len(ref)):
+        # Entry pos scores token pos from the query at pos - 1: the first chunk's queries are 0..CHUNK-1.
+        for pos in range(max(len(prompt), CHUNK + 1), len(ref)):
             agree += ref[pos].top[0][0] == fp8[pos].top[0][0]
             deltas.append(abs(ref[pos].logprob - fp8[pos].logprob))
     total = tokens * len(prompts) if free_running else float("nan")

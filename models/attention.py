@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from leanserve.kernels import ops
 from leanserve.models.prefetch import SideStreamPrefetch
 
-# Steps whose prefill chunks all start their prompts (no cached prefix) may run SDPA flash per chunk over
-# the chunks' own K/V instead of the paged kernel; bench_long_context.py times both (its TTFT part and its
-# attention part, docs/benchmarks.md). Off: the paged kernel takes every step, one launch for all chunks.
-FLASH_WHOLE_PROMPTS = False
+# Steps whose prefill chunks all start their prompts (no cached prefix) run SDPA per chunk over the
+# chunks' own K/V (on an H100 torch picks cuDNN's attention there) instead of the paged kernel: in
+# bench_long_context.py's TTFT part (H100, docs/benchmarks.md) 8k prompts took 221 ms against 241 and 32k
+# prompts 1207 against 1575. The benchmark turns it off to time the paged kernel on whole prompts.
+FLASH_WHOLE_PROMPTS = True
 
 
 @dataclass

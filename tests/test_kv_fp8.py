@@ -401,7 +401,7 @@ def test_greedy_agreement_with_bf16_cache():
     accuracy = _accuracy_script()
     prompts = accuracy.tokenize(None, accuracy.PROMPTS[:2])
     result = accuracy.compare(None, "bfloat16", DEVICE, 64, prompts, free_running=False)
-    assert result.forced_positions == 2 * 64
+    assert result.forced_positions >= 2 * (64 - accuracy.CHUNK)
     assert result.forced_agreement >= 0.95, result
     assert result.mean_abs_dlogprob < 0.1, result
 

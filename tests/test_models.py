@@ -90,7 +90,7 @@ def test_greedy_matches_hf(loaded, kind, mode):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("flash", [False, True], ids=["paged", "flash-whole-prompts"])
 def test_prefill_logits_match_hf(loaded, kind, flash, monkeypatch):
-    """A whole prompt through the paged prefill path, and through SDPA per prompt (the benchmark's switch)."""
+    """A whole prompt through SDPA per prompt (the default) and through the paged prefill path."""
     monkeypatch.setattr(attention, "FLASH_WHOLE_PROMPTS", flash)
     path, model, prompts, _ = loaded(kind)
     prompt = prompts[1]
