@@ -1,11 +1,12 @@
 """Long-context prefill benchmark on one CUDA GPU, Llama-3-8B shapes (bf16, random weights: dummy load).
 
 Parts (--parts, default all), each printed as it finishes with its floor or peer in the same run:
-  attention  the paged prefill kernel alone (block size 16, scattered pages) against SDPA flash on
-             contiguous K/V for whole 1k / 8k / 32k prompts, and against FA2 varlen (contiguous,
-             bottom-right causal) for the last 2k chunk of a 32k prompt and for all 16 chunks of one;
+  attention  the paged prefill kernel alone (block size 16, scattered pages) against SDPA on contiguous
+             K/V for whole 1k / 8k / 32k prompts (flash, and the backend torch picks: the engine's path),
+             and against FA2 varlen (contiguous, bottom-right causal) for the last 2k chunk of a 32k prompt
+             and for all 16 chunks of one;
              TFLOP/s and % of the bf16 matrix-multiply throughput measured in the same run.
-  ttft       time to first token of 1k / 8k / 32k prompts, whole (paged kernel, and SDPA flash per prompt:
+  ttft       time to first token of 1k / 8k / 32k prompts, whole (paged kernel, and SDPA per prompt:
              models.attention.FLASH_WHOLE_PROMPTS) and 32k in 2k chunks, against the compute floor (the
              prompt's FLOPs / the matrix-multiply throughput).
   serving    32 concurrent requests, prompts log-normal between 2k and 32k, 256 output tokens each: TTFT
@@ -23,6 +24,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from itertools import product
 from pathlib import Path
@@ -84,12 +86,13 @@ def kernel_call(q, k_cache, v_cache, table, prefix: int, config: PrefillConfig) 
     return lambda: _launch(q, k_cache, v_cache, cu, ctx, table, None, out, config)
 
 
-def flash_call(q, k, v) -> Callable:
-    """SDPA flash, causal, GQA natively: q [L, Hq, D], k/v [L, Hkv, D] contiguous."""
+def sdpa_call(q, k, v, backend: SDPBackend | None) -> Callable:
+    """SDPA, causal, GQA natively: q [L, Hq, D], k/v [L, Hkv, D] contiguous. backend None: the one torch
+    picks, as the engine's whole-prompt path calls it (models/attention.py, FLASH_WHOLE_PROMPTS)."""
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
 
     def call():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend) if backend is not None else nullcontext():
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)[0].transpose(
                 0, 1
             )
@@ -118,8 +121,9 @@ def attention_cases(gen: torch.Generator) -> list[dict]:
         k, v = contiguous_kv(k_cache, v_cache, table, length)
         q = torch.randn(length, HQ, D, device="cuda", dtype=DTYPE)
         flops = 4 * HQ * D * causal_pairs(0, length)
-        cases.append(dict(name=f"whole {length // K}k", flops=flops, q=q, cache=(k_cache, v_cache, table),
-                          prefix=0, peer="sdpa_flash", peer_call=flash_call(q, k, v)))  # fmt: skip
+        for peer, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_default", None)):
+            cases.append(dict(name=f"whole {length // K}k", flops=flops, q=q, cache=(k_cache, v_cache, table),
+                              prefix=0, peer=peer, peer_call=sdpa_call(q, k, v, backend)))  # fmt: skip
     length = 32 * K
     k_cache, v_cache, table = paged_inputs(length, gen)
     k, v = contiguous_kv(k_cache, v_cache, table, length)
@@ -177,7 +181,7 @@ def _attention_row(name, flops, ours, peer_name, peer, peak, err) -> dict:
 def tune() -> list[dict]:
     """The kernel's tiles, warps and stages on the attention part's cases (D=128)."""
     gen = torch.Generator().manual_seed(0)
-    cases = attention_cases(gen)
+    cases = list({case["name"]: case for case in attention_cases(gen)}.values())  # one per name: ours only
     rows = []
     for block_m, block_n, warps, stages in product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
         config = PrefillConfig(block_m, block_n, warps, stages)
