@@ -2,8 +2,9 @@
 caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V+Q+O bytes over the read
 bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
 kernels/kv_quant.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
-markdown table; `--tune` sweeps the launch configs instead, `--skip-peers` times LeanAttention only.
-Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune] [--skip-peers]"""
+markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
+`--skip-peers` times LeanAttention only.
+Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8]] [--skip-peers]"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -31,6 +32,7 @@ from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
 ROTATE_BYTES = 512 << 20  # inputs per timed graph: well past the 50 MB L2, so no call reads cached K/V
+FP8_TOLERANCE = 1e-2  # relative error of the fp8 kernel vs the bf16 kernel on the dequantized values
 
 
 @dataclass
@@ -284,25 +286,35 @@ def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Res
     return result
 
 
-def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
-    """The fp8 kernel on copy 0 against the bf16 kernel on the dequantized pools (the same values)."""
+def fp8_reference(inp: Inputs, config: LeanConfig) -> torch.Tensor:
+    """The bf16 kernel on copy 0 of the dequantized pools: the values the fp8 kernel reads, so only its
+    fp8 handling can set the two apart."""
     k, v, k_scale, v_scale = inp.quantized()
     dequantized = replace(
         inp, k_pool=dequantize_kv(k, k_scale, DTYPE), v_pool=dequantize_kv(v, v_scale, DTYPE), fp8=()
     )
-    ours = lean_calls(inp, config, fp8=True)[0]()
-    theirs = lean_calls(dequantized, config)[0]()
-    err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
-    assert err < 1e-2, f"{shape.name}: fp8 lean vs lean on the dequantized cache relative error {err:.2e}"
+    out = lean_calls(dequantized, config)[0]()
     del dequantized
     torch.cuda.empty_cache()
+    return out
 
 
-def tune(bandwidth: float) -> list[dict]:
-    """Sweep tile, warps, stages, programs per SM and min tiles per program on representative shapes of
-    each head dim (see docs/kernel_notes.md)."""
+def _relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+
+
+def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
+    """The fp8 kernel on copy 0 against the bf16 kernel on the dequantized pools (the same values)."""
+    err = _relative_error(lean_calls(inp, config, fp8=True)[0](), fp8_reference(inp, config))
+    assert err < FP8_TOLERANCE, (
+        f"{shape.name}: fp8 lean vs lean on the dequantized cache relative error {err:.2e}"
+    )
+
+
+def tune_shapes() -> dict[int, list[Shape]]:
+    """Representative shapes of each head dim the launch configs are tuned on."""
     k = 1024
-    shapes = {
+    return {
         128: [
             Shape("B=1 32/8 1k", [k]),
             Shape("B=1 32/8 4k", [4 * k]),
@@ -313,9 +325,14 @@ def tune(bandwidth: float) -> list[dict]:
         ],
         64: [Shape("B=1 9/3 4k", [4 * k], 9, 3, 64), Shape("B=64 9/3 2k", [2 * k] * 64, 9, 3, 64)],
     }
+
+
+def tune(bandwidth: float) -> list[dict]:
+    """Sweep tile, warps, stages, programs per SM and min tiles per program on representative shapes of
+    each head dim (see docs/kernel_notes.md)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for dim, dim_shapes in shapes.items():
+    for dim, dim_shapes in tune_shapes().items():
         for shape in dim_shapes:
             inp = make_inputs(shape)
             floor_us = 1e6 * shape.floor_bytes() / bandwidth
@@ -351,6 +368,89 @@ def _print_best_overall(rows: list[dict], dim: int, num_shapes: int) -> None:
     }
     for key, mean in sorted(means.items(), key=lambda kv: -kv[1])[:8]:
         print(f"D={dim} geomean {mean:.1f}% (tile, warps, stages, per_sm, min_tiles) = {key}", flush=True)
+
+
+# A subset of tune_shapes (short, long, ragged at D=128; the default model's batch at D=64): with 36
+# candidates each, 144 configurations to check and time and 3 x 18 fp8 kernel variants to compile (the B=1
+# shapes share theirs), so that one 10-minute device call runs them all.
+FP8_TUNE_SHAPES = ("B=1 32/8 4k", "B=1 32/8 128k", "ragged 32x~2k", "B=64 9/3 2k")
+
+
+def fp8_candidates(default: LeanConfig) -> list[LeanConfig]:
+    """The default first, then tiles of 64-256 tokens x 4/8 warps x 2-4 stages x 1-2 programs per SM at
+    the default's min_tiles: an fp8 tile moves half the bytes of a bf16 one of the same token count for
+    the same work per iteration, so it may want longer tiles or more of them in flight."""
+    grid = (
+        LeanConfig(tile, warps, stages, per_sm, default.min_tiles)
+        for tile, warps, stages, per_sm in product((64, 128, 256), (4, 8), (2, 3, 4), (1, 2))
+    )
+    return list(dict.fromkeys([default, *grid]))
+
+
+def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
+    """Sweep launch configs on the fp8 cache (fp8_candidates on FP8_TUNE_SHAPES). Each candidate's output
+    is checked before it is timed; per shape it prints the default and the best candidate against the fp8
+    floor (and the bf16 default's us, what fp8 has to beat) and rewrites the JSON at `path`, so a run cut
+    off by its time limit keeps the shapes it finished."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows: list[dict] = []
+    summaries: list[dict] = []
+    for dim, all_shapes in tune_shapes().items():
+        dim_shapes = [s for s in all_shapes if s.name in FP8_TUNE_SHAPES]
+        default = _CONFIGS[dim]
+        candidates = fp8_candidates(default)
+        print(f"fp8 D={dim}: {len(dim_shapes)} shapes x {len(candidates)} candidates", flush=True)
+        for shape in dim_shapes:
+            inp = make_inputs(shape)
+            floor_us = 1e6 * shape.fp8_floor_bytes() / bandwidth
+            reference = fp8_reference(inp, default)
+            bf16_us = 1e6 * _time_graph(lean_calls(inp, default), replays=10)
+            timed: dict[LeanConfig, dict] = {}
+            for config in candidates:
+                calls = lean_calls(inp, config, sms * config.programs_per_sm, fp8=True)
+                try:
+                    err = _relative_error(calls[0](), reference)
+                except Exception as exc:  # out of shared memory/registers for this combination
+                    print(f"  {shape.name} {config}: {type(exc).__name__}", flush=True)
+                    continue
+                if err >= FP8_TOLERANCE:
+                    print(f"  {shape.name} {config}: WRONG fp8 output, relative error {err:.2e}", flush=True)
+                    continue
+                us = 1e6 * _time_graph(calls, replays=10)
+                row = {"dim": dim, "shape": shape.name, **asdict(config), "us": us}
+                row |= {"pct_floor": 100 * floor_us / us, "err": err}
+                timed[config] = row
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            summaries.append(_fp8_summary(shape, floor_us, bf16_us, default, timed))
+            path.write_text(json.dumps({"env": env, "shapes": summaries, "rows": rows}, indent=1))
+            del inp, reference
+            torch.cuda.empty_cache()
+        _print_best_overall(rows, dim, len(dim_shapes))
+
+
+def _fp8_summary(
+    shape: Shape, floor_us: float, bf16_us: float, default: LeanConfig, timed: dict[LeanConfig, dict]
+) -> dict:
+    """One shape's default and best fp8 candidate, printed (flushed) as soon as the shape is done."""
+    best = max(timed, key=lambda c: timed[c]["pct_floor"], default=None)
+
+    def describe(config: LeanConfig | None) -> str:
+        row = timed.get(config)
+        return "n/a" if row is None else f"{astuple(config)} {row['us']:.1f} us {row['pct_floor']:.1f}%"
+
+    print(
+        f"fp8 {shape.name}: floor {floor_us:.1f} us; default {describe(default)}; best {describe(best)}; "
+        f"bf16 default {bf16_us:.1f} us [(tile, warps, stages, per_sm, min_tiles)]",
+        flush=True,
+    )
+    return {
+        "shape": shape.name,
+        "floor_us": floor_us,
+        "bf16_default_us": bf16_us,
+        "default": timed.get(default),
+        "best": timed.get(best),
+    }
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -434,12 +534,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--tune", action="store_true", help="sweep launch configs instead of the benchmark")
     parser.add_argument("--skip-peers", action="store_true", help="time LeanAttention (bf16 and fp8) only")
+    parser.add_argument("--fp8", action="store_true", help="with --tune: sweep the fp8 cache's configs")
     args = parser.parse_args()
+    if args.fp8 and not args.tune:
+        parser.error("--fp8 goes with --tune (the benchmark times the fp8 cache already)")
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
     torch.cuda.empty_cache()
     env = gpu_env(bandwidth)
     print(env, flush=True)
+    if args.tune and args.fp8:
+        tune_fp8(bandwidth, env, args.out / "tune_fp8.json")
+        return
     if args.tune:
         rows = tune(bandwidth)
         (args.out / "tune.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
