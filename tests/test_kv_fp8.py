@@ -1,7 +1,7 @@
 """FP8 (e4m3) KV cache: the quantization round trip, the cache writer (RoPE + cache write), the decode
 kernel and the paged prefill kernel against their torch twins (interpreted on CPU, compiled on GPU), the
-cache's scales and capacity, the `kv_cache_dtype` option, and greedy agreement with the
-unquantized cache on the tiny test models and the embedded model."""
+cache's scales and capacity, the `kv_cache_dtype` option, the tiny test models reading exactly the
+quantized values, and greedy agreement with the unquantized cache on the embedded model."""
 
 from __future__ import annotations
 
