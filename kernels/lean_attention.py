@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from leanserve.kernels.kv_quant import check_cache_scales, is_fp8
 from leanserve.kernels.launch import interpreted, sm_count, use_pdl
 from leanserve.kernels.lean_decode import _lean_decode_kernel
 from leanserve.kernels.lean_merge import red_chunk, workspace
+from leanserve.kernels.paged_checks import check_query_and_caches
 
 _LOG2E = 1.4426950408889634
 
@@ -59,31 +59,13 @@ def _default_programs(device: torch.device, config: LeanConfig) -> int:
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, out, k_scale=None, v_scale=None) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    check_cache_scales(k_cache, v_cache, k_scale, v_scale)
-    if not is_fp8(k_cache) and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
-        raise ValueError(
-            f"q, k_cache and v_cache must share a dtype (or the caches be float8_e4m3fn), got {q.dtype}, "
-            f"{k_cache.dtype}, {v_cache.dtype}"
-        )
+    check_query_and_caches(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({k_cache.shape[3]}) differ")
     if head_dim not in _CONFIGS:
         raise ValueError(f"head_dim {head_dim} is not supported (supported: {sorted(_CONFIGS)})")
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if num_q_heads // num_kv_heads > _MAX_GROUP:
         raise ValueError(f"at most {_MAX_GROUP} query heads per KV head, got {num_q_heads // num_kv_heads}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim (stride 1 in the last dim)")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(
             f"block_tables must be int32 [batch={batch}, max_blocks], got {block_tables.dtype} "

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from leanserve.kernels.kv_quant import check_cache_scales, is_fp8
 from leanserve.kernels.launch import interpreted, max_shared_memory
+from leanserve.kernels.paged_checks import check_query_and_caches
 from leanserve.kernels.prefill_kernel import _prefill_kernel
 
 _LOG2E = 1.4426950408889634
@@ -65,31 +65,13 @@ def _validate(
 ) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    check_cache_scales(k_cache, v_cache, k_scale, v_scale)
-    if not is_fp8(k_cache) and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
-        raise ValueError(
-            f"q, k_cache and v_cache must share a dtype (or the caches be float8_e4m3fn), got {q.dtype}, "
-            f"{k_cache.dtype}, {v_cache.dtype}"
-        )
+    check_query_and_caches(q, k_cache, v_cache, k_scale, v_scale)
     num_q_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({k_cache.shape[3]}) differ")
     if head_dim not in _CONFIGS:
         raise ValueError(f"head_dim {head_dim} is not supported (supported: {list(SUPPORTED_HEAD_DIMS)})")
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if num_q_heads // num_kv_heads > block_m:
         raise ValueError(f"at most {block_m} query heads per KV head, got {num_q_heads // num_kv_heads}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim (stride 1 in the last dim)")
     num_seqs = context_lens.shape[0] if context_lens.dim() == 1 else -1
     if context_lens.dtype != torch.int32 or not context_lens.is_contiguous() or num_seqs < 0:
         raise ValueError(
