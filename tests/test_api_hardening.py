@@ -273,10 +273,10 @@ def test_a_large_request_cannot_starve_a_small_one(tiny_model_path, async_schedu
         small = client.completions.create(
             model=engine.model_name, prompt="c", max_tokens=4, extra_body={"ignore_eos": True}
         )
-        finished["small"] = time.monotonic()
+        assert "big" not in finished  # the small request ended while the large one still streams
         assert small.usage.completion_tokens == 4
-        reader.join(timeout=120)
-        assert finished["small"] < finished["big"]
+        reader.join(timeout=300)  # generous: on a loaded 2-core machine the 6000 tokens take minutes
+        assert "big" in finished
         assert wait_until(lambda: engine.stats().num_running == engine.stats().num_waiting == 0)
         assert engine.stats().kv_usage == 0
 
