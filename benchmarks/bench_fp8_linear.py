@@ -4,7 +4,9 @@ reading bf16 W, each beside its own floor = weight bytes / HBM read bandwidth me
 at prefill rows (128-4096) the engine's W8A8 product (kernels.fp8.fp8_linear: x quantized per row, then
 torch._scaled_mm) against dequantizing W to bf16 and calling cuBLASLt, and against bf16 cuBLASLt. Each
 call reads its own weight copy (past the 50 MB L2), all captured in one CUDA graph. Writes JSON.
-Usage: python benchmarks/bench_fp8_linear.py [--out DIR]"""
+--tune instead sweeps the skinny kernel's tiles for FP8 W at 1, 16 and 64 rows against skinny_config's
+choice: that sizes stages by x's itemsize (bf16), so an FP8 stage holds half the weight bytes of a bf16 one.
+Usage: python benchmarks/bench_fp8_linear.py [--out DIR] [--tune]"""
 
 from __future__ import annotations
 
@@ -12,22 +14,29 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
+from itertools import product
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
 from benchmarks.bench_skinny_linear import ROTATE_BYTES, SHAPES
 from leanserve.kernels.fp8 import dequantize, fp8_linear, quantize_rows, reference_fp8_linear
-from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.kernels.launch import max_shared_memory, sm_count
+from leanserve.kernels.skinny_config import SkinnyConfig, skinny_config
+from leanserve.kernels.skinny_linear import launch_skinny, skinny_linear
 from leanserve.server.engine.runtime import setup_process
 
 DECODE_ROWS = (1, 16, 32, 64)
 PREFILL_ROWS = (128, 512, 4096)
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
+TUNE_ROWS = (1, 16, 64)
 
 
 def _weights(n: int, k: int, itemsize: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -71,15 +80,112 @@ def prefill(rows: int, n: int, k: int) -> dict:
     return result
 
 
+def tune_candidates(rows: int, sms: int) -> list[SkinnyConfig]:
+    """The FP8 sweep's tiles at `rows`: skinny_config's shapes with more K per stage (an FP8 row of W is
+    half the bytes). Up to 16 rows: a 16-row tile of x against 32/64 rows of W, and the persistent grid
+    (32-row blocks, one program per SM rounded down to a multiple of 8). Past 16: W's rows on the MMA's M
+    side, 64/128 of them."""
+    if rows <= 16:
+        programs = max(1, sms // 8 * 8)
+        return [
+            SkinnyConfig(16, block_n, block_k, stages, 4, swap=False)
+            for block_n, block_k, stages in product((32, 64), (512, 1024), (3, 4, 5))
+        ] + [
+            SkinnyConfig(16, 32, block_k, stages, 4, swap=False, programs=programs)
+            for block_k, stages in product((1024, 2048), (3, 4))
+        ]
+    return [
+        SkinnyConfig(triton.next_power_of_2(rows), block_n, block_k, stages, warps, swap=True)
+        for block_n, block_k, stages, warps in product((64, 128), (256, 512), (3, 4), (4, 8))
+    ]
+
+
+def fp8_fits(config: SkinnyConfig, shared_memory: int) -> bool:
+    """The pipeline's stages of bf16 x and FP8 W fit `shared_memory` bytes (skinny_config's _fits takes
+    one itemsize for both operands)."""
+    return config.num_stages * config.block_k * (config.block_m * 2 + config.block_n) <= shared_memory
+
+
+def describe(config: SkinnyConfig) -> str:
+    """A tile in one short word: x rows, W rows and K per stage, then stages, warps, swap, programs."""
+    text = f"{config.block_m}x{config.block_n}x{config.block_k} s{config.num_stages} w{config.num_warps}"
+    return text + (" swap" if config.swap else "") + (f" p{config.programs}" if config.programs else "")
+
+
+def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
+    """skinny_config's choice for this shape (given x's itemsize, as skinny_linear gives it) and every
+    candidate that fits, each on FP8 W with its scales, checked once against the torch twin, then timed."""
+    n, k = SHAPES[name]
+    weights = [(q, s) for _, q, s in _weights(n, k, 1)]
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    ys = [torch.empty(rows, n, device="cuda", dtype=x.dtype) for _ in weights]
+    (q0, s0), y0 = weights[0], ys[0]
+    want = reference_fp8_linear(x, q0, s0)
+    default = skinny_config(rows, n, k, x.element_size(), x.device)
+    shared_memory = max_shared_memory(x.device)
+    configs = [c for c in tune_candidates(rows, sm_count(x.device)) if fp8_fits(c, shared_memory)]
+    results = []
+    for config in [default, *configs]:
+        r = {"rows": rows, "matrix": name, "tile": describe(config), "default": config is default}
+        try:
+            launch_skinny(x, q0, None, y0, config, scale=s0)
+            torch.testing.assert_close(y0, want, atol=2e-2, rtol=2e-2)
+        except (OutOfResources, AssertionError) as exc:  # past shared memory, or a wrong product
+            first_line = str(exc).partition("\n")[0]
+            reason = f"{type(exc).__name__}: {first_line}"
+            print(f"  {rows} {name} {r['tile']}: {reason}", flush=True)
+            results.append(r | asdict(config) | {"error": reason})
+            continue
+        calls = [
+            lambda q=q, s=s, y=y, c=config: launch_skinny(x, q, None, y, c, scale=s)
+            for (q, s), y in zip(weights, ys, strict=True)
+        ]
+        us = 1e6 * _time_graph(calls)
+        results.append(r | asdict(config) | {"us": us, "pct_floor": 100 * floor_us / us})
+    del weights, ys
+    torch.cuda.empty_cache()
+    return results
+
+
+def tune(bandwidth: float, env: dict, path: Path) -> None:
+    """Sweep every (rows, projection), a line each as it finishes; the JSON is rewritten after every
+    shape, so a run cut off by its time limit keeps what it measured."""
+    print("tune: FP8 W, skinny_config's choice vs the fastest candidate, each against the FP8 floor")
+    header = ("rows", "matrix", "default us", "% floor", "best us", "% floor", "speed-up", " best tile")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 10, 8, 8, 8, 9, 10), strict=True)), flush=True)
+    results: list[dict] = []
+    for rows in TUNE_ROWS:
+        for name in PROJECTIONS:
+            n, k = SHAPES[name]
+            shape = tune_shape(rows, name, 1e6 * n * k / bandwidth)
+            results += shape
+            path.write_text(json.dumps({"env": env, "results": results}, indent=1))
+            timed = [r for r in shape if "us" in r]
+            default = next((r for r in timed if r["default"]), None)
+            best = min((r for r in timed if not r["default"]), key=lambda r: r["us"], default=None)
+            if default is None or best is None:
+                print(f"{rows:4d} {name:>8} the default or every candidate failed", flush=True)
+                continue
+            print(
+                f"{rows:4d} {name:>8} {default['us']:10.1f} {default['pct_floor']:7.1f}% {best['us']:8.1f} "
+                f"{best['pct_floor']:7.1f}% {default['us'] / best['us']:8.2f}x {best['tile']}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--tune", action="store_true", help="sweep FP8 W's skinny tiles instead")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     setup_process("cuda")
     bandwidth = read_bandwidth()
     env = gpu_env(bandwidth)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, read {bandwidth / 1e9:.0f} GB/s")
+    if args.tune:
+        tune(bandwidth, env, args.out / "bench_fp8_linear_tune.json")
+        return
     print("decode: the skinny kernel, FP8 W vs bf16 W, each against its floor (weight bytes / bandwidth)")
     header = ("rows", "matrix", "fp8 us", "% floor", "bf16 us", "% floor", "speed-up")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 8, 8, 8, 8, 9), strict=True)))
