@@ -161,7 +161,13 @@ def test_client_text_cannot_forge_access_log_lines(base_url, caplog):
         base_url, f"GET /health{forged} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     )
     assert answer.startswith(b"HTTP/1.1 404")
-    records = [r for r in caplog.records if r.name == "leanserve.access" and "2026" in r.fields["path"]]
+
+    def forged_records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "leanserve.access" and "2026" in r.fields["path"]]
+
+    # The access line is written when the response has been sent, which may be after the client read it.
+    assert wait_until(lambda: forged_records(), timeout=5)
+    records = forged_records()
     assert len(records) == 1
     line = TextLogFormatter().format(records[0])
     assert "\n" not in line and "\x00" not in line
