@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import uvicorn
 
 from leanserve.server.api.app import create_app
@@ -90,3 +91,8 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     if param is not None:
         assert error["param"] == param, error
     return error
+
+
+def openai_client(base_url: str, timeout: float = 120.0) -> openai.OpenAI:
+    """The official client against a test server, without retries: a failure shows at once."""
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=timeout)

@@ -11,9 +11,8 @@ from itertools import accumulate
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
-from http_server import real_engine, serve, wait_until
+from http_server import openai_client, real_engine, serve, wait_until
 
 from leanserve.server.api.cli import JsonLogFormatter, main
 from leanserve.server.api.settings import Settings, parse_settings
@@ -38,7 +37,7 @@ def base_url(engine):
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(base_url, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +408,7 @@ def test_heartbeats_keep_quiet_streams_alive(engine, model):
             lines = [line for line in response.iter_lines() if line]
         assert ": keep-alive" in lines
         assert lines[-1] == "data: [DONE]"
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client = openai_client(url)
         chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, stream=True))
         assert chunks and all(c.object == "text_completion" for c in chunks)
 

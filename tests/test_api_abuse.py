@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_server import assert_openai_error, metric_value, real_engine, serve, wait_until
+from http_server import assert_openai_error, metric_value, openai_client, real_engine, serve, wait_until
 
 from leanserve.server.api.settings import Settings
 from leanserve.server.engine.llm_engine import EngineStats
@@ -272,7 +272,7 @@ def test_unknown_model_and_routes(base_url):
 
 
 def test_abuse_leaves_other_requests_unaffected(base_url, engine):
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    client = openai_client(base_url)
     bad = [json.dumps({"model": engine.model_name, **fields}) for fields, _ in COMPLETION_CASES.values()]
     bad += [body.decode("latin-1") for body, _, _ in RAW_BODIES.values()][:4]
 
@@ -304,7 +304,7 @@ def test_echo_without_logprobs_is_the_prompt_text_alone(base_url, engine, stream
     """Echo asks for no scores without logprobs: each choice (n = 2 of each prompt) is its prompt's
     text, with no logprobs; nothing generated, no KV block left behind."""
     body = {"model": engine.model_name, "prompt": ["Hello there", "x"], "n": 2, "echo": True, "max_tokens": 0}
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    client = openai_client(base_url)
     if stream:
         chunks = [c.choices[0] for c in client.completions.create(**body, stream=True)]
     else:
@@ -431,7 +431,7 @@ def test_failing_step_fails_its_request_and_the_server_goes_on(base_url, engine,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(runner, "execute", fail_once)
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    client = openai_client(base_url)
     with pytest.raises(openai.APIError, match="injected step failure"):
         result = client.completions.create(
             model=engine.model_name, prompt="boom", max_tokens=5, stream=stream

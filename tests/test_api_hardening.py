@@ -16,9 +16,8 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
-from http_server import assert_openai_error, real_engine, serve, wait_until
+from http_server import assert_openai_error, openai_client, real_engine, serve, wait_until
 
 from leanserve.server.api.cli import TextLogFormatter
 from leanserve.server.api.request_inputs import MAX_STOP_CHARS
@@ -275,7 +274,7 @@ def test_a_large_request_cannot_starve_a_small_one(tiny_model_path, async_schedu
         reader = threading.Thread(target=read_big)
         reader.start()
         assert wait_until(lambda: engine.stats().num_running == 4, timeout=30)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client = openai_client(url)
         small = client.completions.create(
             model=engine.model_name, prompt="c", max_tokens=4, extra_body={"ignore_eos": True}
         )

@@ -4,9 +4,8 @@ contracted series; request-level series move with the requests we send; labels s
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
-from http_server import metric_value, real_engine, serve, wait_until
+from http_server import metric_value, openai_client, real_engine, serve, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 HISTOGRAMS = [
@@ -58,7 +57,7 @@ def _samples(base_url: str) -> list:
 
 
 def _generate(base_url: str, model: str, stream: bool) -> None:
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    client = openai_client(base_url)
     result = client.completions.create(
         model=model, prompt="Count:", max_tokens=8, stream=stream, extra_body={"ignore_eos": True}
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_server import real_engine, serve
+from http_server import openai_client, real_engine, serve
 
 from leanserve.server.api.protocol import (
     ChatMessage,
@@ -218,7 +218,7 @@ def base_url(engine):
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(base_url, timeout=60)
 
 
 def _rejections() -> list[tuple[str, str, object]]:

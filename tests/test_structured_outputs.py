@@ -9,9 +9,8 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from http_server import real_engine, serve
+from http_server import openai_client, real_engine, serve
 
 SCHEMA = {
     "type": "object",
@@ -50,7 +49,7 @@ def base_url(engine):
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url)
 
 
 def _texts(response, n: int, stream: bool, chat: bool = True) -> list[str]:
@@ -147,7 +146,7 @@ def test_preempted_constrained_sequences_keep_their_state(default_model_path):
     validates (the matcher is not reset and their tokens are not sampled again)."""
     small_cache = {"max_model_len": 512, "kv_cache_tokens": 256, "block_size": 16}
     with real_engine(default_model_path, **small_cache) as engine, serve(engine) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(url)
         fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
         out = client.chat.completions.create(
             model=engine.model_name, messages=MESSAGES, n=4, temperature=1.0, seed=11, max_tokens=100,

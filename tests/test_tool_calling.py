@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from http_server import real_engine, serve
+from http_server import openai_client, real_engine, serve
 
 from leanserve.server.api.protocol import ChatMessage, Tool
 from leanserve.server.api.tool_parsers import PARSERS
@@ -76,7 +75,7 @@ def base_url(engine):
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url)
 
 
 def _choices(response, n: int, stream: bool) -> list[dict]:
