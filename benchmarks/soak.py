@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--warm-up", type=float, default=None, help="seconds (default: min(60, duration/4))")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log", type=Path, default=Path("soak-server.log"), help="started server's log")
+    parser.add_argument("--log", type=Path, default=Path("out/soak-server.log"), help="started server's log")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     if args.duration <= 0 or args.duration > 24 * 3600:
@@ -280,6 +280,7 @@ def main() -> None:
             parser.error("the soak only sends traffic to this machine (127.0.0.1 / localhost)")
         report = asyncio.run(_soak(args, args.url.rstrip("/"), args.pid))
     else:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
         with launched_server(args.server_args, args.log) as (url, pid):
             report = asyncio.run(_soak(args, url, pid))
         log_text = args.log.read_text(errors="replace")
