@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwidth
 from benchmarks.bench_skinny_linear import ROTATE_BYTES, SHAPES
 from leanserve.kernels.fp8 import dequantize, fp8_linear, quantize_rows, reference_fp8_linear
-from leanserve.kernels.launch import max_shared_memory, sm_count
-from leanserve.kernels.skinny_config import SkinnyConfig, skinny_config
+from leanserve.kernels.launch import sm_count
+from leanserve.kernels.skinny_config import SkinnyConfig, _fits, skinny_config
 from leanserve.kernels.skinny_linear import launch_skinny, skinny_linear
 from leanserve.server.engine.runtime import setup_process
 
@@ -100,12 +100,6 @@ def tune_candidates(rows: int, sms: int) -> list[SkinnyConfig]:
     ]
 
 
-def fp8_fits(config: SkinnyConfig, shared_memory: int) -> bool:
-    """The pipeline's stages of bf16 x and FP8 W fit `shared_memory` bytes (skinny_config's _fits takes
-    one itemsize for both operands)."""
-    return config.num_stages * config.block_k * (config.block_m * 2 + config.block_n) <= shared_memory
-
-
 def describe(config: SkinnyConfig) -> str:
     """A tile in one short word: x rows, W rows and K per stage, then stages, warps, swap, programs."""
     text = f"{config.block_m}x{config.block_n}x{config.block_k} s{config.num_stages} w{config.num_warps}"
@@ -122,8 +116,8 @@ def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
     (q0, s0), y0 = weights[0], ys[0]
     want = reference_fp8_linear(x, q0, s0)
     default = skinny_config(rows, n, k, x.element_size(), x.device)
-    shared_memory = max_shared_memory(x.device)
-    configs = [c for c in tune_candidates(rows, sm_count(x.device)) if fp8_fits(c, shared_memory)]
+    candidates = tune_candidates(rows, sm_count(x.device))
+    configs = [c for c in candidates if _fits(c, x.element_size(), q0.element_size(), x.device)]
     results = []
     for config in [default, *configs]:
         r = {"rows": rows, "matrix": name, "tile": describe(config), "default": config is default}

@@ -55,7 +55,7 @@ def skinny_config(
         if (
             persistent
             and 2 * programs <= triton.cdiv(n, 32) <= 16 * programs
-            and _fits(grid, itemsize, device)
+            and _fits(grid, itemsize, itemsize, device)
         ):
             return grid
         stages = 5 if k > n else 4
@@ -64,14 +64,15 @@ def skinny_config(
         config = SkinnyConfig(triton.next_power_of_2(rows), 128, 128, num_stages=3, num_warps=8, swap=True)
     else:
         config = SkinnyConfig(triton.next_power_of_2(rows), 64, 128, num_stages=5, num_warps=4, swap=True)
-    while config.num_stages > 2 and not _fits(config, itemsize, device):
+    while config.num_stages > 2 and not _fits(config, itemsize, itemsize, device):
         config = replace(config, num_stages=config.num_stages - 1)
     return config
 
 
-def _fits(config: SkinnyConfig, itemsize: int, device: torch.device) -> bool:
-    """The config's pipeline stages fit the device's shared memory."""
-    stage = config.block_k * (config.block_m + config.block_n) * itemsize
+def _fits(config: SkinnyConfig, x_itemsize: int, w_itemsize: int, device: torch.device) -> bool:
+    """The config's pipeline stages (block_m rows of x and block_n rows of W, block_k columns each) fit
+    the device's shared memory."""
+    stage = config.block_k * (config.block_m * x_itemsize + config.block_n * w_itemsize)
     return config.num_stages * stage <= max_shared_memory(device)
 
 
