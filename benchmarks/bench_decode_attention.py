@@ -47,15 +47,19 @@ class Shape:
     def kv_bytes(self) -> int:
         return 2 * sum(self.lens) * self.num_kv_heads * self.head_dim * DTYPE.itemsize
 
+    def fp8_kv_bytes(self) -> int:
+        """K and V in fp8: a byte an element and a 4-byte scale per cached row of each."""
+        return 2 * sum(self.lens) * self.num_kv_heads * (self.head_dim + 4)
+
+    def qo_bytes(self) -> int:
+        return 2 * len(self.lens) * self.num_q_heads * self.head_dim * DTYPE.itemsize
+
     def floor_bytes(self) -> int:
-        qo = 2 * len(self.lens) * self.num_q_heads * self.head_dim * DTYPE.itemsize
-        return self.kv_bytes() + qo
+        return self.kv_bytes() + self.qo_bytes()
 
     def fp8_floor_bytes(self) -> int:
-        """What the fp8 kernel must read and write: K and V at a byte an element, a 4-byte scale per
-        cached row of each, Q and O in bf16."""
-        rows = 2 * sum(self.lens) * self.num_kv_heads
-        return self.floor_bytes() - self.kv_bytes() + rows * (self.head_dim + 4)
+        """What the fp8 kernel must read and write: the fp8 K and V with their scales, Q and O in bf16."""
+        return self.fp8_kv_bytes() + self.qo_bytes()
 
 
 @dataclass
@@ -253,13 +257,12 @@ def peer_copies(inp: Inputs, shape: Shape) -> int:
 
 def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Result:
     inp = make_inputs(shape)
-    fp8_kv_bytes = shape.fp8_floor_bytes() - (shape.floor_bytes() - shape.kv_bytes())
     result = Result(
         shape.name,
         len(shape.lens),
         shape.kv_bytes() / 1e6,
         1e6 * shape.floor_bytes() / bandwidth,
-        fp8_kv_bytes / 1e6,
+        shape.fp8_kv_bytes() / 1e6,
         1e6 * shape.fp8_floor_bytes() / bandwidth,
     )
     config = _CONFIGS[shape.head_dim]
@@ -281,7 +284,7 @@ def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Res
     # Correctness of what we timed: ours against FA2 varlen on copy 0.
     ours = lean_calls(inp, config)[0]()
     theirs = varlen_calls(inp, shape, 1)[0]()
-    err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+    err = relative_error(ours, theirs)
     assert err < 1e-2, f"{shape.name}: lean vs FA2 relative error {err:.2e}"
     return result
 
@@ -299,13 +302,14 @@ def fp8_reference(inp: Inputs, config: LeanConfig) -> torch.Tensor:
     return out
 
 
-def _relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """||ours - theirs|| / ||theirs||, in fp32."""
     return ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
 
 
 def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
     """The fp8 kernel on copy 0 against the bf16 kernel on the dequantized pools (the same values)."""
-    err = _relative_error(lean_calls(inp, config, fp8=True)[0](), fp8_reference(inp, config))
+    err = relative_error(lean_calls(inp, config, fp8=True)[0](), fp8_reference(inp, config))
     assert err < FP8_TOLERANCE, (
         f"{shape.name}: fp8 lean vs lean on the dequantized cache relative error {err:.2e}"
     )
@@ -409,7 +413,7 @@ def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
             for config in candidates:
                 calls = lean_calls(inp, config, sms * config.programs_per_sm, fp8=True)
                 try:
-                    err = _relative_error(calls[0](), reference)
+                    err = relative_error(calls[0](), reference)
                 except Exception as exc:  # out of shared memory/registers for this combination
                     print(f"  {shape.name} {config}: {type(exc).__name__}", flush=True)
                     continue

@@ -7,7 +7,7 @@ Parts (--parts, default all), each printed as it finishes with its floor or peer
              and for all 16 chunks of one;
              TFLOP/s and % of the bf16 matrix-multiply throughput measured in the same run.
   ttft       time to first token of 1k / 8k / 32k prompts, whole (paged kernel, and SDPA per prompt:
-             models.attention.FLASH_WHOLE_PROMPTS) and 32k in 2k chunks, against the compute floor (the
+             models.attention.SDPA_WHOLE_PROMPTS) and 32k in 2k chunks, against the compute floor (the
              prompt's FLOPs / the matrix-multiply throughput).
   serving    32 concurrent requests, prompts log-normal between 2k and 32k, 256 output tokens each: TTFT
              and TPOT p50 / p99, output tokens/s, the share of step time in attention, per KV cache dtype
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
-from bench_engine import make_prompts  # benchmarks/ is the script's directory
+from bench_decode_attention import relative_error  # benchmarks/ is the script's directory
+from bench_engine import make_prompts
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
@@ -88,7 +89,7 @@ def kernel_call(q, k_cache, v_cache, table, prefix: int, config: PrefillConfig) 
 
 def sdpa_call(q, k, v, backend: SDPBackend | None) -> Callable:
     """SDPA, causal, GQA natively: q [L, Hq, D], k/v [L, Hkv, D] contiguous. backend None: the one torch
-    picks, as the engine's whole-prompt path calls it (models/attention.py, FLASH_WHOLE_PROMPTS)."""
+    picks, as the engine's whole-prompt path calls it (models/attention.py, SDPA_WHOLE_PROMPTS)."""
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
 
     def call():
@@ -109,28 +110,26 @@ def varlen_call(q, k, v) -> Callable:
     )[0]
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def attention_cases(gen: torch.Generator) -> list[dict]:
-    """(name, FLOPs, kernel call, peer name, peer call) per case."""
+    """Per case: name, FLOPs, the kernel's inputs (q, cache, prefix) and its peers as (name, call)."""
     cases = []
     for length in PROMPT_LENS:
         k_cache, v_cache, table = paged_inputs(length, gen)
         k, v = contiguous_kv(k_cache, v_cache, table, length)
         q = torch.randn(length, HQ, D, device="cuda", dtype=DTYPE)
-        flops = 4 * HQ * D * causal_pairs(0, length)
-        for peer, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_default", None)):
-            cases.append(dict(name=f"whole {length // K}k", flops=flops, q=q, cache=(k_cache, v_cache, table),
-                              prefix=0, peer=peer, peer_call=sdpa_call(q, k, v, backend)))  # fmt: skip
+        peers = [
+            (name, sdpa_call(q, k, v, backend))
+            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_default", None))
+        ]
+        cases.append(dict(name=f"whole {length // K}k", flops=4 * HQ * D * causal_pairs(0, length), q=q,
+                          cache=(k_cache, v_cache, table), prefix=0, peers=peers))  # fmt: skip
     length = 32 * K
     k_cache, v_cache, table = paged_inputs(length, gen)
     k, v = contiguous_kv(k_cache, v_cache, table, length)
     q = torch.randn(CHUNK, HQ, D, device="cuda", dtype=DTYPE)
     cases.append(dict(name="32k: last 2k chunk", flops=4 * HQ * D * causal_pairs(length - CHUNK, CHUNK), q=q,
-                      cache=(k_cache, v_cache, table), prefix=length - CHUNK, peer="fa2_varlen",
-                      peer_call=varlen_call(q, k, v)))  # fmt: skip
+                      cache=(k_cache, v_cache, table), prefix=length - CHUNK,
+                      peers=[("fa2_varlen", varlen_call(q, k, v))]))  # fmt: skip
     return cases
 
 
@@ -156,19 +155,20 @@ def attention_part(peak: float) -> list[dict]:
     )
     for case in attention_cases(gen):
         ours = kernel_call(case["q"], *case["cache"], case["prefix"], config)
-        err = rel_error(ours(), case["peer_call"]())
-        rows.append(
-            _attention_row(case["name"], case["flops"], ours, case["peer"], case["peer_call"], peak, err)
-        )
+        ours_ms, out = do_bench(ours, warmup=25, rep=200), ours()
+        for peer_name, peer in case["peers"]:
+            err = relative_error(out, peer())
+            rows.append(_attention_row(case["name"], case["flops"], ours_ms, peer_name, peer, peak, err))
     flops, ours, peer = chunked_prompt_calls(config, gen)
-    rows.append(_attention_row("32k in 16 chunks", flops, ours, "fa2_varlen", peer, peak, None))
+    ours_ms = do_bench(ours, warmup=25, rep=200)
+    rows.append(_attention_row("32k in 16 chunks", flops, ours_ms, "fa2_varlen", peer, peak, None))
     whole = next(r for r in rows if r["case"] == "whole 32k")
     print(f"32k in 2k chunks / 32k whole (kernel alone): {rows[-1]['ours_ms'] / whole['ours_ms']:.3f}x")
     return rows
 
 
-def _attention_row(name, flops, ours, peer_name, peer, peak, err) -> dict:
-    ours_ms, peer_ms = do_bench(ours, warmup=25, rep=200), do_bench(peer, warmup=25, rep=200)
+def _attention_row(name, flops, ours_ms, peer_name, peer, peak, err) -> dict:
+    peer_ms = do_bench(peer, warmup=25, rep=200)
     row = dict(case=name, flops=flops, ours_ms=ours_ms, peer=peer_name, peer_ms=peer_ms, rel_error=err)
     row |= dict(peer_over_ours=peer_ms / ours_ms, ours_tflops=flops / ours_ms / 1e9)
     row["ours_pct_matmul"] = 100 * flops / (ours_ms / 1e3) / peak
@@ -181,7 +181,7 @@ def _attention_row(name, flops, ours, peer_name, peer, peak, err) -> dict:
 def tune() -> list[dict]:
     """The kernel's tiles, warps and stages on the attention part's cases (D=128)."""
     gen = torch.Generator().manual_seed(0)
-    cases = list({case["name"]: case for case in attention_cases(gen)}.values())  # one per name: ours only
+    cases = attention_cases(gen)
     rows = []
     for block_m, block_n, warps, stages in product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
         config = PrefillConfig(block_m, block_n, warps, stages)
@@ -251,24 +251,24 @@ def ttft_part(engine: LLMEngine, peak: float, reps: int) -> list[dict]:
     configs = [(f"{n // K}k whole", n, 32 * K, False) for n in PROMPT_LENS]
     configs += [(f"{n // K}k whole, SDPA", n, 32 * K, True) for n in PROMPT_LENS]
     configs += [("32k in 2k chunks", 32 * K, CHUNK, False)]
-    default = attention.FLASH_WHOLE_PROMPTS
-    for name, length, budget, flash in configs:
+    default = attention.SDPA_WHOLE_PROMPTS
+    for name, length, budget, sdpa in configs:
         engine.scheduler.max_num_batched_tokens = budget
-        attention.FLASH_WHOLE_PROMPTS = flash
-        prompts = make_prompts(reps + 1, length, vocab, seed=length + budget + flash)
+        attention.SDPA_WHOLE_PROMPTS = sdpa
+        prompts = make_prompts(reps + 1, length, vocab, seed=length + budget + sdpa)
         runs = [time_to_first_token(engine, p, f"{name}-{i}") for i, p in enumerate(prompts)][
             1:
         ]  # first: warm-up
         ttft = statistics.median(r[0] for r in runs)
         floor = prefill_flops(engine, length) / peak
         attention_s = statistics.median(r[1] for r in runs)
-        rows.append(dict(prompt=name, length=length, chunk=budget, sdpa=flash, ttft_ms=1e3 * ttft,
+        rows.append(dict(prompt=name, length=length, chunk=budget, sdpa=sdpa, ttft_ms=1e3 * ttft,
                          floor_ms=1e3 * floor, attention_ms=1e3 * attention_s))  # fmt: skip
         print(
             f"{name:30}{1e3 * ttft:9.1f}{1e3 * floor:10.1f}{ttft / floor:11.2f}{1e3 * attention_s:14.1f}",
             flush=True,
         )
-    attention.FLASH_WHOLE_PROMPTS = default
+    attention.SDPA_WHOLE_PROMPTS = default
     chunked = next(r for r in rows if r["prompt"] == "32k in 2k chunks")
     for whole in (r for r in rows if r["length"] == 32 * K and r["chunk"] != CHUNK):
         print(f"32k in 2k chunks / {whole['prompt']}: {chunked['ttft_ms'] / whole['ttft_ms']:.3f}x")
@@ -317,24 +317,29 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if rows := results.get("attention"):
-        x = range(len(rows))
-        axes[0].bar([i - 0.2 for i in x], [r["ours_ms"] for r in rows], 0.4, label="paged prefill kernel")
-        axes[0].bar([i + 0.2 for i in x], [r["peer_ms"] for r in rows], 0.4, label="peer (contiguous)")
-        axes[0].set_xticks(list(x), [r["case"] for r in rows], rotation=30, ha="right")
-        axes[0].set_yscale("log")
-        axes[0].set_ylabel("ms (one layer)")
-        axes[0].legend()
+        labels = [f"{r['case']} vs {r['peer']}" for r in rows]
+        bars = {
+            "paged prefill kernel": [r["ours_ms"] for r in rows],
+            "peer (contiguous)": [r["peer_ms"] for r in rows],
+        }
+        _paired_bars(axes[0], labels, bars, "ms (one layer)")
     if rows := results.get("ttft"):
-        x = range(len(rows))
-        axes[1].bar([i - 0.2 for i in x], [r["ttft_ms"] for r in rows], 0.4, label="TTFT")
-        axes[1].bar([i + 0.2 for i in x], [r["floor_ms"] for r in rows], 0.4, label="compute floor")
-        axes[1].set_xticks(list(x), [r["prompt"] for r in rows], rotation=30, ha="right")
-        axes[1].set_yscale("log")
-        axes[1].set_ylabel("ms")
-        axes[1].legend()
+        bars = {"TTFT": [r["ttft_ms"] for r in rows], "compute floor": [r["floor_ms"] for r in rows]}
+        _paired_bars(axes[1], [r["prompt"] for r in rows], bars, "ms")
     fig.suptitle(f"Long-context prefill, Llama-3-8B shapes, {results['gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _paired_bars(ax, labels: list[str], bars: dict[str, list[float]], ylabel: str) -> None:
+    """Two bars per label (log scale), named in the legend."""
+    x = range(len(labels))
+    for offset, (name, values) in zip((-0.2, 0.2), bars.items(), strict=True):
+        ax.bar([i + offset for i in x], values, 0.4, label=name)
+    ax.set_xticks(list(x), labels, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.legend()
 
 
 def main() -> None:
