@@ -1,8 +1,8 @@
 """FP8 (e4m3) KV-cache quantization: every cached (token, KV head) row of D values is stored as
 float8_e4m3fn with one fp32 scale, amax / 448 of that row, computed when the row is written. The torch
-functions are the twins (and the CPU path) of the Triton helpers, which the cache writers (RoPE + cache
-write) and readers (decode and prefill attention) call in registers. Why per-row dynamic scales:
-docs/kernel_notes.md, FP8 KV cache."""
+functions are the CPU path and the twins of the kernels: the cache writer (RoPE + cache write) computes
+the scale with `fp8_scale`, and the readers (decode and prefill attention) apply the scales to their
+scores and probabilities. Why per-row dynamic scales: docs/kernel_notes.md, FP8 KV cache."""
 
 from __future__ import annotations
 
@@ -72,9 +72,3 @@ def fp8_scale(amax):
     """The scale of rows whose largest |value| (fp32) is `amax`, as `quantize_kv` computes it: stored
     values are x / scale, converted with `.to(tl.float8e4nv)`."""
     return tl.maximum(amax / 448.0, 1e-12)
-
-
-@triton.jit
-def dequantize_rows(values, scale):
-    """values: [N, D] fp8 (loaded from the cache), scale: [N] fp32 -> [N, D] fp32."""
-    return values.to(tl.float32) * scale[:, None]

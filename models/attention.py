@@ -20,7 +20,7 @@ from leanserve.models.prefetch import SideStreamPrefetch
 # chunks' own K/V (on an H100 torch picks cuDNN's attention there) instead of the paged kernel: in
 # bench_long_context.py's TTFT part (H100, docs/benchmarks.md) 8k prompts took 221 ms against 241 and 32k
 # prompts 1207 against 1575. The benchmark turns it off to time the paged kernel on whole prompts.
-FLASH_WHOLE_PROMPTS = True
+SDPA_WHOLE_PROMPTS = True
 
 
 @dataclass
@@ -180,10 +180,11 @@ def _prefill(
     out: torch.Tensor,
 ) -> None:
     """Every prefill chunk of the step in one call over the paged cache (ops.prefill_attention: the
-    Triton kernel on CUDA, its twin elsewhere), each chunk's causal mask aligned to its prefix."""
+    Triton kernel on CUDA, its twin elsewhere), each chunk's causal mask aligned to its prefix; a step
+    whose chunks all start their prompts goes to SDPA instead (SDPA_WHOLE_PROMPTS)."""
     num_prefill = batch.num_prefill_tokens
-    if FLASH_WHOLE_PROMPTS and batch.prefill_context_lens_host == batch.prefill_query_lens_host:
-        _flash_whole_prompts(q, k, v, batch, scale, out)
+    if SDPA_WHOLE_PROMPTS and batch.prefill_context_lens_host == batch.prefill_query_lens_host:
+        _sdpa_whole_prompts(q, k, v, batch, scale, out)
         return
     ops.prefill_attention(
         q[:num_prefill],
@@ -199,15 +200,15 @@ def _prefill(
     )
 
 
-def _flash_whole_prompts(
+def _sdpa_whole_prompts(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float, out: torch.Tensor
 ) -> None:
-    """Chunks without a cached prefix, one SDPA each over their own K/V (flash with GQA on CUDA; host
-    lengths, no sync)."""
+    """Chunks without a cached prefix, one SDPA each over their own K/V, GQA natively (the backend is
+    torch's choice; host lengths, no sync)."""
     start = 0
     for query_len in batch.prefill_query_lens_host:
         end = start + query_len
-        # SDPA's fused kernels (flash, CPU flash) want [batch, heads, tokens, D].
+        # SDPA's fused kernels (cuDNN, flash, CPU flash) want [batch, heads, tokens, D].
         q_i, k_i, v_i = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, scale=scale, enable_gqa=True)
         out[start:end] = o_i[0].transpose(0, 1)

@@ -88,10 +88,10 @@ def test_greedy_matches_hf(loaded, kind, mode):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("flash", [False, True], ids=["paged", "flash-whole-prompts"])
-def test_prefill_logits_match_hf(loaded, kind, flash, monkeypatch):
+@pytest.mark.parametrize("sdpa", [False, True], ids=["paged", "sdpa-whole-prompts"])
+def test_prefill_logits_match_hf(loaded, kind, sdpa, monkeypatch):
     """A whole prompt through SDPA per prompt (the default) and through the paged prefill path."""
-    monkeypatch.setattr(attention, "FLASH_WHOLE_PROMPTS", flash)
+    monkeypatch.setattr(attention, "SDPA_WHOLE_PROMPTS", sdpa)
     path, model, prompts, _ = loaded(kind)
     prompt = prompts[1]
     runner = GreedyRunner(model)
