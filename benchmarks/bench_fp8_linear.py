@@ -115,7 +115,7 @@ def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
     ys = [torch.empty(rows, n, device="cuda", dtype=x.dtype) for _ in weights]
     (q0, s0), y0 = weights[0], ys[0]
     want = reference_fp8_linear(x, q0, s0)
-    default = skinny_config(rows, n, k, x.element_size(), x.device)
+    default = skinny_config(rows, n, k, x.element_size(), q0.element_size(), x.device)
     candidates = tune_candidates(rows, sm_count(x.device))
     configs = [c for c in candidates if _fits(c, x.element_size(), q0.element_size(), x.device)]
     results = []

@@ -31,7 +31,7 @@ class SkinnyConfig:
 
 
 def skinny_config(
-    rows: int, n: int, k: int, itemsize: int, device: torch.device, persistent: bool = True
+    rows: int, n: int, k: int, x_itemsize: int, w_itemsize: int, device: torch.device, persistent: bool = True
 ) -> SkinnyConfig:
     """Tuned on an H100 (bf16, Llama-3-8B's projections and LM head): per-call times from
     bench_skinny_linear.py, us a step from a Llama-3-8B layer chain in one CUDA graph (both in
@@ -51,11 +51,11 @@ def skinny_config(
     fp32 stages are twice the size: stages are dropped until they fit."""
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
-        grid = SkinnyConfig(16, 32, 1024 // itemsize, 4, 4, swap=False, programs=programs)
+        grid = SkinnyConfig(16, 32, 1024 // x_itemsize, 4, 4, swap=False, programs=programs)
         if (
             persistent
             and 2 * programs <= triton.cdiv(n, 32) <= 16 * programs
-            and _fits(grid, itemsize, itemsize, device)
+            and _fits(grid, x_itemsize, w_itemsize, device)
         ):
             return grid
         stages = 5 if k > n else 4
@@ -64,7 +64,7 @@ def skinny_config(
         config = SkinnyConfig(triton.next_power_of_2(rows), 128, 128, num_stages=3, num_warps=8, swap=True)
     else:
         config = SkinnyConfig(triton.next_power_of_2(rows), 64, 128, num_stages=5, num_warps=4, swap=True)
-    while config.num_stages > 2 and not _fits(config, itemsize, itemsize, device):
+    while config.num_stages > 2 and not _fits(config, x_itemsize, w_itemsize, device):
         config = replace(config, num_stages=config.num_stages - 1)
     return config
 

@@ -30,7 +30,7 @@ def _rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> Skinny
     rows = x.numel() // max(k, 1)
     if rows > SKINNY_MAX_ROWS or head_dim <= 0 or head_dim % 2 or n % head_dim:
         return None
-    config = skinny_config(rows, n, k, x.element_size(), x.device, persistent=False)
+    config = skinny_config(rows, n, k, x.element_size(), weight.element_size(), x.device, persistent=False)
     return config if head_dim % config.block_n == 0 else None
 
 
@@ -106,7 +106,7 @@ def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     rows = x.numel() // max(k, 1)
     if not 16 < rows <= SKINNY_MAX_ROWS or n % 2:
         return None
-    config = skinny_config(rows, n, k, x.element_size(), x.device, persistent=False)
+    config = skinny_config(rows, n, k, x.element_size(), weight.element_size(), x.device, persistent=False)
     return config if (n // 2) % (config.block_n // 2) == 0 else None
 
 
@@ -146,7 +146,9 @@ def skinny_linear_residual(
                          f"{tuple(residual.shape)}")  # fmt: skip
     if residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError("residual must share x's dtype and device")
-    config = skinny_config(x.shape[0], *weight.shape, x.element_size(), x.device, persistent=False)
+    config = skinny_config(
+        x.shape[0], *weight.shape, x.element_size(), weight.element_size(), x.device, persistent=False
+    )
     stream = torch.empty_like(residual, memory_format=torch.contiguous_format)
     squares = torch.empty(triton.cdiv(weight.shape[0], config.block_n), x.shape[0], dtype=torch.float32,
                           device=x.device)  # fmt: skip

@@ -299,7 +299,7 @@ def skinny_linear(
     x2 = rows_of(x)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
-        config = skinny_config(x2.shape[0], *weight.shape, x.element_size(), x.device)
+        config = skinny_config(x2.shape[0], *weight.shape, x.element_size(), weight.element_size(), x.device)
         launch_skinny(x2, weight, bias, y, config, norm=norm, scale=scale)
     return y.view(*x.shape[:-1], weight.shape[0])
 

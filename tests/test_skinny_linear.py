@@ -67,7 +67,7 @@ def test_matches_fp32_product(rows, n, k, bias, dtype, block_n, monkeypatch):
     # Past 16 rows the W tile depends on the SM count: pretend one SM (128 rows of W a program) or very
     # many (64), so each tile shape runs on any device.
     monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
-    config = skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE))
+    config = skinny_config(rows, n, k, dtype.itemsize, dtype.itemsize, torch.device(DEVICE))
     assert (config.block_n, config.programs) == (block_n, None)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
@@ -78,10 +78,10 @@ def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
     monkeypatch.setattr(config_module, "sm_count", lambda device: 132)
     monkeypatch.setattr(config_module, "max_shared_memory", lambda device: 232448)  # an H100's
     cpu = torch.device("cpu")
-    assert skinny_config(1, 4096, 14336, 2, cpu).num_stages == 5  # the down projection: long rows of W
-    assert skinny_config(1, 6144, 4096, 2, cpu).num_stages == 4  # q/k/v
-    assert skinny_config(1, 4096, 14336, 4, cpu).num_stages == 4  # fp32: 5 stages of 48 KB do not fit
-    assert skinny_config(64, 6144, 4096, 4, cpu).num_stages == 3  # nor 4 of 64 KB
+    assert skinny_config(1, 4096, 14336, 2, 2, cpu).num_stages == 5  # the down projection: long rows of W
+    assert skinny_config(1, 6144, 4096, 2, 2, cpu).num_stages == 4  # q/k/v
+    assert skinny_config(1, 4096, 14336, 4, 4, cpu).num_stages == 4  # fp32: 5 stages of 48 KB do not fit
+    assert skinny_config(64, 6144, 4096, 4, 4, cpu).num_stages == 3  # nor 4 of 64 KB
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
 def test_persistent_grid_matches_fp32_product(rows, n, k, bias, dtype, monkeypatch):
     # With 8 SMs a matrix of 16-128 blocks of 32 rows is streamed by 8 programs, several blocks each.
     monkeypatch.setattr(config_module, "sm_count", lambda device: 8)
-    config = skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE))
+    config = skinny_config(rows, n, k, dtype.itemsize, dtype.itemsize, torch.device(DEVICE))
     assert (config.programs, config.block_k) == (8, 1024 // dtype.itemsize)
     x, w, b = _inputs(rows, n, k, dtype, DEVICE, bias)
     tol = TOLERANCES[dtype]
@@ -120,7 +120,7 @@ def test_leading_dims_and_strided_rows():
 )
 def test_touches_nothing_past_its_inputs(rows, sms, monkeypatch):
     monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
-    persistent = skinny_config(rows, 45, 280, 2, torch.device("cpu")).programs is not None
+    persistent = skinny_config(rows, 45, 280, 2, 2, torch.device("cpu")).programs is not None
     assert persistent == ((rows, sms) == (5, 1))
     x, w, b = (against_guard_page(t) for t in _inputs(rows, 45, 280, torch.float16, "cpu", bias=True))
     torch.testing.assert_close(skinny_linear(x, w, b), _expected(x, w, b), atol=2e-3, rtol=2e-3)
@@ -176,7 +176,9 @@ def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, bloc
     monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n != 64 else 1 << 20)
     x, w, b, rope = _rope_inputs(rows, heads, head_dim, k, bias, dtype)
     assert fuses_rope(x, w, head_dim)
-    config = skinny_config(rows, *w.shape, dtype.itemsize, torch.device(DEVICE), persistent=False)
+    config = skinny_config(
+        rows, *w.shape, dtype.itemsize, dtype.itemsize, torch.device(DEVICE), persistent=False
+    )
     assert (config.block_n, config.programs) == (block_n, None)
     positions, table, k_cache, v_cache, slots = rope
     expected = F.linear(x.float(), w.float(), b.float() if bias else None)
@@ -192,7 +194,7 @@ def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, bloc
     torch.testing.assert_close(qkv, expected.to(dtype), atol=2 * tol, rtol=2 * tol)
     # The epilogue rotates what the product stored, as rope_and_cache reads it: the same bits where the
     # plain product runs the same grid (the persistent one sums in another order: fp32 rounding apart).
-    same_grid = skinny_config(rows, *w.shape, dtype.itemsize, torch.device(DEVICE)) == config
+    same_grid = skinny_config(rows, *w.shape, dtype.itemsize, dtype.itemsize, torch.device(DEVICE)) == config
     exact = 0 if same_grid else TOLERANCES[torch.float32]
     torch.testing.assert_close(qkv, two_launches, atol=exact, rtol=exact)
     torch.testing.assert_close(k_cache, k_unfused, atol=exact, rtol=exact)
@@ -266,7 +268,10 @@ def test_silu_epilogue_matches_twins(rows, inter, k, dtype, block_n, monkeypatch
     monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n == 128 else 1 << 20)
     x, w, _ = _inputs(rows, 2 * inter, k, dtype, DEVICE, bias=False)
     assert fuses_silu(x, w)
-    assert skinny_config(rows, 2 * inter, k, dtype.itemsize, torch.device(DEVICE)).block_n == block_n
+    assert (
+        skinny_config(rows, 2 * inter, k, dtype.itemsize, dtype.itemsize, torch.device(DEVICE)).block_n
+        == block_n
+    )
     act = skinny_linear_silu(x, w)
     expected = reference_silu_and_mul(F.linear(x.float(), w.float()))
     tol = TOLERANCES[dtype]  # the product rounded, then silu and the product: within that of fp32
@@ -325,7 +330,7 @@ def test_residual_epilogue_then_stream_norm(rows, n, k, dtype, sms, monkeypatch)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(stream, want, atol=2 * tol, rtol=2 * tol)
     assert squares.shape == (
-        -(-n // skinny_config(rows, n, k, dtype.itemsize, torch.device(DEVICE)).block_n),
+        -(-n // skinny_config(rows, n, k, dtype.itemsize, dtype.itemsize, torch.device(DEVICE)).block_n),
         rows,
     )
     torch.testing.assert_close(squares.sum(0), stream.float().square().sum(1), rtol=1e-5, atol=1e-5)
