@@ -5,7 +5,7 @@ at prefill rows (128-4096) the engine's W8A8 product (kernels.fp8.fp8_linear: x 
 torch._scaled_mm) against dequantizing W to bf16 and calling cuBLASLt, and against bf16 cuBLASLt. Each
 call reads its own weight copy (past the 50 MB L2), all captured in one CUDA graph. Writes JSON.
 --tune instead sweeps the skinny kernel's tiles for FP8 W at 1, 16 and 64 rows against skinny_config's
-choice: that sizes stages by x's itemsize (bf16), so an FP8 stage holds half the weight bytes of a bf16 one.
+choice (FP8 stages of twice bf16's columns: a bf16 stage's weight bytes).
 Usage: python benchmarks/bench_fp8_linear.py [--out DIR] [--tune]"""
 
 from __future__ import annotations

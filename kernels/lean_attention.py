@@ -46,8 +46,15 @@ _CONFIGS: dict[int, LeanConfig] = {
     128: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
     256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
 }
-# An fp8 cache (kernels/kv_quant.py): FP8_CONFIGS_PLACEHOLDER
-_FP8_CONFIGS: dict[int, LeanConfig] = dict(_CONFIGS)
+# An fp8 cache (kernels/kv_quant.py): a tile of twice the tokens moves the bytes of a bf16 tile, so as many
+# bytes stay in flight per SM. With bf16's 64-token tiles the fp8 kernel took bf16's time on every shape:
+# per tile it waits as long, for half the bytes (bench_decode_attention.py, docs/benchmarks.md).
+_FP8_CONFIGS: dict[int, LeanConfig] = {
+    64: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    96: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    128: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    256: LeanConfig(tile=128, num_warps=8, num_stages=2, programs_per_sm=1),
+}
 _MAX_GROUP = 64  # query heads per KV head accepted: the [GROUP_PAD, D] fp32 accumulator grows with it
 _INTERPRETER_PROGRAMS = 4  # programs when run under TRITON_INTERPRET (no SMs to fill; programs run serially)
 
