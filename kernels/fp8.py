@@ -1,8 +1,8 @@
 """FP8 (float8 e4m3) weights with one fp32 scale per output channel: row-wise quantization, its inverse,
 and the many-row product (prefill, large batches). Decode-sized products read the FP8 weight in the skinny
 Triton kernel (kernels/skinny_linear.py, `scale`); this module's `fp8_linear` is the rest: on CUDA W8A8
-through `torch._scaled_mm` (x quantized per row on the fly), elsewhere the weight dequantized to x's
-dtype and multiplied (the reference and the CPU path).
+through `torch._scaled_mm` (x quantized per row on the fly by one Triton kernel, `quantize_rows_fused`),
+elsewhere the weight dequantized to x's dtype and multiplied (the reference and the CPU path).
 
 Decode stays weight-only: its products stream W once for a few rows of x, so quantizing x saves no
 bytes and adds its rounding and a pass over x. Prefill is bound by tensor-core throughput, which FP8
@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from leanserve.kernels.kv_quant import fp8_scale
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -26,6 +30,47 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w32 = w.float()
     scale = (w32.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
     return quantize_with(w32, scale), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+    """One row of x per program, whole in registers: its amax, its scale, its e4m3 values."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = fp8_scale(tl.max(tl.abs(x), axis=0))
+    q = tl.clamp(x / scale, -448.0, 448.0)
+    tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+# Longest row the fused quantizer holds in registers (16 warps, 64 values a thread).
+_MAX_FUSED_K = 32768
+
+
+def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows in one launch, for x: [M, K] fp16/bf16/fp32 of unit column stride with K <= 32768:
+    x is read once and the fp8 values and scales written once, where the torch ops pass over x about eight
+    times (the W8A8 product's activations at prefill: bench_fp8_linear.py)."""
+    m, k = x.shape
+    if x.stride(1) != 1 or k > _MAX_FUSED_K:
+        raise ValueError(f"x must be [M, K <= {_MAX_FUSED_K}] of unit column stride, got {tuple(x.shape)}")
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block_k = triton.next_power_of_2(k)
+        _quantize_rows_kernel[(m,)](
+            x,
+            q,
+            scale,
+            k,
+            x.stride(0),
+            q.stride(0),
+            BLOCK_K=block_k,
+            num_warps=min(16, max(4, block_k // 2048)),
+        )
+    return q, scale
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,8 +110,7 @@ def fp8_linear(
     n, k = weight.shape
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % 16 == 0 and k % 16 == 0):
         return reference_fp8_linear(x, weight, scale, bias, out_dtype)
-    x2 = x.reshape(-1, k)
-    x_q, x_scale = quantize_rows(x2)
+    x_q, x_scale = quantize_rows_fused(x.reshape(-1, k))
     # Row-wise scaling takes bf16 output only; column-major B is weight.T of the row-major weight.
     y = torch._scaled_mm(
         x_q, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], out_dtype=torch.bfloat16
