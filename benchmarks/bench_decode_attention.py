@@ -1,7 +1,7 @@
 """Decode attention benchmark on a CUDA GPU: LeanAttention vs PyTorch SDPA (flash, cuDNN) on contiguous
 caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V+Q+O bytes over the read
 bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
-kernels/kv_quant.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
+kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
 markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
 `--skip-peers` times LeanAttention only.
 Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8]] [--skip-peers]"""
@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leanserve.kernels.kv_quant import dequantize_kv, quantize_kv
+from leanserve.kernels.fp8 import dequantize, quantize_rows
 from leanserve.kernels.lean_attention import LeanConfig, _launch, lean_config
 
 DTYPE = torch.bfloat16
@@ -141,7 +141,7 @@ class Inputs:
     def quantized(self) -> tuple[torch.Tensor, ...]:
         """(k, v, k_scale, v_scale) of the pools in fp8, made on first use."""
         if not self.fp8:
-            (k, k_scale), (v, v_scale) = quantize_kv(self.k_pool), quantize_kv(self.v_pool)
+            (k, k_scale), (v, v_scale) = quantize_rows(self.k_pool), quantize_rows(self.v_pool)
             self.fp8 = (k, v, k_scale, v_scale)
         return self.fp8
 
@@ -295,7 +295,7 @@ def fp8_reference(inp: Inputs, dim: int) -> torch.Tensor:
     config = lean_config(dim, fp8=False)
     k, v, k_scale, v_scale = inp.quantized()
     dequantized = replace(
-        inp, k_pool=dequantize_kv(k, k_scale, DTYPE), v_pool=dequantize_kv(v, v_scale, DTYPE), fp8=()
+        inp, k_pool=dequantize(k, k_scale, DTYPE), v_pool=dequantize(v, v_scale, DTYPE), fp8=()
     )
     out = lean_calls(dequantized, config)[0]()
     del dequantized

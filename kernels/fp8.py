@@ -1,8 +1,9 @@
-"""FP8 (float8 e4m3) weights with one fp32 scale per output channel: row-wise quantization, its inverse,
-and the many-row product (prefill, large batches). Decode-sized products read the FP8 weight in the skinny
-Triton kernel (kernels/skinny_linear.py, `scale`); this module's `fp8_linear` is the rest: on CUDA W8A8
-through `torch._scaled_mm` (x quantized per row on the fly by one Triton kernel, `quantize_rows_fused`),
-elsewhere the weight dequantized to x's dtype and multiplied (the reference and the CPU path).
+"""FP8 (float8 e4m3) with one fp32 scale per row: row-wise quantization and its inverse (for weights,
+activations and the KV cache, kernels/kv_quant.py), and the FP8-weight many-row product (prefill, large
+batches). Decode-sized products read the FP8 weight in the skinny Triton kernel (kernels/skinny_linear.py,
+`scale`); this module's `fp8_linear` is the rest: on CUDA W8A8 through `torch._scaled_mm` (x quantized per
+row on the fly by one Triton kernel, `quantize_rows_fused`), elsewhere the weight dequantized to x's dtype
+and multiplied (the reference and the CPU path).
 
 Decode stays weight-only: its products stream W once for a few rows of x, so quantizing x saves no
 bytes and adds its rounding and a pass over x. Prefill is bound by tensor-core throughput, which FP8
@@ -16,20 +17,25 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from leanserve.kernels.kv_quant import fp8_scale
-
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # A row of zeros keeps a tiny positive scale, so dividing by it stays finite (and quantizes to zeros).
-_MIN_SCALE = 1e-12
+MIN_SCALE = 1e-12
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: [N, K] float -> (fp8 [N, K], scale [N] fp32) with w ~ fp8 * scale[:, None]: each row's largest
-    magnitude maps to FP8_MAX."""
+    """w: [..., K] float -> (fp8 [..., K], scale [...] fp32) with w ~ fp8 * scale[..., None]: each row's
+    largest magnitude maps to FP8_MAX (the scale computed in fp32)."""
     w32 = w.float()
-    scale = (w32.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = (w32.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
     return quantize_with(w32, scale), scale
+
+
+@triton.jit
+def fp8_scale(amax):
+    """The scale of rows whose largest |value| (fp32) is `amax`, as `quantize_rows` computes it: stored
+    values are x / scale, converted with `.to(tl.float8e4nv)`."""
+    return tl.maximum(amax / 448.0, 1e-12)
 
 
 @triton.jit
@@ -74,13 +80,13 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """w: [N, K] float, scale: [N] fp32 -> fp8 [N, K]: w / scale rounded to nearest, saturated."""
-    return (w.float() / scale.float()[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    """w: [..., K] float, scale: [...] fp32 -> fp8 [..., K]: w / scale rounded to nearest, saturated."""
+    return (w.float() / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 [N, K] and scale [N] -> [N, K] in dtype (the product computed in fp32, rounded once)."""
-    return (w.float() * scale.float()[:, None]).to(dtype)
+    """fp8 [..., K] and scale [...] -> [..., K] in dtype (the product computed in fp32, rounded once)."""
+    return (w.float() * scale.float()[..., None]).to(dtype)
 
 
 def reference_fp8_linear(

@@ -9,7 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from leanserve.kernels.kv_quant import dequantize_kv, select_blocks
+from leanserve.kernels.fp8 import dequantize
+from leanserve.kernels.kv_quant import select_blocks
 
 
 def reference_decode_attention(
@@ -123,4 +124,4 @@ def _gather_pages(
     values = select_blocks(cache, pages).view(shape)
     if scales is None:
         return values.float()
-    return dequantize_kv(values, scales.index_select(0, pages).view(shape[:3]), torch.float32)
+    return dequantize(values, scales.index_select(0, pages).view(shape[:3]), torch.float32)

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from leanserve.kernels.kv_quant import check_cache_scales, fp8_scale, is_fp8, quantize_kv
+from leanserve.kernels.fp8 import fp8_scale, quantize_rows
+from leanserve.kernels.kv_quant import check_cache_scales, is_fp8
 from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
@@ -280,7 +281,7 @@ def reference_rope_and_cache(
     qk.mul_(cos).addcmul_(swapped, sin)
     for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
         if scales is not None:
-            new, new_scales = quantize_kv(new)
+            new, new_scales = quantize_rows(new)
             scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, new_scales)
             # CPU torch has no fp8 index_copy_: the bytes are copied as uint8.
             cache, new = cache.view(torch.uint8), new.view(torch.uint8)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from leanserve.kernels.kv_quant import FP8_DTYPE
+from leanserve.kernels.fp8 import FP8
 from leanserve.models.config import ModelConfig
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
@@ -18,7 +18,7 @@ _SCALE_DTYPE = torch.float32
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """`--kv-cache-dtype` -> the cache's storage dtype: auto is the model's dtype, bf16 needs a bf16
     model (the attention kernels read the cache in q's dtype), fp8 is float8_e4m3fn with scales, for
-    any model dtype, where torch has float8 and (CUDA) the GPU converts it (compute capability 8.9+)."""
+    any model dtype, where (CUDA) the GPU converts it (compute capability 8.9+)."""
     if name == "auto":
         return model_dtype
     if name == "bf16":
@@ -27,14 +27,12 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.de
         return torch.bfloat16
     if name != "fp8":
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
-    if FP8_DTYPE is None:
-        raise ValueError(f"kv_cache_dtype fp8 needs a torch with float8_e4m3fn (torch {torch.__version__})")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError(
             f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer, got "
             f"{torch.cuda.get_device_name(device)}"
         )
-    return FP8_DTYPE
+    return FP8
 
 
 class KVCache:
@@ -67,7 +65,7 @@ class KVCache:
 
     @property
     def quantized(self) -> bool:
-        return self.dtype == FP8_DTYPE
+        return self.dtype == FP8
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V, with their scales) from src to dst for each pair."""
@@ -81,7 +79,7 @@ class KVCache:
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
         """Bytes one block takes over all layers, K and V, scales included (on one rank of `tp_size`)."""
         row_bytes = config.head_dim * torch.empty((), dtype=dtype).element_size()
-        if dtype == FP8_DTYPE:
+        if dtype == FP8:
             row_bytes += torch.empty((), dtype=_SCALE_DTYPE).element_size()
         kv_heads = config.num_kv_heads // tp_size
         return 2 * config.num_layers * block_size * kv_heads * row_bytes

@@ -17,7 +17,8 @@ from greedy_runner import GreedyRunner
 
 from leanserve.kernels import ops
 from leanserve.kernels import prefill_attention as prefill
-from leanserve.kernels.kv_quant import FP8_DTYPE, FP8_MAX, dequantize_kv, quantize_kv, select_blocks
+from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, quantize_rows
+from leanserve.kernels.kv_quant import select_blocks
 from leanserve.kernels.lean_attention import _launch, lean_attention_decode, lean_config
 from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
@@ -61,18 +62,18 @@ def random_rows(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_round_trip_error_bound(dtype):
     x = random_rows((64, 128), seed=0).to(dtype)
-    values, scales = quantize_kv(x)
-    assert values.dtype == FP8_DTYPE and scales.dtype == torch.float32 and scales.shape == (64,)
+    values, scales = quantize_rows(x)
+    assert values.dtype == FP8 and scales.dtype == torch.float32 and scales.shape == (64,)
     x32 = x.float()
     torch.testing.assert_close(scales[:-1], x32[:-1].abs().amax(-1) / FP8_MAX, rtol=0, atol=0)
     # Each row's largest element maps to +-448 (no overflow to NaN); an all-zero row stays zero.
     assert bool((values.float().abs().amax(-1)[:-1] == FP8_MAX).all())
     assert bool((values[-1].float() == 0).all())
     # e4m3 rounds to nearest: at most half a step (1/16 relative for normals, 2^-10 of the scale below).
-    error = (dequantize_kv(values, scales, torch.float32) - x32).abs()
+    error = (dequantize(values, scales, torch.float32) - x32).abs()
     bound = torch.maximum(x32.abs() / 16, scales[:, None] * 2.0**-10) * (1 + 1e-6)
     assert bool((error <= bound).all())
-    assert dequantize_kv(values, scales, dtype).dtype == dtype
+    assert dequantize(values, scales, dtype).dtype == dtype
 
 
 # -- the cache writer ---------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0)
     num_blocks = math.ceil(tokens / block_size) + 2
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(device)
     shape = (num_blocks, block_size, hkv, head_dim)
-    caches = [torch.zeros(shape, dtype=FP8_DTYPE, device=device) for _ in range(2)]
+    caches = [torch.zeros(shape, dtype=FP8, device=device) for _ in range(2)]
     scales = [torch.zeros(shape[:3], device=device) for _ in range(2)]
     return qkv, positions, cos_sin, caches, scales, slots
 
@@ -124,12 +125,12 @@ def _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, device, every_va
     scale_tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(k_scale, expected[3], rtol=scale_tol, atol=0)
     torch.testing.assert_close(v_scale, expected[4], rtol=0, atol=0)
-    # k's rows hold k as the kernel rotated it (in qkv, rounded to its dtype) through quantize_kv. Against
+    # k's rows hold k as the kernel rotated it (in qkv, rounded to its dtype) through quantize_rows. Against
     # the twin's cache instead, a bf16 k near 0 can move many e4m3 steps: the twin rotates in three bf16
     # ops, whose rounding is absolute (of the operands' size), while e4m3's steps near 0 are 2^-9.
     num_q_heads, num_kv_heads = heads
     rotated_k = qkv.view(tokens, -1, head_dim)[:, num_q_heads : num_q_heads + num_kv_heads]
-    want_k, want_k_scale = quantize_kv(rotated_k)
+    want_k, want_k_scale = quantize_rows(rotated_k)
     got_k = select_blocks(k_cache.flatten(0, 1), slots)
     torch.testing.assert_close(k_scale.flatten(0, 1)[slots], want_k_scale, rtol=1e-6, atol=0)
     if not every_value:
@@ -142,7 +143,7 @@ def _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, device, every_va
     # What the cache holds dequantizes to the rotated k (the kernel's) and the v of the new tokens.
     for cache, scales, new in ((k_cache, k_scale, rotated_k), (v_cache, v_scale, v_ref)):
         rows = select_blocks(cache.flatten(0, 1), slots)
-        stored = dequantize_kv(rows, scales.flatten(0, 1)[slots], torch.float32)
+        stored = dequantize(rows, scales.flatten(0, 1)[slots], torch.float32)
         torch.testing.assert_close(stored, new.float(), rtol=1 / 14, atol=scales.max().item() * 2**-9)
     written = torch.zeros(k_scale.numel() // heads[1], dtype=torch.bool, device=device)
     written[slots] = True
@@ -185,8 +186,8 @@ def _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device, seed=0):
     num_blocks = len(lens) * max_blocks + 3
     shape = (num_blocks, block_size, hkv, head_dim)
     magnitude = torch.logspace(-1, 1, num_blocks * block_size * hkv).view(shape[:3])[..., None]
-    k, k_scale = quantize_kv(torch.randn(shape, generator=gen) * magnitude)
-    v, v_scale = quantize_kv(torch.randn(shape, generator=gen) * magnitude.flip(0))
+    k, k_scale = quantize_rows(torch.randn(shape, generator=gen) * magnitude)
+    v, v_scale = quantize_rows(torch.randn(shape, generator=gen) * magnitude.flip(0))
     tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks)
     q = torch.randn(len(lens), hq, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -213,7 +214,7 @@ def test_decode_kernel_fp8_matches_twin(lens, heads, head_dim, block_size, dtype
 def test_decode_twin_fp8_is_the_twin_on_dequantized_caches():
     q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([40, 1, 77], (8, 2), 64, 16, torch.float32, "cpu")
     got = reference_decode_attention(q, k, v, bt, sl, k_scale=ks, v_scale=vs)
-    k32, v32 = dequantize_kv(k, ks, torch.float32), dequantize_kv(v, vs, torch.float32)
+    k32, v32 = dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32)
     torch.testing.assert_close(got, reference_decode_attention(q, k32, v32, bt, sl), rtol=0, atol=0)
 
 
@@ -259,7 +260,7 @@ def _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, device, confi
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
     atol = tol
     if dtype == torch.bfloat16:
-        atol = 2**-8 * float(dequantize_kv(v, vs, torch.float32).abs().max())
+        atol = 2**-8 * float(dequantize(v, vs, torch.float32).abs().max())
     torch.testing.assert_close(out, expected, atol=atol, rtol=tol)
 
 
@@ -273,7 +274,7 @@ def test_prefill_twin_fp8_is_the_twin_on_dequantized_caches():
         [(40, 9), (0, 7)], (8, 2), 64, 16, torch.float32, "cpu"
     )
     got = reference_prefill_attention(q, k, v, cu, ctx, bt, k_scale=ks, v_scale=vs)
-    k32, v32 = dequantize_kv(k, ks, torch.float32), dequantize_kv(v, vs, torch.float32)
+    k32, v32 = dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32)
     torch.testing.assert_close(got, reference_prefill_attention(q, k32, v32, cu, ctx, bt), rtol=0, atol=0)
 
 
@@ -296,15 +297,15 @@ def _config(tmp_path: Path, layers=2, kv_heads=8, head_dim=128) -> ModelConfig:
 
 def test_cache_copies_scales_and_counts_them_in_its_bytes(tmp_path):
     config = _config(tmp_path)
-    cache = KVCache(config, 4, 16, FP8_DTYPE, "cpu")
+    cache = KVCache(config, 4, 16, FP8, "cpu")
     assert cache.quantized and cache.k[1].shape == (4, 16, 8, 128) and cache.k_scale[1].shape == (4, 16, 8)
-    cache.data[:, :, 1] = torch.randn(cache.data[:, :, 1].shape).to(FP8_DTYPE)
+    cache.data[:, :, 1] = torch.randn(cache.data[:, :, 1].shape).to(FP8)
     cache.scales[:, :, 1] = torch.rand(cache.scales[:, :, 1].shape)
     cache.copy_blocks([(1, 3)])
     assert torch.equal(cache.data[:, :, 3].view(torch.uint8), cache.data[:, :, 1].view(torch.uint8))
     assert torch.equal(cache.scales[:, :, 3], cache.scales[:, :, 1])
     allocated = cache.data.numel() * cache.data.element_size() + cache.scales.numel() * 4
-    assert KVCache.bytes_per_block(config, 16, FP8_DTYPE) * 4 == allocated
+    assert KVCache.bytes_per_block(config, 16, FP8) * 4 == allocated
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -316,7 +317,7 @@ def test_fp8_cache_holds_twice_the_tokens_in_the_same_memory(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 << 30, 80 << 30))
     engine = EngineConfig()
     bf16 = engine_setup.num_kv_blocks(engine, model, torch.bfloat16, torch.device("cuda"))
-    fp8 = engine_setup.num_kv_blocks(engine, model, FP8_DTYPE, torch.device("cuda"))
+    fp8 = engine_setup.num_kv_blocks(engine, model, FP8, torch.device("cuda"))
     assert fp8 / bf16 == pytest.approx(2 * head_dim / (head_dim + 4), rel=1e-3)
     assert fp8 / bf16 > 1.88
 
@@ -332,12 +333,9 @@ def test_kv_cache_dtype_option(monkeypatch):
         EngineConfig(kv_cache_dtype="int8")
     cpu = torch.device("cpu")
     assert resolve_kv_cache_dtype("auto", torch.float32, cpu) == torch.float32
-    assert resolve_kv_cache_dtype("fp8", torch.float32, cpu) == FP8_DTYPE
+    assert resolve_kv_cache_dtype("fp8", torch.float32, cpu) == FP8
     with pytest.raises(ValueError, match="bf16 needs dtype bfloat16"):
         resolve_kv_cache_dtype("bf16", torch.float32, cpu)
-    monkeypatch.setattr("leanserve.models.kv_cache.FP8_DTYPE", None)
-    with pytest.raises(ValueError, match="needs a torch with float8_e4m3fn"):
-        resolve_kv_cache_dtype("fp8", torch.bfloat16, cpu)
 
 
 # -- the model: prefill over cached fp8 pages, decode, greedy agreement --------------------------------
@@ -345,7 +343,7 @@ def test_kv_cache_dtype_option(monkeypatch):
 def test_model_fp8_cache_is_the_quantized_values(tiny_model_factory, monkeypatch, kind):
     """Chunked prefill (gathers cached fp8 pages) and batched decode of the tiny models (fp32) with an
     fp8 cache give the tokens and logits of an fp32 cache whose writer rounds every row through
-    quantize_kv: the fp8 cache is read where it is written, with its scales, and nothing else differs."""
+    quantize_rows: the fp8 cache is read where it is written, with its scales, and nothing else differs."""
     _check_model_reads_quantized_values(tiny_model_factory(kind), DEVICE, monkeypatch)
 
 
@@ -365,14 +363,14 @@ def _check_model_reads_quantized_values(path, device, monkeypatch):
         runner = GreedyRunner(model, cache_dtype=cache_dtype)
         return runner.generate(prompts, new_tokens=6, chunk=4, stagger=1), runner.last_logits
 
-    tokens, logits = run(FP8_DTYPE)
+    tokens, logits = run(FP8)
     write = ops.rope_and_cache
 
     def write_quantized(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale=None, v_scale=None):
         q, k, v = write(qkv, positions, cos_sin, k_cache, v_cache, slots)
         for cache in (k_cache, v_cache):
             rows = cache.view(-1, *cache.shape[2:])
-            rows[slots] = dequantize_kv(*quantize_kv(rows[slots]), cache.dtype)
+            rows[slots] = dequantize(*quantize_rows(rows[slots]), cache.dtype)
         return q, k, v
 
     monkeypatch.setattr(ops, "rope_and_cache", write_quantized)
