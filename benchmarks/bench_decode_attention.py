@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanserve.kernels.fp8 import dequantize, quantize_rows
-from leanserve.kernels.lean_attention import LeanConfig, _launch, lean_config
+from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
@@ -265,10 +265,10 @@ def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Res
         shape.fp8_kv_bytes() / 1e6,
         1e6 * shape.fp8_floor_bytes() / bandwidth,
     )
-    config, fp8_config = lean_config(shape.head_dim, fp8=False), lean_config(shape.head_dim, fp8=True)
+    config = _CONFIGS[shape.head_dim]
     result.us["lean"] = 1e6 * _time_graph(lean_calls(inp, config))
-    result.us["lean_fp8"] = 1e6 * _time_graph(lean_calls(inp, fp8_config, fp8=True))
-    check_fp8(inp, shape, fp8_config)
+    result.us["lean_fp8"] = 1e6 * _time_graph(lean_calls(inp, config, fp8=True))
+    check_fp8(inp, shape, config)
     copies = peer_copies(inp, shape)
     peers = {} if skip_peers else {"varlen_fa2": lambda: varlen_calls(inp, shape, copies)}
     if not shape.ragged and not skip_peers:
@@ -289,10 +289,9 @@ def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Res
     return result
 
 
-def fp8_reference(inp: Inputs, dim: int) -> torch.Tensor:
+def fp8_reference(inp: Inputs, config: LeanConfig) -> torch.Tensor:
     """The bf16 kernel on copy 0 of the dequantized pools: the values the fp8 kernel reads, so only its
     fp8 handling can set the two apart."""
-    config = lean_config(dim, fp8=False)
     k, v, k_scale, v_scale = inp.quantized()
     dequantized = replace(
         inp, k_pool=dequantize(k, k_scale, DTYPE), v_pool=dequantize(v, v_scale, DTYPE), fp8=()
@@ -310,7 +309,7 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
     """The fp8 kernel on copy 0 against the bf16 kernel on the dequantized pools (the same values)."""
-    err = relative_error(lean_calls(inp, config, fp8=True)[0](), fp8_reference(inp, shape.head_dim))
+    err = relative_error(lean_calls(inp, config, fp8=True)[0](), fp8_reference(inp, config))
     assert err < FP8_TOLERANCE, (
         f"{shape.name}: fp8 lean vs lean on the dequantized cache relative error {err:.2e}"
     )
@@ -402,14 +401,14 @@ def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
     summaries: list[dict] = []
     for dim, all_shapes in tune_shapes().items():
         dim_shapes = [s for s in all_shapes if s.name in FP8_TUNE_SHAPES]
-        default, bf16_default = lean_config(dim, fp8=True), lean_config(dim, fp8=False)
+        default = _CONFIGS[dim]
         candidates = fp8_candidates(default)
         print(f"fp8 D={dim}: {len(dim_shapes)} shapes x {len(candidates)} candidates", flush=True)
         for shape in dim_shapes:
             inp = make_inputs(shape)
             floor_us = 1e6 * shape.fp8_floor_bytes() / bandwidth
-            reference = fp8_reference(inp, dim)
-            bf16_us = 1e6 * _time_graph(lean_calls(inp, bf16_default), replays=10)
+            reference = fp8_reference(inp, default)
+            bf16_us = 1e6 * _time_graph(lean_calls(inp, default), replays=10)
             timed: dict[LeanConfig, dict] = {}
             for config in candidates:
                 calls = lean_calls(inp, config, sms * config.programs_per_sm, fp8=True)

@@ -46,22 +46,8 @@ _CONFIGS: dict[int, LeanConfig] = {
     128: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
     256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
 }
-# An fp8 cache (kernels/kv_quant.py): a tile of twice the tokens moves the bytes of a bf16 tile, so as many
-# bytes stay in flight per SM. With bf16's 64-token tiles the fp8 kernel took bf16's time on every shape:
-# per tile it waits as long, for half the bytes (bench_decode_attention.py, docs/benchmarks.md).
-_FP8_CONFIGS: dict[int, LeanConfig] = {
-    64: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
-    96: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
-    128: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
-    256: LeanConfig(tile=128, num_warps=8, num_stages=2, programs_per_sm=1),
-}
 _MAX_GROUP = 64  # query heads per KV head accepted: the [GROUP_PAD, D] fp32 accumulator grows with it
 _INTERPRETER_PROGRAMS = 4  # programs when run under TRITON_INTERPRET (no SMs to fill; programs run serially)
-
-
-def lean_config(head_dim: int, fp8: bool) -> LeanConfig | None:
-    """The launch parameters for a head dim and cache dtype, None where the head dim is not supported."""
-    return (_FP8_CONFIGS if fp8 else _CONFIGS).get(head_dim)
 
 
 def _default_programs(device: torch.device, config: LeanConfig) -> int:
@@ -234,7 +220,7 @@ def lean_attention_decode(
     without timing events (64 event nodes in a 32-layer decode graph add ~230 us of device time a step:
     a microbenchmark at batch 8, docs/benchmarks.md).
     """
-    config = lean_config(q.shape[-1], k_scale is not None) if q.dim() == 3 else None
+    config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
     if config is None:
         _validate(q, k_cache, v_cache, block_tables, seq_lens, out, k_scale, v_scale)  # the precise error
     return _launch(

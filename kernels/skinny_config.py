@@ -48,32 +48,22 @@ def skinny_config(
     warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM
     head 360.5 vs 391.5 (the best o: 14.0); persistent grids are slower there (gate/up 86.4 us at best).
     `persistent=False` never takes the persistent grid (the rope epilogue needs one program per block).
-    fp32 stages are twice the size: stages are dropped until they fit. An FP8 W's stages take twice the
-    columns, so that each holds a bf16 stage's weight bytes: the product waits on each stage as long as
-    bf16's does, so only as many bytes in flight stream as fast (with bf16's columns, FP8 at 1-16 rows was
-    1.17-1.29x faster than bf16, not 2x; bench_fp8_linear.py, docs/benchmarks.md)."""
-    widen = 2 if w_itemsize == 1 else 1
+    fp32 stages are twice the size: stages are dropped until they fit."""
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
-        grid = _fitted(SkinnyConfig(16, 32, 1024 // x_itemsize * widen, 4, 4, swap=False, programs=programs),
-                       x_itemsize, w_itemsize, device)  # fmt: skip
-        if persistent and 2 * programs <= triton.cdiv(n, 32) <= 16 * programs and grid.num_stages >= 3:
+        grid = SkinnyConfig(16, 32, 1024 // x_itemsize, 4, 4, swap=False, programs=programs)
+        if (
+            persistent
+            and 2 * programs <= triton.cdiv(n, 32) <= 16 * programs
+            and _fits(grid, x_itemsize, w_itemsize, device)
+        ):
             return grid
         stages = 5 if k > n else 4
-        config = SkinnyConfig(16, 32, 256 * widen, num_stages=stages, num_warps=4, swap=False)
+        config = SkinnyConfig(block_m=16, block_n=32, block_k=256, num_stages=stages, num_warps=4, swap=False)
     elif triton.cdiv(n, 128) >= sm_count(device):
-        config = SkinnyConfig(
-            triton.next_power_of_2(rows), 128, 128 * widen, num_stages=3, num_warps=8, swap=True
-        )
+        config = SkinnyConfig(triton.next_power_of_2(rows), 128, 128, num_stages=3, num_warps=8, swap=True)
     else:
-        config = SkinnyConfig(
-            triton.next_power_of_2(rows), 64, 128 * widen, num_stages=5, num_warps=4, swap=True
-        )
-    return _fitted(config, x_itemsize, w_itemsize, device)
-
-
-def _fitted(config: SkinnyConfig, x_itemsize: int, w_itemsize: int, device: torch.device) -> SkinnyConfig:
-    """The config with stages dropped (down to 2) until they fit the device's shared memory."""
+        config = SkinnyConfig(triton.next_power_of_2(rows), 64, 128, num_stages=5, num_warps=4, swap=True)
     while config.num_stages > 2 and not _fits(config, x_itemsize, w_itemsize, device):
         config = replace(config, num_stages=config.num_stages - 1)
     return config

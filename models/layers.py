@@ -14,7 +14,7 @@ from torch import nn
 
 from leanserve.kernels import ops
 from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear
-from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
+from leanserve.kernels.skinny_config import skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from leanserve.kernels.skinny_linear import skinny_linear
 from leanserve.kernels.stream_norm import StreamNorm
@@ -38,6 +38,11 @@ LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "lm
 # Those `--quantization fp8` stores in FP8: the LM head stays in the model dtype (as in the published
 # FP8 checkpoints, which list it as ignored).
 FP8_WEIGHTS = LINEAR_WEIGHTS[:4]
+# Rows up to which an FP8 weight's product runs in the skinny kernel. On an H100 (bench_fp8_linear.py,
+# docs/benchmarks.md) the skinny FP8 product at 1-16 rows is 1.2-1.3x faster than bf16's, but at 32 rows
+# it takes 22.7 / 22.2 / 76.4 / 69.9 us (q/k/v, o, gate/up, down) where W8A8 takes 16.7 / 15.9 / 53.5 /
+# 42.2 us at 128 rows; past 16 rows W8A8 runs.
+FP8_SKINNY_MAX_ROWS = 16
 
 
 def linear(
@@ -87,13 +92,13 @@ def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Half-precision CUDA inputs where the kernel was tuned and beats cuBLASLt (`skinny_beats_cublas`:
     decode-sized batches); fp32 keeps torch's products, so the fp32 checks against Hugging Face compare
-    like with like. An FP8 weight takes the kernel at every decode-sized batch: the alternative there is
-    not a bf16 cuBLASLt product but an FP8 one that quantizes x first (kernels.fp8)."""
+    like with like. An FP8 weight takes the kernel up to FP8_SKINNY_MAX_ROWS rows; past that the W8A8
+    product (kernels.fp8.fp8_linear) is faster."""
     if not x.is_cuda or x.dtype == torch.float32:
         return False
     n, k = weight.shape
     if weight.dtype == FP8:
-        return x.numel() // k <= SKINNY_MAX_ROWS
+        return x.numel() // k <= FP8_SKINNY_MAX_ROWS
     return skinny_beats_cublas(x.numel() // k, n, k)
 
 

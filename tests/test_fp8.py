@@ -232,13 +232,14 @@ def test_gpu_scaled_mm_matches_dequantized_product(rows, n, k):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_seqs", [1, 8, 40])
+@pytest.mark.parametrize("num_seqs", [1, 8, 16, 40])
 def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_model_factory, monkeypatch):
-    """A bf16 decode step with FP8 weights in the skinny kernel (RoPE epilogue at 1 and 8 rows, SiLU at
-    40) against the fp32 model holding the same weights dequantized, within a few times the bf16 model's
-    error against the fp32 one. The prefill's many-row products run weight-only here: W8A8 (40 x 3 rows)
+    """A bf16 decode step with FP8 weights (the skinny kernel with its RoPE epilogue up to 16 rows, the
+    many-row product past that) against the fp32 model holding the same weights dequantized, within a few
+    times the bf16 model's error against the fp32 one. The many-row products run weight-only here: W8A8
     rounds the activations to e4m3 too, which on this random model moved the logits 4.6 against bf16's
-    0.7 (H100); test_gpu_scaled_mm_matches_dequantized_product checks that product on its own."""
+    0.7 (H100, prefill of 40 x 3 rows); test_gpu_scaled_mm_matches_dequantized_product checks that
+    product on its own."""
     monkeypatch.setattr(model_layers, "fp8_linear", reference_fp8_linear)
     path = tiny_model_factory("qwen2")
     fp8 = load_model(path, torch.bfloat16, "cuda", quantization="fp8")
@@ -268,6 +269,7 @@ def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_mod
         return float((runner.last_logits - truth_runner.last_logits).abs().max())
 
     fp8_error = errors(fp8, truth_model)
-    assert num_seqs in scaled  # the decode step's products read FP8 in the kernel
+    # The decode step's products read FP8 in the kernel up to FP8_SKINNY_MAX_ROWS rows.
+    assert (num_seqs in scaled) == (num_seqs <= model_layers.FP8_SKINNY_MAX_ROWS)
     dense_error = errors(load_model(path, torch.bfloat16, "cuda"), load_model(path, torch.float32, "cuda"))
     assert fp8_error <= 3 * dense_error + 0.1, (fp8_error, dense_error)

@@ -19,7 +19,7 @@ from leanserve.kernels import ops
 from leanserve.kernels import prefill_attention as prefill
 from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, quantize_rows
 from leanserve.kernels.kv_quant import select_blocks
-from leanserve.kernels.lean_attention import _launch, lean_attention_decode, lean_config
+from leanserve.kernels.lean_attention import _CONFIGS, _launch, lean_attention_decode
 from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
 from leanserve.kernels.skinny_fused import skinny_linear_rope
@@ -196,7 +196,7 @@ def _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device, seed=0):
 
 def _check_decode_fp8(lens, heads, head_dim, block_size, dtype, device, num_programs):
     q, k, v, bt, sl, ks, vs = _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device)
-    config = replace(lean_config(head_dim, fp8=True), min_tiles=1)
+    config = replace(_CONFIGS[head_dim], min_tiles=1)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs, k_scale=ks, v_scale=vs)
     expected = reference_decode_attention(q, k, v, bt, sl, k_scale=ks, v_scale=vs)
     # Probabilities times V's scale are rounded to q's dtype for the P @ V product (fp16: 1e-3 relative).

@@ -84,26 +84,6 @@ def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
     assert skinny_config(64, 6144, 4096, 4, 4, cpu).num_stages == 3  # nor 4 of 64 KB
 
 
-@pytest.mark.parametrize("rows", [1, 16, 32, 64])
-@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
-def test_fp8_weight_stages_hold_bf16_weight_bytes(rows, n, k, monkeypatch):
-    """An FP8 W's stage takes twice the columns of a bf16 one on the same tile of W, so as many weight
-    bytes are in flight; stages are dropped (not below 2) until they fit an H100's shared memory."""
-    monkeypatch.setattr(config_module, "sm_count", lambda device: 132)
-    monkeypatch.setattr(config_module, "max_shared_memory", lambda device: 232448)
-    cpu = torch.device("cpu")
-    bf16, fp8 = skinny_config(rows, n, k, 2, 2, cpu), skinny_config(rows, n, k, 2, 1, cpu)
-    assert (fp8.block_m, fp8.block_n, fp8.swap, fp8.programs) == (
-        bf16.block_m,
-        bf16.block_n,
-        bf16.swap,
-        bf16.programs,
-    )
-    assert fp8.block_k == 2 * bf16.block_k
-    assert 2 <= fp8.num_stages <= bf16.num_stages
-    assert config_module._fits(fp8, 2, 1, cpu)
-
-
 @pytest.mark.parametrize(
     ("rows", "n", "k", "bias", "dtype"),
     [

@@ -9,8 +9,14 @@ import re
 
 import httpx
 import jsonschema
+import llguidance
+import llguidance.numpy
+import numpy as np
 import pytest
 from http_server import openai_client, real_engine, serve
+from transformers import AutoTokenizer
+
+from leanserve.server.engine.grammar import GrammarCompiler
 
 SCHEMA = {
     "type": "object",
@@ -156,3 +162,16 @@ def test_preempted_constrained_sequences_keep_their_state(default_model_path):
             if c.finish_reason == "stop":
                 jsonschema.validate(json.loads(c.message.content), SCHEMA)
         assert engine.stats().num_preemptions > 0
+
+
+def test_eos_ids_past_the_tokenizer_are_left_to_the_mask(default_model_path):
+    """A model config whose EOS id lies past its tokenizer's vocabulary (Llama-3-8B's config with
+    SmolLM2's tokenizer, as the GPU benchmarks run) still compiles grammars, and their masks allow no id
+    past the tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    compiler = GrammarCompiler(tokenizer, 128256, frozenset({128001, tokenizer.eos_token_id}))
+    matcher = compiler.compile("regex", "ab?", "response_format")
+    mask = llguidance.numpy.allocate_token_bitmask(1, 128256)
+    llguidance.numpy.fill_next_token_bitmask(matcher, mask, 0)
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:128256].nonzero()[0]
+    assert len(allowed) > 0 and allowed.max() < len(tokenizer)

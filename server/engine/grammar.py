@@ -37,7 +37,10 @@ class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._eos = sorted(eos_token_ids)
+        # llguidance refuses an EOS id past the tokenizer's vocabulary: a model's config paired with
+        # another tokenizer (the GPU benchmarks run Llama-3-8B shapes with SmolLM2's) names one. The
+        # tokenizer can never produce it, and the mask leaves ids past the tokenizer out anyway.
+        self._eos = sorted(t for t in eos_token_ids if t < len(tokenizer))
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
 
