@@ -4,7 +4,7 @@ against the skinny kernel reading bf16 W, each beside its own floor = weight byt
 measured in the same run; at prefill rows (128-4096) the engine's W8A8 product (kernels.fp8.fp8_linear:
 x quantized per row, then torch._scaled_mm) against dequantizing W to bf16 and calling cuBLASLt, and
 against bf16 cuBLASLt. Each call reads its own weight copy (past the 50 MB L2), all captured in one CUDA
-graph. Writes JSON.
+graph. Writes JSON and a plot.
 --tune instead sweeps the skinny kernel's tiles for FP8 W at 1, 16 and 64 rows against skinny_config's
 choice (bf16's tiles; stages of twice the columns measured no faster).
 Usage: python benchmarks/bench_fp8_linear.py [--out DIR] [--tune]"""
@@ -169,6 +169,41 @@ def tune(bandwidth: float, env: dict, path: Path) -> None:
             )
 
 
+def plot(results: list[dict], gpu: str, path: Path) -> None:
+    """Two panels: at decode rows each product's share of its floor (FP8 skinny, W8A8 where timed, bf16
+    skinny); at prefill rows bf16 cuBLASLt's time over W8A8's (above 1: W8A8 is faster)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decode_rows = [r for r in results if "fp8_us" in r]
+    prefill_rows = [r for r in results if "dequant_us" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [f"{r['rows']} {r['matrix']}" for r in decode_rows]
+    series = (("fp8_us", "fp8_floor_us", "FP8 skinny"), ("w8a8_us", "fp8_floor_us", "W8A8"),
+              ("bf16_us", "bf16_floor_us", "bf16 skinny"))  # fmt: skip
+    width = 0.27
+    for i, (key, floor, name) in enumerate(series):
+        xs = [j + (i - 1) * width for j, r in enumerate(decode_rows) if key in r]
+        ys = [100 * r[floor] / r[key] for r in decode_rows if key in r]
+        if ys:
+            left.bar(xs, ys, width, label=name)
+    left.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
+    left.set_ylabel("% of own floor (weight bytes / bandwidth)")
+    left.set_title("decode rows")
+    left.legend(fontsize=8)
+    labels = [f"{r['rows']} {r['matrix']}" for r in prefill_rows]
+    right.bar(range(len(labels)), [r["bf16_us"] / r["w8a8_us"] for r in prefill_rows])
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
+    right.set_ylabel("bf16 cuBLASLt us / W8A8 us")
+    right.set_title("prefill rows")
+    fig.suptitle(f"FP8 weights, Llama-3-8B projections, {gpu}")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -213,6 +248,7 @@ def main() -> None:
                 flush=True,
             )
     (args.out / "bench_fp8_linear.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    plot(results, env["gpu"], args.out / "bench_fp8_linear.png")
 
 
 if __name__ == "__main__":
