@@ -110,15 +110,13 @@ def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     return config if (n // 2) % (config.block_n // 2) == 0 else None
 
 
-def skinny_linear_silu(
-    x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None, scale: torch.Tensor | None = None
-) -> torch.Tensor:
+def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
     """The gate/up product of a gated MLP with SiLU-and-multiply in its epilogue, in one launch:
-    silu_and_mul(skinny_linear(x, weight, norm=norm, scale=scale)) with the same bits, where
-    fuses_silu(x, weight) (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous, gate rows first
-    (FP8 with its `scale` [2I], or x's dtype). Returns [T, I]; the [T, 2I] product itself never reaches
-    memory. No host synchronisation."""
-    check_product(x, weight, None, scale)
+    silu_and_mul(skinny_linear(x, weight, norm=norm)) with the same bits, where fuses_silu(x, weight)
+    (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous in x's dtype, gate rows first (an FP8
+    weight runs W8A8 at these rows: models.layers.FP8_SKINNY_MAX_ROWS). Returns [T, I]; the [T, 2I]
+    product itself never reaches memory. No host synchronisation."""
+    check_product(x, weight, None)
     config = _silu_config(x, weight)
     if x.dim() != 2 or config is None:
         raise ValueError(
@@ -126,7 +124,7 @@ def skinny_linear_silu(
             "of [T, K] and a tile that divides I (see fuses_silu)"
         )
     act = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
-    launch_skinny(rows_of(x), weight, None, act, config, {"SILU": True}, norm, scale)
+    launch_skinny(rows_of(x), weight, None, act, config, {"SILU": True}, norm)
     return act
 
 

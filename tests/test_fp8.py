@@ -1,5 +1,5 @@
 """FP8 weights: row-wise quantization and its inverse, the skinny decode product reading FP8 W with its
-scales in the epilogue (plain, persistent grid, RoPE + cache write, SiLU, residual + norm statistics)
+scales in the epilogue (plain, persistent grid, RoPE + cache write, residual + norm statistics)
 against the dequantizing twin over ragged shapes and 1..64 rows (interpreted on CPU, compiled on GPU),
 validation, and on GPU the many-row W8A8 product (`torch._scaled_mm`)."""
 
@@ -14,7 +14,6 @@ from greedy_runner import GreedyRunner
 from test_fused_ops import MAX_POS, cos_sin_table
 from test_kv_fp8 import assert_fp8_close
 
-from leanserve.kernels.activation import reference_silu_and_mul
 from leanserve.kernels.fp8 import (
     FP8,
     FP8_MAX,
@@ -27,10 +26,8 @@ from leanserve.kernels.fp8 import (
 from leanserve.kernels.rotary import reference_rope_and_cache
 from leanserve.kernels.skinny_fused import (
     fuses_rope,
-    fuses_silu,
     skinny_linear_residual,
     skinny_linear_rope,
-    skinny_linear_silu,
 )
 from leanserve.kernels.skinny_linear import skinny_linear
 from leanserve.models import layers as model_layers
@@ -171,18 +168,6 @@ def test_rope_epilogue_scales_before_rotating(rows, head_dim, sms, dtype, monkey
     torch.testing.assert_close(qkv, expected.to(dtype), atol=tol, rtol=tol)
     torch.testing.assert_close(k_cache, k_want.to(dtype), atol=tol, rtol=tol)
     torch.testing.assert_close(v_cache, v_want.to(dtype), atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize(("rows", "inter", "sms"), [(17, 128, 1), (64, 96, 1 << 20)])
-def test_silu_epilogue_scales_gate_and_up(rows, inter, sms, dtype, monkeypatch):
-    monkeypatch.setattr(config_module, "sm_count", lambda device: sms)
-    q, scale = _quantized(2 * inter, 72)
-    x = _x(rows, 72, dtype)
-    assert fuses_silu(x, q)
-    want = reference_silu_and_mul(F.linear(x.float(), dequantize(q, scale, torch.float32)))
-    tol = 2 * TOLERANCES[dtype]
-    torch.testing.assert_close(skinny_linear_silu(x, q, scale=scale), want.to(dtype), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
