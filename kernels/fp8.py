@@ -5,10 +5,11 @@ batches). Decode-sized products read the FP8 weight in the skinny Triton kernel 
 row on the fly by one Triton kernel, `quantize_rows_fused`), elsewhere the weight dequantized to x's dtype
 and multiplied (the reference and the CPU path).
 
-Decode stays weight-only: its products stream W once for a few rows of x, so quantizing x saves no
-bytes and adds its rounding and a pass over x. Prefill is bound by tensor-core throughput, which FP8
-doubles on Hopper, and W8A8 reads W once at 1 byte where dequantizing first writes and reads a bf16 copy
-besides; benchmarks/bench_fp8_linear.py times the two (and bf16) per projection."""
+Decode batches of up to 16 rows stay weight-only (models.layers.FP8_SKINNY_MAX_ROWS): their products
+stream W once for a few rows of x, so quantizing x saves no bytes and adds its rounding. Past that W8A8
+is faster: FP8 tensor cores take the products without widening W, and W8A8 reads W once at 1 byte where
+dequantizing first writes and reads a bf16 copy besides; benchmarks/bench_fp8_linear.py times them (and
+bf16) per projection."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ import triton.language as tl
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # A row of zeros keeps a tiny positive scale, so dividing by it stays finite (and quantizes to zeros).
-MIN_SCALE = 1e-12
+_MIN_SCALE = 1e-12
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w: [..., K] float -> (fp8 [..., K], scale [...] fp32) with w ~ fp8 * scale[..., None]: each row's
     largest magnitude maps to FP8_MAX (the scale computed in fp32)."""
     w32 = w.float()
-    scale = (w32.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = (w32.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
     return quantize_with(w32, scale), scale
 
 
