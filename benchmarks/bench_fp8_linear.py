@@ -109,8 +109,9 @@ def describe(config: SkinnyConfig) -> str:
 
 
 def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
-    """skinny_config's choice for this shape (given x's itemsize, as skinny_linear gives it) and every
-    candidate that fits, each on FP8 W with its scales, checked once against the torch twin, then timed."""
+    """skinny_config's choice for this shape (given x's and W's itemsizes, as skinny_linear gives them) and
+    every candidate that fits, each on FP8 W with its scales, checked once against the torch twin, then
+    timed."""
     n, k = SHAPES[name]
     weights = [(q, s) for _, q, s in _weights(n, k, 1)]
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)

@@ -80,6 +80,14 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows of x: [M, K] for the W8A8 product: one fused pass where its rows fit the kernel
+    (`quantize_rows_fused`), the torch ops for longer rows (an MLP wider than 32768)."""
+    if x.stride(1) == 1 and x.shape[1] <= _MAX_FUSED_K:
+        return quantize_rows_fused(x)
+    return quantize_rows(x)
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w: [..., K] float, scale: [...] fp32 -> fp8 [..., K]: w / scale rounded to nearest, saturated."""
     return (w.float() / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -117,7 +125,7 @@ def fp8_linear(
     n, k = weight.shape
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % 16 == 0 and k % 16 == 0):
         return reference_fp8_linear(x, weight, scale, bias, out_dtype)
-    x_q, x_scale = quantize_rows_fused(x.reshape(-1, k))
+    x_q, x_scale = quantize_activations(x.reshape(-1, k))
     # Row-wise scaling takes bf16 output only; column-major B is weight.T of the row-major weight.
     y = torch._scaled_mm(
         x_q, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], out_dtype=torch.bfloat16

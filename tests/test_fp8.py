@@ -19,6 +19,7 @@ from leanserve.kernels.fp8 import (
     FP8_MAX,
     dequantize,
     fp8_linear,
+    quantize_activations,
     quantize_rows,
     quantize_rows_fused,
     reference_fp8_linear,
@@ -102,6 +103,17 @@ def test_fused_row_quantizer_is_its_twin(m, k, dtype):
     checked = (want_bits & 0x07 != 0) & (want_bits & 0x78 != 0)
     assert_fp8_close(q[checked], want_q[checked])
     assert (q.view(torch.uint8) == want_bits).float().mean() > 0.9
+
+
+def test_activation_quantizer_takes_rows_longer_than_the_fused_kernel():
+    """The W8A8 product's quantizer: rows past the fused kernel's 32768 (a wide MLP's down projection)
+    and strided rows take the torch ops, with the same result."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32768 + 16, generator=gen).to(DEVICE)
+    for rows in (x, x[:, ::2]):
+        q, scale = quantize_activations(rows)
+        want_q, want_scale = quantize_rows(rows)
+        assert torch.equal(scale, want_scale) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 
 def test_fused_row_quantizer_refuses_strided_rows():
