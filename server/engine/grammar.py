@@ -9,8 +9,9 @@ under a millisecond per row for 128k vocabularies without ahead-of-time compilat
 
 Each constrained sequence owns a matcher (a deep copy of its request's, which the HTTP layer compiled
 and checked): the pipeline fills its row of the step's bitmask before sampling and the engine feeds it
-the sampled token once the step is collected. Its tokens must be on the host before its next step,
-so the async scheduler does not run ahead of a constrained sequence (`InFlightStep.needs_host_tokens`).
+the sampled token once the step is collected. With the async scheduler, a step with constrained rows
+queues its forward pass before the previous step is collected, and fills the masks after that, while
+the device runs the forward pass (`StepPipeline.launch`): the device does not wait for the host.
 A preempted sequence keeps its matcher: its tokens are recomputed, not sampled again."""
 
 from __future__ import annotations

@@ -214,15 +214,17 @@ class LLMEngine:
         With asynchronous scheduling (the default on CUDA) step N+1 is scheduled and launched before the
         host has read step N's tokens. The host then waits for step N, applies its tokens and stop checks,
         and detokenizes them while the device runs step N+1, so the device never waits for host work. A
-        sequence that step N finishes has a wasted row in step N+1, whose token is dropped. The engine
-        finishes step N within its own call when step N+1 will need its tokens on the host (penalties
+        sequence that step N finishes has a wasted row in step N+1, whose token is dropped. Where step
+        N+1 has constrained rows, their masks need step N's tokens: step N is collected after step N+1's
+        forward pass is queued and before its sampling (StepPipeline.launch). The engine finishes step N
+        within its own call when step N+1 will need its tokens on the host before its launch (penalties
         read the output tokens; n > 1 siblings fork after their first token); then step N's text comes
         with the next call's outputs, as the detokenization overlaps the next step."""
         started = time.perf_counter()
         self.pipeline.sync_seconds = 0.0
         decode_attention: list[float] = []
         outputs: list[RequestOutput] = []
-        launched = self._launch(self.scheduler.schedule(), outputs)
+        launched = self._launch(self.scheduler.schedule(), outputs, decode_attention)
         if self.pipeline.in_flight is not None:  # the device runs `launched` meanwhile
             self._complete(self.pipeline.in_flight, outputs, decode_attention)
         outputs += self.output_processor.process()  # detokenization overlaps `launched` too
@@ -236,7 +238,9 @@ class LLMEngine:
         )
         return outputs
 
-    def _launch(self, step, outputs: list[RequestOutput]) -> InFlightStep | None:
+    def _launch(
+        self, step, outputs: list[RequestOutput], decode_attention: list[float]
+    ) -> InFlightStep | None:
         if step.is_empty:
             return None
         now = time.monotonic()
@@ -244,7 +248,11 @@ class LLMEngine:
             if seq.request.timings.first_scheduled is None:
                 seq.request.timings.first_scheduled = now
         try:
-            return self.pipeline.launch(step, self._new_sequence)
+            return self.pipeline.launch(
+                step,
+                self._new_sequence,
+                lambda: self._complete(self.pipeline.in_flight, outputs, decode_attention),
+            )
         except Exception as e:  # a failing step fails its own requests; the engine goes on
             outputs += self._fail(step.seqs, e)
             return None

@@ -90,4 +90,4 @@ class SamplingParams:
     def needs_output_tokens(self) -> bool:
         """Choosing the next token reads the output tokens on the host (a bad word of several tokens):
         the sequence's step must be complete before the next is scheduled."""
-        return self.grammar is not None or any(len(ids) > 1 for ids in self.bad_words_token_ids)
+        return any(len(ids) > 1 for ids in self.bad_words_token_ids)

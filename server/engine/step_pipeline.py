@@ -86,11 +86,19 @@ class StepPipeline:
         self.sync_seconds = 0.0  # host time spent waiting for the device in the last collect
         self.mask_filler = MaskFiller()
 
-    def launch(self, step: SchedulerOutput, spawn: Callable[[Request, int], Sequence]) -> InFlightStep:
-        """Queue forward + sampling on the device (no sync) and do the step's host bookkeeping: computed
-        counts advance and every sampling sequence gets a placeholder for its token. The n-1 siblings of
-        a sequence 0 that completes its prompt are created here by `spawn` (not yet scheduled) and sample
-        their first token from its logits row."""
+    def launch(
+        self,
+        step: SchedulerOutput,
+        spawn: Callable[[Request, int], Sequence],
+        settle_in_flight: Callable[[], None],
+    ) -> InFlightStep:
+        """Queue forward + sampling on the device and do the step's host bookkeeping: computed counts
+        advance and every sampling sequence gets a placeholder for its token. The n-1 siblings of a
+        sequence 0 that completes its prompt are created here by `spawn` (not yet scheduled) and sample
+        their first token from its logits row. No host sync, except where a constrained row's mask needs
+        the in-flight step's tokens: then this step's forward pass is queued first, and
+        `settle_in_flight` waits for that step and applies its tokens (the grammars among them) while the
+        device runs the forward pass; the masks are filled after it, before sampling."""
         block_manager = self.scheduler.block_manager
         tables = {seq.seq_id: block_manager.block_table(seq.seq_id) for seq in step.seqs}
         pending = self.in_flight.sampled.token_ids if self.in_flight is not None else None
@@ -100,8 +108,12 @@ class StepPipeline:
             (c.seq.request, c.seq.num_computed_tokens + 1, n) for c in step.prefills if (n := c.num_scored)
         ]
         row_seqs = [c.seq for c in step.prefills if c.completes_prompt] + step.decodes
-        masks = self._start_token_mask(row_seqs)  # the grammars' rows fill while the device works
+        settle = pending is not None and any(seq.grammar is not None for seq in row_seqs)
+        masks = None if settle else self._start_token_mask(row_seqs)  # filled while the device works
         logits, reading, scores = self.runner.execute(step, tables, pending)
+        if settle:
+            settle_in_flight()
+            masks = self._start_token_mask(row_seqs)
         row_index = list(range(len(row_seqs)))
         forked = []
         for i, seq in enumerate(list(row_seqs)):
@@ -128,7 +140,8 @@ class StepPipeline:
         positions = []
         for row, seq in enumerate(row_seqs):
             positions.append(len(seq.token_ids))
-            seq.token_ids.append(placeholder(row))
+            if not seq.finished:  # settled above as finished: the row's token is dropped
+                seq.token_ids.append(placeholder(row))
         return InFlightStep(
             step=step,
             row_seqs=row_seqs,
@@ -141,8 +154,7 @@ class StepPipeline:
             attention=attention,
             computed=computed,
             needs_host_tokens=bool(forked)
-            or any(has_penalty(r.params) or r.params.needs_output_tokens for r in rows)
-            or any(seq.grammar is not None for seq in row_seqs),
+            or any(has_penalty(r.params) or r.params.needs_output_tokens for r in rows),
             scores=PromptScores(chunks=scored, host=host_scores) if host_scores is not None else None,
         )
 
@@ -179,10 +191,13 @@ class StepPipeline:
     def _start_token_mask(self, row_seqs: list[Sequence]) -> _TokenMask | None:
         """Start the sampler's bitmask of the step's rows (None when every row may pick any token): the
         rows of constrained sequences are filled by their grammars in the background, the rows with
-        allowed_token_ids get theirs, the others every bit."""
+        allowed_token_ids get theirs, the others every bit. A sequence the in-flight step finished (its
+        grammar may be complete) keeps every bit: its row's token is dropped."""
         vocab = self.sampler.vocab_size
         allowed = [self._allowed_mask(seq.request, vocab) for seq in row_seqs]
-        grammars = [(seq.grammar, i) for i, seq in enumerate(row_seqs) if seq.grammar is not None]
+        grammars = [
+            (seq.grammar, i) for i, seq in enumerate(row_seqs) if seq.grammar is not None and not seq.finished
+        ]
         if not grammars and all(m is None for m in allowed):
             return None
         table = np.full((len(row_seqs), -(-vocab // 32)), -1, dtype=np.int32)
