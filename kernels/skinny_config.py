@@ -49,6 +49,10 @@ def skinny_config(
     head 360.5 vs 391.5 (the best o: 14.0); persistent grids are slower there (gate/up 86.4 us at best).
     `persistent=False` never takes the persistent grid (the rope epilogue needs one program per block).
     fp32 stages are twice the size: stages are dropped until they fit."""
+    if x_itemsize == 1:
+        # W8A8 (e4m3 x): W's rows on the M side, so that sm_90 multiplies e4m3 directly (wgmma m64nNk32).
+        # A candidate: not tuned, not routed to by the engine (bench_fp8_linear.py times it).
+        return SkinnyConfig(max(16, triton.next_power_of_2(rows)), 64, 256, 4, 4, swap=True)
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
         grid = SkinnyConfig(16, 32, 1024 // x_itemsize, 4, 4, swap=False, programs=programs)

@@ -21,10 +21,18 @@ import triton
 import triton.language as tl
 
 from leanserve.kernels.activation import silu_times
+from leanserve.kernels.fp8 import FP8
 from leanserve.kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from leanserve.kernels.rotary import rotate_and_store_heads
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
-from leanserve.kernels.skinny_tiles import dot_acc, load_rows, multiply_tile, scale_channels, store_block
+from leanserve.kernels.skinny_tiles import (
+    dot_acc,
+    load_rows,
+    multiply_tile,
+    scale_channels,
+    scale_x_rows,
+    store_block,
+)
 from leanserve.kernels.stream_norm import StreamNorm, add_to_stream, load_residual, load_squares, scale_rows
 
 
@@ -34,6 +42,7 @@ def _skinny_linear_kernel(
     w_ptr,
     bias_ptr,
     scale_ptr,  # an FP8 W's per-row scales (W_SCALED)
+    x_scale_ptr,  # an e4m3 x's per-row scales (X_SCALED: W8A8)
     y_ptr,
     M,
     N,
@@ -71,6 +80,7 @@ def _skinny_linear_kernel(
     SWAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
+    X_SCALED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
@@ -96,11 +106,11 @@ def _skinny_linear_kernel(
         )  # fmt: skip
     else:
         _block(
-            x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
-            stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-            stride_pos, stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
-            ADD_RESIDUAL, SCALE_ROWS, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, K_TILES, EVEN_K, BLOCK_N,
-            BLOCK_K, SWAP, HAS_BIAS, W_SCALED, UPCAST, DOT_PRECISION,
+            x_ptr, w_ptr, bias_ptr, scale_ptr, x_scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps,
+            stride_xm, stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
+            slot_mapping_ptr, stride_pos, stride_sin, stride_slot, stride_head, res_ptr, stride_res,
+            squares_ptr, stride_sq, ADD_RESIDUAL, SCALE_ROWS, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM,
+            K_TILES, EVEN_K, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, W_SCALED, X_SCALED, UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -158,13 +168,13 @@ def _silu_block(
 
 @triton.jit
 def _block(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps, stride_xm,
-    stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_pos,
-    stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, x_scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps,
+    stride_xm, stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_pos, stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
     ADD_RESIDUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W_SCALED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_SCALED: tl.constexpr, X_SCALED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program's block of W's rows, stored plainly or through the RoPE or residual epilogue."""
     if ROPE:
@@ -184,6 +194,7 @@ def _block(
         acc = multiply_tile(x_ptr, w_ptr, acc, offs_m, offs_n, kt * BLOCK_K + offs_k, M, N, K, EVEN_K,
                              stride_xm, stride_wn, SWAP, UPCAST, DOT_PRECISION)  # fmt: skip
     acc = scale_channels(acc, scale_ptr, offs_n, N, SWAP, W_SCALED)
+    acc = scale_x_rows(acc, x_scale_ptr, offs_m, M, SWAP, X_SCALED)
     acc = scale_rows(acc, squares, K, eps, SWAP, SCALE_ROWS)
     if ADD_RESIDUAL:
         add_to_stream(y_ptr, acc, r, squares_ptr, stride_sq, tl.program_id(0), offs_m, offs_n, M, N,
@@ -223,6 +234,7 @@ def launch_skinny(
     epilogue: dict | None = None,
     norm: StreamNorm | None = None,
     scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> None:
     """y = x @ weight.T (+ bias) for x: [rows >= 1, K] of unit column stride, y: [rows, N], its rows
     scaled by x's 1 / rms with a `norm`, its columns by an FP8 weight's `scale` [N]; then the `epilogue`
@@ -233,6 +245,7 @@ def launch_skinny(
         weight,
         bias,
         scale,
+        x_scale,
         y,
         x.shape[0],
         weight.shape[0],
@@ -248,6 +261,7 @@ def launch_skinny(
         SWAP=config.swap,
         HAS_BIAS=bias is not None,
         W_SCALED=scale is not None,
+        X_SCALED=x_scale is not None,
         UPCAST=interpreted(),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PDL=pdl,
@@ -287,22 +301,40 @@ def skinny_linear(
     out_dtype: torch.dtype | None = None,
     norm: StreamNorm | None = None,
     scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias for x: [..., K] with at most SKINNY_MAX_ROWS rows in all (any leading shape),
     weight: [N, K] contiguous, bias: [N] or None, all one dtype (fp16, bf16 or fp32) on one device; or
     weight in FP8 (e4m3) with its per-row `scale` [N] fp32 (x @ (weight * scale[:, None]).T).
     Returns [..., N] in out_dtype (default: x's dtype), accumulated in fp32 and rounded once; with a
-    `norm`, that of x's RMS-normalised rows. No host synchronisation (CUDA-graph safe)."""
-    check_product(x, weight, bias, scale)
+    `norm`, that of x's RMS-normalised rows. W8A8: x in e4m3 with its per-row `x_scale` [rows] fp32
+    (kernels.fp8.quantize_rows_fused) and an FP8 weight with its `scale`; out_dtype is then required. No
+    host synchronisation (CUDA-graph safe)."""
+    if x_scale is None:
+        check_product(x, weight, bias, scale)
+    else:
+        _check_w8a8(x, weight, scale, x_scale, out_dtype)
     x2 = rows_of(x)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
         config = skinny_config(x2.shape[0], *weight.shape, x.element_size(), weight.element_size(), x.device)
-        launch_skinny(x2, weight, bias, y, config, norm=norm, scale=scale)
+        launch_skinny(x2, weight, bias, y, config, norm=norm, scale=scale, x_scale=x_scale)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 reference_skinny_linear = F.linear  # the torch twin: same arguments, same result up to rounding
+
+
+def _check_w8a8(x, weight, scale, x_scale, out_dtype) -> None:
+    """ValueError unless x, weight and their scales are a W8A8 product the kernel takes."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype != FP8 or weight.dtype != FP8 or scale is None or out_dtype is None:
+        raise ValueError("W8A8 takes an e4m3 x and weight, the weight's scale and an out_dtype")
+    if x_scale.shape != (rows,) or x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
+        raise ValueError(
+            f"x_scale must be a contiguous float32 [{rows}], got {x_scale.dtype} {tuple(x_scale.shape)}"
+        )
+    check_product(x.view(torch.int8).to(torch.float16), weight, None, scale)  # shapes and the weight's scale
 
 
 def check_product(

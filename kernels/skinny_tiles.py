@@ -52,6 +52,15 @@ def scale_channels(acc, scale_ptr, offs_n, N, SWAP: tl.constexpr, W_SCALED: tl.c
 
 
 @triton.jit
+def scale_x_rows(acc, x_scale_ptr, offs_m, M, SWAP: tl.constexpr, X_SCALED: tl.constexpr):
+    """With X_SCALED (an e4m3 x, W8A8), the product's rows offs_m times x's per-row scales."""
+    if X_SCALED:
+        scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        acc = acc * scale[None, :] if SWAP else acc * scale[:, None]
+    return acc
+
+
+@triton.jit
 def store_block(
     y_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_ym, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr
 ):

@@ -182,6 +182,16 @@ def test_rope_epilogue_scales_before_rotating(rows, head_dim, sms, dtype, monkey
     torch.testing.assert_close(v_cache, v_want.to(dtype), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 128, 256), (5, 200, 300), (16, 64, 512), (33, 96, 64)])
+def test_w8a8_skinny_matches_dequantized_product(rows, n, k):
+    """The W8A8 candidate: e4m3 x with its row scales against e4m3 W with its row scales."""
+    q, scale = _quantized(n, k)
+    x_q, x_scale = quantize_rows(_x(rows, k, torch.float32))
+    got = skinny_linear(x_q, q, scale=scale, x_scale=x_scale, out_dtype=torch.float32)
+    want = dequantize(x_q, x_scale, torch.float32) @ dequantize(q, scale, torch.float32).T
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize(("rows", "n"), [(1, 50), (3, 256), (20, 130)])
 def test_residual_epilogue_scales_before_adding(rows, n, dtype, monkeypatch):
