@@ -1,5 +1,6 @@
 """FP8-weight products on a CUDA GPU, Llama-3-8B's projections (the LM head stays bf16): at decode rows
-(1-64) the skinny Triton kernel reading FP8 W (per-row scales in the epilogue) and the W8A8 product
+(1-64) the engine's W8A8 skinny product (x quantized per row by one pass, then the skinny Triton kernel on
+e4m3 x and W), the skinny kernel reading FP8 W with bf16 x (weight-only) and torch._scaled_mm W8A8,
 against the skinny kernel reading bf16 W, each beside its own floor = weight bytes / HBM read bandwidth
 measured in the same run; at prefill rows (128-4096) the engine's W8A8 product (kernels.fp8.fp8_linear:
 x quantized per row, then torch._scaled_mm) against dequantizing W to bf16 and calling cuBLASLt, and
@@ -31,8 +32,8 @@ from benchmarks.bench_skinny_linear import ROTATE_BYTES, SHAPES
 from leanserve.kernels.fp8 import (
     dequantize,
     fp8_linear,
+    quantize_activations,
     quantize_rows,
-    quantize_rows_fused,
     reference_fp8_linear,
 )
 from leanserve.kernels.launch import sm_count
@@ -66,7 +67,6 @@ def decode(rows: int, n: int, k: int) -> dict:
     result = {
         "fp8_us": 1e6 * _time_graph([lambda q=q, s=s: skinny_linear(x, q, scale=s) for _, q, s in weights]),
         "w8a8_us": 1e6 * _time_graph([lambda q=q, s=s: fp8_linear(x, q, s) for _, q, s in weights]),
-        # The candidate: x quantized by one pass, then the skinny kernel on e4m3 x and W (native wgmma).
         "w8a8_skinny_us": 1e6 * _time_graph([lambda q=q, s=s: _w8a8_skinny(x, q, s) for _, q, s in weights]),
         "bf16_us": 1e6 * _time_graph([lambda w=w: skinny_linear(x, w) for w, _, _ in weights]),
     }
@@ -76,7 +76,7 @@ def decode(rows: int, n: int, k: int) -> dict:
 
 
 def _w8a8_skinny(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    x_q, x_scale = quantize_rows_fused(x)
+    x_q, x_scale = quantize_activations(x)
     return skinny_linear(x_q, q, scale=s, x_scale=x_scale, out_dtype=x.dtype)
 
 
@@ -85,8 +85,6 @@ def prefill(rows: int, n: int, k: int) -> dict:
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     result = {
         "w8a8_us": 1e6 * _time_graph([lambda q=q, s=s: fp8_linear(x, q, s) for _, q, s in weights]),
-        # The candidate: x quantized by one pass, then the skinny kernel on e4m3 x and W (native wgmma).
-        "w8a8_skinny_us": 1e6 * _time_graph([lambda q=q, s=s: _w8a8_skinny(x, q, s) for _, q, s in weights]),
         "dequant_us": 1e6
         * _time_graph(
             [lambda q=q, s=s: F.linear(x, dequantize(q, s, torch.bfloat16)) for _, q, s in weights]
@@ -187,8 +185,9 @@ def tune(bandwidth: float, env: dict, path: Path) -> None:
 
 
 def plot(results: list[dict], gpu: str, path: Path) -> None:
-    """Two panels: at decode rows each product's share of its floor (FP8 skinny, W8A8 where timed, bf16
-    skinny); at prefill rows bf16 cuBLASLt's time over W8A8's (above 1: W8A8 is faster)."""
+    """Two panels: at decode rows each product's share of its floor (W8A8 skinny, weight-only FP8 skinny,
+    W8A8 _scaled_mm, bf16 skinny); at prefill rows bf16 cuBLASLt's time over W8A8's (above 1: W8A8 is
+    faster)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,11 +197,15 @@ def plot(results: list[dict], gpu: str, path: Path) -> None:
     prefill_rows = [r for r in results if "dequant_us" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [f"{r['rows']} {r['matrix']}" for r in decode_rows]
-    series = (("fp8_us", "fp8_floor_us", "FP8 skinny"), ("w8a8_us", "fp8_floor_us", "W8A8"),
-              ("bf16_us", "bf16_floor_us", "bf16 skinny"))  # fmt: skip
-    width = 0.27
+    series = (
+        ("w8a8_skinny_us", "fp8_floor_us", "W8A8 skinny"),
+        ("fp8_us", "fp8_floor_us", "FP8 W skinny"),
+        ("w8a8_us", "fp8_floor_us", "W8A8 _scaled_mm"),
+        ("bf16_us", "bf16_floor_us", "bf16 skinny"),
+    )
+    width = 0.2
     for i, (key, floor, name) in enumerate(series):
-        xs = [j + (i - 1) * width for j, r in enumerate(decode_rows) if key in r]
+        xs = [j + (i - 1.5) * width for j, r in enumerate(decode_rows) if key in r]
         ys = [100 * r[floor] / r[key] for r in decode_rows if key in r]
         if ys:
             left.bar(xs, ys, width, label=name)
@@ -235,22 +238,12 @@ def main() -> None:
         tune(bandwidth, env, args.out / "bench_fp8_linear_tune.json")
         return
     print(
-        "decode: the skinny kernel, FP8 W vs bf16 W, each against its floor (weight bytes / bandwidth), "
-        "and the W8A8 product (which the engine runs past models.layers.FP8_SKINNY_MAX_ROWS rows)"
+        "decode: the engine's W8A8 skinny product, weight-only FP8 skinny and W8A8 _scaled_mm against "
+        "bf16 skinny, each against its floor (weight bytes / bandwidth); speed-up: bf16 over W8A8 skinny"
     )
-    header = (
-        "rows",
-        "matrix",
-        "fp8 us",
-        "% floor",
-        "w8a8 us",
-        "% floor",
-        "w8a8sk",
-        "bf16 us",
-        "% floor",
-        "speed-up",
-    )
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 8, 8, 8, 8, 8, 8, 8, 9), strict=True)))
+    header = ("rows", "matrix", "w8a8sk", "% floor", "fp8 w", "% floor", "scaledmm", "% floor", "bf16 us",
+              "% floor", "speed-up")  # fmt: skip
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 9), strict=True)))
     results = []
     for rows in DECODE_ROWS:
         for name in PROJECTIONS:
@@ -259,11 +252,15 @@ def main() -> None:
             r = {"rows": rows, "matrix": name, "fp8_floor_us": floor8, "bf16_floor_us": floor16}
             r |= decode(rows, n, k)
             results.append(r)
+            timed = (
+                ("w8a8_skinny_us", floor8),
+                ("fp8_us", floor8),
+                ("w8a8_us", floor8),
+                ("bf16_us", floor16),
+            )
+            cells = [f"{r[key]:8.1f} {floor / r[key]:8.1%}" for key, floor in timed]
             print(
-                f"{rows:4d} {name:>8} {r['fp8_us']:8.1f} {floor8 / r['fp8_us']:8.1%} {r['w8a8_us']:8.1f} "
-                f"{floor8 / r['w8a8_us']:8.1%} {r['w8a8_skinny_us']:8.1f} {r['bf16_us']:8.1f} "
-                f"{floor16 / r['bf16_us']:8.1%} "
-                f"{r['bf16_us'] / min(r['fp8_us'], r['w8a8_us']):8.2f}x",
+                f"{rows:4d} {name:>8} {' '.join(cells)} {r['bf16_us'] / r['w8a8_skinny_us']:8.2f}x",
                 flush=True,
             )
     print("prefill: W8A8 (_scaled_mm) vs dequantize + cuBLASLt vs bf16 cuBLASLt (us)")

@@ -5,11 +5,11 @@ batches). Decode-sized products read the FP8 weight in the skinny Triton kernel 
 row on the fly by one Triton kernel, `quantize_rows_fused`), elsewhere the weight dequantized to x's dtype
 and multiplied (the reference and the CPU path).
 
-Decode batches of up to 16 rows stay weight-only (models.layers.FP8_SKINNY_MAX_ROWS): their products
-stream W once for a few rows of x, so quantizing x saves no bytes and adds its rounding. Past that W8A8
-is faster: FP8 tensor cores take the products without widening W, and W8A8 reads W once at 1 byte where
-dequantizing first writes and reads a bf16 copy besides; benchmarks/bench_fp8_linear.py times them (and
-bf16) per projection."""
+W8A8 is what runs on CUDA: FP8 tensor cores take the products without widening W, and W reaches them
+once at 1 byte, where dequantizing first writes and reads a bf16 copy besides. Decode products of up to
+64 rows take the skinny kernel with e4m3 x (models.layers.linear), except q/k/v up to 16 rows, whose
+epilogue carries RoPE + the cache write and reads bf16 x (models.layers.FP8_SKINNY_MAX_ROWS);
+benchmarks/bench_fp8_linear.py times the three (and bf16) per projection."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def skinny_config(
     fp32 stages are twice the size: stages are dropped until they fit."""
     if x_itemsize == 1:
         # W8A8 (e4m3 x): W's rows on the M side, so that sm_90 multiplies e4m3 directly (wgmma m64nNk32).
-        # A candidate: not tuned, not routed to by the engine (bench_fp8_linear.py times it).
+        # One config, not swept: the times in models.layers.linear (bench_fp8_linear.py).
         return SkinnyConfig(max(16, triton.next_power_of_2(rows)), 64, 256, 4, 4, swap=True)
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)

@@ -310,10 +310,9 @@ def skinny_linear(
     `norm`, that of x's RMS-normalised rows. W8A8: x in e4m3 with its per-row `x_scale` [rows] fp32
     (kernels.fp8.quantize_rows_fused) and an FP8 weight with its `scale`; out_dtype is then required. No
     host synchronisation (CUDA-graph safe)."""
-    if x_scale is None:
-        check_product(x, weight, bias, scale)
-    else:
-        _check_w8a8(x, weight, scale, x_scale, out_dtype)
+    check_product(x, weight, bias, scale, x_scale)
+    if x_scale is not None and out_dtype is None:
+        raise ValueError("a W8A8 product (e4m3 x) needs an out_dtype")
     x2 = rows_of(x)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
@@ -325,30 +324,31 @@ def skinny_linear(
 reference_skinny_linear = F.linear  # the torch twin: same arguments, same result up to rounding
 
 
-def _check_w8a8(x, weight, scale, x_scale, out_dtype) -> None:
-    """ValueError unless x, weight and their scales are a W8A8 product the kernel takes."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if x.dtype != FP8 or weight.dtype != FP8 or scale is None or out_dtype is None:
-        raise ValueError("W8A8 takes an e4m3 x and weight, the weight's scale and an out_dtype")
-    if x_scale.shape != (rows,) or x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
-        raise ValueError(
-            f"x_scale must be a contiguous float32 [{rows}], got {x_scale.dtype} {tuple(x_scale.shape)}"
-        )
-    check_product(x.view(torch.int8).to(torch.float16), weight, None, scale)  # shapes and the weight's scale
-
-
 def check_product(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> None:
-    """ValueError unless x, weight and bias are what the skinny product takes (see skinny_linear)."""
+    """ValueError unless x, weight, bias and the scales are what the skinny product takes (see
+    skinny_linear)."""
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [N, K] matrix, got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., {weight.shape[1]}] to match weight, got {tuple(x.shape)}")
     if x.numel() // max(x.shape[-1], 1) > SKINNY_MAX_ROWS:
         raise ValueError(f"at most {SKINNY_MAX_ROWS} rows of x, got {x.numel() // x.shape[-1]}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x_scale is not None:
+        if x.dtype != FP8 or scale is None:
+            raise ValueError(f"x_scale is for an e4m3 x (W8A8) with a scaled FP8 weight, got x {x.dtype}")
+        if x_scale.shape != (rows,) or x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
+            raise ValueError(
+                f"x_scale must be a contiguous float32 [{rows}], got {x_scale.dtype} {tuple(x_scale.shape)}"
+            )
+    elif x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32 (or e4m3 with an x_scale), got {x.dtype}")
     if scale is None and weight.dtype != x.dtype:
         raise ValueError(f"x and weight must share a dtype (or weight be FP8 with a scale), got {x.dtype}, "
                          f"{weight.dtype}")  # fmt: skip
@@ -363,9 +363,10 @@ def check_product(
             f"a scaled weight is float8_e4m3fn with a contiguous [{weight.shape[0]}] float32 scale on its "
             f"device, got {weight.dtype} and {scale.dtype} {tuple(scale.shape)}"
         )
+    bias_dtypes = (torch.float16, torch.bfloat16, torch.float32) if x_scale is not None else (x.dtype,)
     if bias is not None and (
-        bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or not bias.is_contiguous()
+        bias.shape != (weight.shape[0],) or bias.dtype not in bias_dtypes or not bias.is_contiguous()
     ):
-        raise ValueError(f"bias must be a contiguous [{weight.shape[0]}] {x.dtype} vector")
+        raise ValueError(f"bias must be a contiguous [{weight.shape[0]}] vector of x's dtype")
     if len({x.device, weight.device} | ({bias.device} if bias is not None else set())) != 1:
         raise ValueError("x, weight and bias must be on one device")

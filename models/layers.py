@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels import ops
-from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear
-from leanserve.kernels.skinny_config import skinny_beats_cublas
+from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear, quantize_activations
+from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from leanserve.kernels.skinny_linear import skinny_linear
 from leanserve.kernels.stream_norm import StreamNorm
@@ -38,10 +38,10 @@ LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "lm
 # Those `--quantization fp8` stores in FP8: the LM head stays in the model dtype (as in the published
 # FP8 checkpoints, which list it as ignored).
 FP8_WEIGHTS = LINEAR_WEIGHTS[:4]
-# Rows up to which an FP8 weight's product runs in the skinny kernel. On an H100 (bench_fp8_linear.py,
-# docs/benchmarks.md) the skinny FP8 product at 1-16 rows is 1.2-1.3x faster than bf16's, but at 32 rows
-# it takes 22.7 / 22.2 / 76.4 / 69.9 us (q/k/v, o, gate/up, down) where W8A8 takes 16.7 / 15.9 / 53.5 /
-# 42.2 us at 128 rows; past 16 rows W8A8 runs.
+# Rows up to which an FP8 weight's product may run weight-only (bf16 x) in the skinny kernel, where its
+# epilogue carries RoPE + the cache write (q/k/v). Past that the weight-only product is slower than W8A8:
+# on an H100 (bench_fp8_linear.py, docs/benchmarks.md) at 32 rows q/k/v 21.9 us against 15.3 for the W8A8
+# skinny product.
 FP8_SKINNY_MAX_ROWS = 16
 
 
@@ -55,13 +55,19 @@ def linear(
     """x @ weight.T + bias in out_dtype (default x's). x: [..., K]; weight: [N, K], dense or packed by
     `prepack_linear_weights`, or FP8 with its per-row `scale` [N] fp32 (x @ (weight * scale).T).
     Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN (FP8:
-    kernels.fp8.fp8_linear). On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM
-    head's fp32 logits without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast takes 24 us;
-    the product with cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256 rows against 450 / 534
-    with the cast; bench_engine.py --profile, docs/benchmarks.md)."""
+    kernels.fp8.fp8_linear). FP8 products on CUDA are W8A8 (x quantized per row): up to SKINNY_MAX_ROWS
+    rows in the skinny kernel, which multiplies e4m3 x and W natively; on an H100 (bench_fp8_linear.py,
+    docs/benchmarks.md) at 1 row it takes 14.9 / 13.1 / 45.9 / 29.7 us for q/k/v, o, gate/up, down, where
+    the weight-only product takes 15.7 / 11.8 / 67.3 / 33.5 and cuBLASLt W8A8 18.6 / 15.5 / 53.5 / 43.5,
+    and it is the fastest of the three at 32 and 64 rows. On CUDA a wider out_dtype comes straight from
+    the fp32 accumulator: the LM head's fp32 logits without a cast kernel (on an H100 a [64, 128256]
+    bf16 -> fp32 cast takes 24 us; the product with cuBLASLt writing fp32 itself takes 412 / 471 us at
+    128 / 256 rows against 450 / 534 with the cast; bench_engine.py --profile, docs/benchmarks.md)."""
     if scale is not None:
-        if use_skinny_linear(x, weight):
-            return skinny_linear(x, weight, bias, out_dtype, scale=scale)
+        if use_w8a8_skinny(x, weight):
+            x_q, x_scale = quantize_activations(x.reshape(-1, weight.shape[1]))
+            y = skinny_linear(x_q, weight, bias, out_dtype or x.dtype, scale=scale, x_scale=x_scale)
+            return y.view(*x.shape[:-1], weight.shape[0])
         return fp8_linear(x, weight, scale, bias, out_dtype)
     if weight.is_mkldnn:
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -92,14 +98,21 @@ def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Half-precision CUDA inputs where the kernel was tuned and beats cuBLASLt (`skinny_beats_cublas`:
     decode-sized batches); fp32 keeps torch's products, so the fp32 checks against Hugging Face compare
-    like with like. An FP8 weight takes the kernel up to FP8_SKINNY_MAX_ROWS rows; past that the W8A8
-    product (kernels.fp8.fp8_linear) is faster."""
+    like with like. An FP8 weight takes the kernel weight-only (the fused epilogues) up to
+    FP8_SKINNY_MAX_ROWS rows; `linear` runs its plain products W8A8."""
     if not x.is_cuda or x.dtype == torch.float32:
         return False
     n, k = weight.shape
     if weight.dtype == FP8:
         return x.numel() // k <= FP8_SKINNY_MAX_ROWS
     return skinny_beats_cublas(x.numel() // k, n, k)
+
+
+def use_w8a8_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """An FP8 weight's plain product of half-precision CUDA x with at most SKINNY_MAX_ROWS rows: W8A8 in
+    the skinny kernel (see `linear`)."""
+    rows = x.numel() // weight.shape[1]
+    return x.is_cuda and x.dtype != torch.float32 and weight.dtype == FP8 and 0 < rows <= SKINNY_MAX_ROWS
 
 
 def cpu_has_native_bf16() -> bool:

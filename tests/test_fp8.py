@@ -182,14 +182,34 @@ def test_rope_epilogue_scales_before_rotating(rows, head_dim, sms, dtype, monkey
     torch.testing.assert_close(v_cache, v_want.to(dtype), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 128, 256), (5, 200, 300), (16, 64, 512), (33, 96, 64)])
-def test_w8a8_skinny_matches_dequantized_product(rows, n, k):
-    """The W8A8 candidate: e4m3 x with its row scales against e4m3 W with its row scales."""
+def test_w8a8_skinny_matches_dequantized_product(rows, n, k, with_bias):
+    """W8A8: e4m3 x with its row scales against e4m3 W with its row scales (+ a bias of the output's
+    dtype)."""
     q, scale = _quantized(n, k)
     x_q, x_scale = quantize_rows(_x(rows, k, torch.float32))
-    got = skinny_linear(x_q, q, scale=scale, x_scale=x_scale, out_dtype=torch.float32)
+    bias = _x(1, n, torch.float32, seed=9)[0] if with_bias else None
+    got = skinny_linear(x_q, q, bias, scale=scale, x_scale=x_scale, out_dtype=torch.float32)
     want = dequantize(x_q, x_scale, torch.float32) @ dequantize(q, scale, torch.float32).T
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, want + bias if with_bias else want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda x, xs, s: (x, xs[1:], s, torch.float32), "x_scale must be a contiguous float32"),
+        (lambda x, xs, s: (x, xs, None, torch.float32), "x_scale is for an e4m3 x"),
+        (lambda x, xs, s: (x.float(), xs, s, torch.float32), "x_scale is for an e4m3 x"),
+        (lambda x, xs, s: (x, xs, s, None), "needs an out_dtype"),
+    ],
+)
+def test_w8a8_validation_errors(mutate, message):
+    q, scale = _quantized(32, 64)
+    x_q, x_scale = quantize_rows(_x(3, 64, torch.float32))
+    x_q, x_scale, scale, out_dtype = mutate(x_q, x_scale, scale)
+    with pytest.raises(ValueError, match=message):
+        skinny_linear(x_q, q, scale=scale, x_scale=x_scale, out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -239,15 +259,32 @@ def test_gpu_scaled_mm_matches_dequantized_product(rows, n, k):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rows", "n", "k"), [(1, 6144, 4096), (16, 4096, 14336), (33, 512, 4096), (64, 96, 128)]
+)
+def test_gpu_w8a8_skinny_matches_scaled_mm(rows, n, k):
+    """The decode products' W8A8 (e4m3 x in the skinny kernel) against torch._scaled_mm on the same
+    quantized x: the same products up to the order of the sums."""
+    q, scale = _quantized(n, k)
+    x = _x(rows, k, torch.bfloat16)
+    x_q, x_scale = quantize_activations(x)
+    got = skinny_linear(x_q, q, scale=scale, x_scale=x_scale, out_dtype=torch.bfloat16)
+    want = fp8_linear(x, q, scale)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert got.shape == (rows, n) and err < 1e-2, err
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("num_seqs", [1, 8, 16, 40])
 def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_model_factory, monkeypatch):
-    """A bf16 decode step with FP8 weights (the skinny kernel with its RoPE epilogue up to 16 rows, the
-    many-row product past that) against the fp32 model holding the same weights dequantized, within a few
-    times the bf16 model's error against the fp32 one. The many-row products run weight-only here: W8A8
-    rounds the activations to e4m3 too, which on this random model moved the logits 4.6 against bf16's
-    0.7 (H100, prefill of 40 x 3 rows); test_gpu_scaled_mm_matches_dequantized_product checks that
-    product on its own."""
+    """A bf16 decode step with FP8 weights read weight-only (the skinny kernel with its RoPE epilogue up
+    to 16 rows, the reference elsewhere) against the fp32 model holding the same weights dequantized,
+    within a few times the bf16 model's error against the fp32 one. W8A8 is off here: it rounds the
+    activations to e4m3 too, which on this random model moved the logits 4.6 against bf16's 0.7 (H100,
+    prefill of 40 x 3 rows); test_gpu_linear_runs_fp8_decode_products_w8a8_skinny checks its products."""
     monkeypatch.setattr(model_layers, "fp8_linear", reference_fp8_linear)
+    monkeypatch.setattr(model_layers, "use_w8a8_skinny", lambda x, weight: False)
     path = tiny_model_factory("qwen2")
     fp8 = load_model(path, torch.bfloat16, "cuda", quantization="fp8")
     truth_model = load_model(path, torch.float32, "cuda")
@@ -280,3 +317,24 @@ def test_gpu_fp8_model_decode_matches_its_dequantized_weights(num_seqs, tiny_mod
     assert (num_seqs in scaled) == (num_seqs <= model_layers.FP8_SKINNY_MAX_ROWS)
     dense_error = errors(load_model(path, torch.bfloat16, "cuda"), load_model(path, torch.float32, "cuda"))
     assert fp8_error <= 3 * dense_error + 0.1, (fp8_error, dense_error)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 40, 65])
+def test_gpu_linear_runs_fp8_decode_products_w8a8_skinny(rows, monkeypatch):
+    """models.layers.linear on an FP8 weight: decode-sized x (any leading shape) through the W8A8 skinny
+    product, larger x through torch._scaled_mm, the same values either way."""
+    q, scale = _quantized(512, 256)
+    bias = _x(1, 512, torch.bfloat16, seed=3)[0]
+    x = _x(rows, 256, torch.bfloat16).view(1, rows, 256)
+    routed = []
+    route = model_layers.use_w8a8_skinny
+    monkeypatch.setattr(
+        model_layers, "use_w8a8_skinny", lambda x, w: routed.append(route(x, w)) or routed[-1]
+    )
+    got = model_layers.linear(x, q, bias, scale=scale)
+    want = fp8_linear(x, q, scale, bias)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert routed == [rows <= 64] and got.shape == (1, rows, 512) and got.dtype == torch.bfloat16
+    assert err < 1e-2, err
