@@ -3,8 +3,9 @@ caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V
 bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
 kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
 markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
-`--skip-peers` times LeanAttention only.
-Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8]] [--skip-peers]"""
+`--skip-peers` times LeanAttention only, `--layouts` times bf16 and fp8 caches stored token-major (the
+engine's [block, slot, KV head, D]) against head-major blocks ([block, KV head, slot, D]).
+Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts] [--skip-peers]"""
 
 from __future__ import annotations
 
@@ -533,12 +534,60 @@ def gpu_env(bandwidth: float) -> dict:
     }
 
 
+# Shapes for --layouts: long and batched, with 8 and 32 KV heads (a head's rows lie Hkv x D bytes apart
+# in a token-major block).
+LAYOUT_SHAPES = ("B=1 32/8 32k", "B=1 32/8 128k", "B=1 32/32 128k", "B=32 32/8 4k", "ragged 32x~2k")
+
+
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same [blocks, slots, KV heads, D] values stored head-major ([blocks, KV heads, slots, D]), as
+    a view with the original shape: the kernel reads any block / slot / head strides."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def bench_layouts(bandwidth: float) -> list[dict]:
+    """us of the bf16 and fp8 kernels on each LAYOUT_SHAPES shape, token-major and head-major K/V (the
+    scales stay token-major), with each head-major output checked against its token-major one."""
+    rows = []
+    for shape in (s for s in issue_shapes() if s.name in LAYOUT_SHAPES):
+        inp = make_inputs(shape)
+        config = _CONFIGS[shape.head_dim]
+        row = {"shape": shape.name, "floor_us": 1e6 * shape.floor_bytes() / bandwidth,
+               "fp8_floor_us": 1e6 * shape.fp8_floor_bytes() / bandwidth}  # fmt: skip
+        for fp8 in (False, True):
+            if fp8:
+                k, v, k_scale, v_scale = inp.quantized()
+                blocked = replace(inp, fp8=(head_major(k), head_major(v), k_scale, v_scale))
+            else:
+                blocked = replace(inp, k_pool=head_major(inp.k_pool), v_pool=head_major(inp.v_pool))
+            token_calls, head_calls = lean_calls(inp, config, fp8=fp8), lean_calls(blocked, config, fp8=fp8)
+            name = "fp8" if fp8 else "bf16"
+            row[f"{name}_token_major_us"] = 1e6 * _time_graph(token_calls)
+            row[f"{name}_head_major_us"] = 1e6 * _time_graph(head_calls)
+            err = relative_error(head_calls[0](), token_calls[0]())
+            assert err < 1e-3, f"{shape.name} {name}: head-major vs token-major relative error {err:.2e}"
+            del blocked, token_calls, head_calls
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del inp
+        torch.cuda.empty_cache()
+    print("| shape | bf16 token-major us | bf16 head-major us | fp8 token-major us | fp8 head-major us | "
+          "fp8 head-major % own floor |\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
+    for r in rows:
+        print(f"| {r['shape']} | {r['bf16_token_major_us']:.1f} | {r['bf16_head_major_us']:.1f} | "
+              f"{r['fp8_token_major_us']:.1f} | {r['fp8_head_major_us']:.1f} | "
+              f"{100 * r['fp8_floor_us'] / r['fp8_head_major_us']:.1f} |")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--tune", action="store_true", help="sweep launch configs instead of the benchmark")
     parser.add_argument("--skip-peers", action="store_true", help="time LeanAttention (bf16 and fp8) only")
     parser.add_argument("--fp8", action="store_true", help="with --tune: sweep the fp8 cache's configs")
+    parser.add_argument("--layouts", action="store_true", help="token-major vs head-major cache blocks")
     args = parser.parse_args()
     if args.fp8 and not args.tune:
         parser.error("--fp8 goes with --tune (the benchmark times the fp8 cache already)")
@@ -547,6 +596,10 @@ def main() -> None:
     torch.cuda.empty_cache()
     env = gpu_env(bandwidth)
     print(env, flush=True)
+    if args.layouts:
+        rows = bench_layouts(bandwidth)
+        (args.out / "layouts.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        return
     if args.tune and args.fp8:
         tune_fp8(bandwidth, env, args.out / "tune_fp8.json")
         return

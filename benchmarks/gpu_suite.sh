@@ -11,7 +11,8 @@
 #                                     bench_fp8_linear and bench_engine's bf16 and fp8 variants, under
 #                                     $OUT/fp8); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
-#                                     fp8-tune (FP8 skinny product) and kvfp8-tune (fp8 decode attention).
+#                                     fp8-tune (FP8 skinny product) and kvfp8-tune (fp8 decode attention),
+#                                     and kv-layout (decode attention on token- vs head-major cache blocks).
 #                                     Logs and results under $OUT. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
 #                                     GPU_SUITE_SECONDS (default 570) from the start: each part gets what
@@ -68,6 +69,7 @@ run)
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
         long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
         fp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fp8_linear.py --tune --out "$out" ;;
+        kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;
         kvfp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --out "$out" ;;
         kvfp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
             tests/test_kv_fp8.py && python3 benchmarks/bench_decode_attention.py --skip-peers --out '$out'" ;;

@@ -233,6 +233,18 @@ def test_strided_query_and_repeated_launches_reset_counters():
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
 
+def test_head_major_cache_blocks():
+    """Caches stored head-major ([block, KV head, slot, D]) and passed as [block, slot, KV head, D] views:
+    the kernel reads K and V through their strides, so it gives the token-major cache's output
+    (`bench_decode_attention.py --layouts` times the two)."""
+    q, k, v, bt, sl = _make_inputs(3, 8, 2, 64, 16, [300, 17, 64], torch.float16, DEVICE)
+    k_heads, v_heads = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v))
+    assert k_heads.stride(2) == 16 * 64 and not k_heads.is_contiguous()
+    config = _CONFIGS[64]
+    want = _launch(q, k, v, bt, sl, None, None, config, num_programs=5)
+    torch.testing.assert_close(_launch(q, k_heads, v_heads, bt, sl, None, None, config, num_programs=5), want)
+
+
 def _naive_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
     """One (sequence, query head) at a time, tokens gathered one by one."""
     batch, num_q_heads, head_dim = q.shape
