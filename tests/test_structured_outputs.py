@@ -150,21 +150,32 @@ def test_bad_constraints_are_400_naming_them(base_url, engine, extra, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_preempted_constrained_sequences_keep_their_state(default_model_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_preempted_constrained_sequences_keep_their_state(default_model_path, async_scheduling):
     """A cache too small for the batch preempts sequences mid-JSON: recomputed, their output still
-    validates (the matcher is not reset and their tokens are not sampled again)."""
+    validates (the matcher is not reset and their tokens are not sampled again), with the async
+    scheduler running ahead of them too (n = 4 siblings, streamed)."""
     small_cache = {"max_model_len": 512, "kv_cache_tokens": 256, "block_size": 16}
-    with real_engine(default_model_path, **small_cache) as engine, serve(engine) as url:
+    with (
+        real_engine(default_model_path, async_scheduling=async_scheduling, **small_cache) as engine,
+        serve(engine) as url,
+    ):
         client = openai_client(url)
         fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
-        out = client.chat.completions.create(
+        stream = client.chat.completions.create(
             model=engine.model_name, messages=MESSAGES, n=4, temperature=1.0, seed=11, max_tokens=100,
-            response_format=fmt,
+            response_format=fmt, stream=True,
         )  # fmt: skip
-        for c in out.choices:
-            if c.finish_reason == "stop":
-                jsonschema.validate(json.loads(c.message.content), SCHEMA)
-        assert engine.stats().num_preemptions > 0
+        texts, finish = [""] * 4, [None] * 4
+        for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                finish[c.index] = c.finish_reason or finish[c.index]
+        for text, reason in zip(texts, finish, strict=True):
+            assert reason in ("stop", "length")
+            if reason == "stop":
+                jsonschema.validate(json.loads(text), SCHEMA)
+        assert "stop" in finish and engine.stats().num_preemptions > 0
 
 
 def test_eos_ids_past_the_tokenizer_are_left_to_the_mask(default_model_path):
