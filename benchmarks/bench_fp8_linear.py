@@ -6,8 +6,8 @@ measured in the same run; at prefill rows (128-4096) the engine's W8A8 product (
 x quantized per row, then torch._scaled_mm) against dequantizing W to bf16 and calling cuBLASLt, and
 against bf16 cuBLASLt. Each call reads its own weight copy (past the 50 MB L2), all captured in one CUDA
 graph. Writes JSON and a plot.
---tune instead sweeps the skinny kernel's tiles for FP8 W at 1, 16 and 64 rows against skinny_config's
-choice (bf16's tiles; stages of twice the columns measured no faster).
+--tune instead sweeps the W8A8 skinny product's tiles at 1, 16 and 64 rows against skinny_config's
+W8A8 choice (one config so far).
 Usage: python benchmarks/bench_fp8_linear.py [--out DIR] [--tune]"""
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from leanserve.kernels.fp8 import (
     quantize_rows,
     reference_fp8_linear,
 )
-from leanserve.kernels.launch import sm_count
 from leanserve.kernels.skinny_config import SkinnyConfig, _fits, skinny_config
 from leanserve.kernels.skinny_linear import launch_skinny, skinny_linear
 from leanserve.server.engine.runtime import setup_process
@@ -96,23 +95,12 @@ def prefill(rows: int, n: int, k: int) -> dict:
     return result
 
 
-def tune_candidates(rows: int, sms: int) -> list[SkinnyConfig]:
-    """The FP8 sweep's tiles at `rows`: skinny_config's shapes with more K per stage (an FP8 row of W is
-    half the bytes). Up to 16 rows: a 16-row tile of x against 32/64 rows of W, and the persistent grid
-    (32-row blocks, one program per SM rounded down to a multiple of 8). Past 16: W's rows on the MMA's M
-    side, 64/128 of them."""
-    if rows <= 16:
-        programs = max(1, sms // 8 * 8)
-        return [
-            SkinnyConfig(16, block_n, block_k, stages, 4, swap=False)
-            for block_n, block_k, stages in product((32, 64), (512, 1024), (3, 4, 5))
-        ] + [
-            SkinnyConfig(16, 32, block_k, stages, 4, swap=False, programs=programs)
-            for block_k, stages in product((1024, 2048), (3, 4))
-        ]
+def tune_candidates(rows: int) -> list[SkinnyConfig]:
+    """The W8A8 sweep's tiles at `rows`: W's rows on the MMA's M side (what lets sm_90 multiply e4m3
+    natively), 64 or 128 of them, 128-512 columns a stage, 3-5 stages, 4 or 8 warps."""
     return [
-        SkinnyConfig(triton.next_power_of_2(rows), block_n, block_k, stages, warps, swap=True)
-        for block_n, block_k, stages, warps in product((64, 128), (256, 512), (3, 4), (4, 8))
+        SkinnyConfig(max(16, triton.next_power_of_2(rows)), block_n, block_k, stages, warps, swap=True)
+        for block_n, block_k, stages, warps in product((64, 128), (128, 256, 512), (3, 4, 5), (4, 8))
     ]
 
 
@@ -123,23 +111,23 @@ def describe(config: SkinnyConfig) -> str:
 
 
 def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
-    """skinny_config's choice for this shape (given x's and W's itemsizes, as skinny_linear gives them) and
-    every candidate that fits, each on FP8 W with its scales, checked once against the torch twin, then
-    timed."""
+    """skinny_config's W8A8 choice for this shape and every candidate that fits, each on e4m3 x (quantized
+    once, as the engine's `linear` does per call) against FP8 W with their scales, checked once against
+    torch._scaled_mm on the same x, then timed (the product alone, without the quantizer)."""
     n, k = SHAPES[name]
     weights = [(q, s) for _, q, s in _weights(n, k, 1)]
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    x_q, x_scale = quantize_activations(x)
     ys = [torch.empty(rows, n, device="cuda", dtype=x.dtype) for _ in weights]
     (q0, s0), y0 = weights[0], ys[0]
-    want = reference_fp8_linear(x, q0, s0)
-    default = skinny_config(rows, n, k, x.element_size(), q0.element_size(), x.device)
-    candidates = tune_candidates(rows, sm_count(x.device))
-    configs = [c for c in candidates if _fits(c, x.element_size(), q0.element_size(), x.device)]
+    want = fp8_linear(x, q0, s0)
+    default = skinny_config(rows, n, k, x_q.element_size(), q0.element_size(), x.device)
+    configs = [c for c in tune_candidates(rows) if _fits(c, x_q.element_size(), q0.element_size(), x.device)]
     results = []
     for config in [default, *configs]:
         r = {"rows": rows, "matrix": name, "tile": describe(config), "default": config is default}
         try:
-            launch_skinny(x, q0, None, y0, config, scale=s0)
+            launch_skinny(x_q, q0, None, y0, config, scale=s0, x_scale=x_scale)
             torch.testing.assert_close(y0, want, atol=2e-2, rtol=2e-2)
         except (OutOfResources, AssertionError) as exc:  # past shared memory, or a wrong product
             first_line = str(exc).partition("\n")[0]
@@ -148,7 +136,7 @@ def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
             results.append(r | asdict(config) | {"error": reason})
             continue
         calls = [
-            lambda q=q, s=s, y=y, c=config: launch_skinny(x, q, None, y, c, scale=s)
+            lambda q=q, s=s, y=y, c=config: launch_skinny(x_q, q, None, y, c, scale=s, x_scale=x_scale)
             for (q, s), y in zip(weights, ys, strict=True)
         ]
         us = 1e6 * _time_graph(calls)
@@ -161,7 +149,7 @@ def tune_shape(rows: int, name: str, floor_us: float) -> list[dict]:
 def tune(bandwidth: float, env: dict, path: Path) -> None:
     """Sweep every (rows, projection), a line each as it finishes; the JSON is rewritten after every
     shape, so a run cut off by its time limit keeps what it measured."""
-    print("tune: FP8 W, skinny_config's choice vs the fastest candidate, each against the FP8 floor")
+    print("tune: W8A8 skinny, skinny_config's choice vs the fastest candidate, each against the FP8 floor")
     header = ("rows", "matrix", "default us", "% floor", "best us", "% floor", "speed-up", " best tile")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 8, 10, 8, 8, 8, 9, 10), strict=True)), flush=True)
     results: list[dict] = []
@@ -227,7 +215,7 @@ def plot(results: list[dict], gpu: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--tune", action="store_true", help="sweep FP8 W's skinny tiles instead")
+    parser.add_argument("--tune", action="store_true", help="sweep the W8A8 skinny tiles instead")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     setup_process("cuda")

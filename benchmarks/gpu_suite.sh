@@ -11,7 +11,7 @@
 #                                     bench_fp8_linear and bench_engine's bf16 and fp8 variants, under
 #                                     $OUT/fp8); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
-#                                     fp8-tune (FP8 skinny product) and kvfp8-tune (fp8 decode attention),
+#                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
 #                                     and kv-layout (decode attention on token- vs head-major cache blocks).
 #                                     Logs and results under $OUT. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
