@@ -4,7 +4,8 @@ bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (th
 kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
 markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
 `--skip-peers` times LeanAttention only, `--layouts` times bf16 and fp8 caches stored token-major (the
-engine's [block, slot, KV head, D]) against head-major blocks ([block, KV head, slot, D]).
+engine's [block, slot, KV head, D]) against head-major blocks ([block, KV head, slot, D], the fp8
+scales token- or head-major).
 Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts] [--skip-peers]"""
 
 from __future__ import annotations
@@ -546,38 +547,42 @@ def head_major(cache: torch.Tensor) -> torch.Tensor:
 
 
 def bench_layouts(bandwidth: float) -> list[dict]:
-    """us of the bf16 and fp8 kernels on each LAYOUT_SHAPES shape, token-major and head-major K/V (the
-    scales stay token-major), with each head-major output checked against its token-major one."""
+    """us of the kernels on each LAYOUT_SHAPES shape: bf16 token-major and head-major; fp8 token-major,
+    head-major K/V with token-major scales, and head-major K/V and scales. Each variant's output is
+    checked against its token-major one."""
     rows = []
     for shape in (s for s in issue_shapes() if s.name in LAYOUT_SHAPES):
         inp = make_inputs(shape)
         config = _CONFIGS[shape.head_dim]
         row = {"shape": shape.name, "floor_us": 1e6 * shape.floor_bytes() / bandwidth,
                "fp8_floor_us": 1e6 * shape.fp8_floor_bytes() / bandwidth}  # fmt: skip
-        for fp8 in (False, True):
-            if fp8:
-                k, v, k_scale, v_scale = inp.quantized()
-                blocked = replace(inp, fp8=(head_major(k), head_major(v), k_scale, v_scale))
-            else:
-                blocked = replace(inp, k_pool=head_major(inp.k_pool), v_pool=head_major(inp.v_pool))
-            token_calls, head_calls = lean_calls(inp, config, fp8=fp8), lean_calls(blocked, config, fp8=fp8)
-            name = "fp8" if fp8 else "bf16"
-            row[f"{name}_token_major_us"] = 1e6 * _time_graph(token_calls)
-            row[f"{name}_head_major_us"] = 1e6 * _time_graph(head_calls)
-            err = relative_error(head_calls[0](), token_calls[0]())
-            assert err < 1e-3, f"{shape.name} {name}: head-major vs token-major relative error {err:.2e}"
-            del blocked, token_calls, head_calls
-            torch.cuda.empty_cache()
+        k, v, k_scale, v_scale = inp.quantized()
+        heads = [head_major(t) for t in (inp.k_pool, inp.v_pool, k, v, k_scale, v_scale)]
+        variants = {
+            "bf16 token-major": (inp, False),
+            "bf16 head-major": (replace(inp, k_pool=heads[0], v_pool=heads[1]), False),
+            "fp8 token-major": (inp, True),
+            "fp8 head-major K/V": (replace(inp, fp8=(heads[2], heads[3], k_scale, v_scale)), True),
+            "fp8 head-major K/V + scales": (replace(inp, fp8=tuple(heads[2:])), True),
+        }
+        for name, (variant, fp8) in variants.items():
+            calls = lean_calls(variant, config, fp8=fp8)
+            row[name] = 1e6 * _time_graph(calls)
+            err = relative_error(calls[0](), lean_calls(inp, config, fp8=fp8)[0]())
+            assert err < 1e-3, f"{shape.name} {name}: relative error {err:.2e} against token-major"
+        del variants, calls, heads
+        torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         rows.append(row)
         del inp
         torch.cuda.empty_cache()
-    print("| shape | bf16 token-major us | bf16 head-major us | fp8 token-major us | fp8 head-major us | "
-          "fp8 head-major % own floor |\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
+    names = [n for n in rows[0] if n not in ("shape", "floor_us", "fp8_floor_us")] if rows else []
+    print("| shape | " + " | ".join(f"{n} us" for n in names) + " | best fp8 % own floor |")
+    print("|---|" + "---:|" * (len(names) + 1))
     for r in rows:
-        print(f"| {r['shape']} | {r['bf16_token_major_us']:.1f} | {r['bf16_head_major_us']:.1f} | "
-              f"{r['fp8_token_major_us']:.1f} | {r['fp8_head_major_us']:.1f} | "
-              f"{100 * r['fp8_floor_us'] / r['fp8_head_major_us']:.1f} |")  # fmt: skip
+        best_fp8 = min(r[n] for n in names if n.startswith("fp8"))
+        cells = " | ".join(f"{r[n]:.1f}" for n in names)
+        print(f"| {r['shape']} | {cells} | {100 * r['fp8_floor_us'] / best_fp8:.1f} |")
     return rows
 
 

@@ -27,8 +27,9 @@ def select_blocks(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def check_cache_scales(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
 ) -> None:
-    """ValueError unless fp8 caches come with their scales (contiguous fp32 [num_blocks, block_size, Hkv]
-    on the caches' device) and other caches without."""
+    """ValueError unless fp8 caches come with their scales (fp32 [num_blocks, block_size, Hkv] on the
+    caches' device, any strides but both alike: the readers take them as given) and other caches
+    without."""
     if not is_fp8(k_cache) and not is_fp8(v_cache):
         if k_scale is not None or v_scale is not None:
             raise ValueError(f"scales are for float8_e4m3fn caches, got {k_cache.dtype} caches with scales")
@@ -38,13 +39,12 @@ def check_cache_scales(
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale is None:
             raise ValueError(f"float8_e4m3fn caches need {name}")
-        if (
-            scale.shape != k_cache.shape[:3]
-            or scale.dtype != torch.float32
-            or not scale.is_contiguous()
-            or scale.device != k_cache.device
-        ):
+        if scale.shape != k_cache.shape[:3] or scale.dtype != torch.float32 or scale.device != k_cache.device:
             raise ValueError(
-                f"{name} must be a contiguous float32 {tuple(k_cache.shape[:3])} on {k_cache.device}, got "
+                f"{name} must be a float32 {tuple(k_cache.shape[:3])} on {k_cache.device}, got "
                 f"{scale.dtype} {tuple(scale.shape)} on {scale.device}"
             )
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError(
+            f"k_scale and v_scale must share strides, got {k_scale.stride()} and {v_scale.stride()}"
+        )

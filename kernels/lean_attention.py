@@ -161,8 +161,7 @@ def _launch(
         v_cache.stride(1),
         v_cache.stride(2),
         block_tables.stride(0),
-        k_cache.shape[1] * num_kv_heads,  # the scales' strides: contiguous [num_blocks, block_size, Hkv]
-        num_kv_heads,
+        *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         out.stride(0),
         out.stride(1),
         NUM_KV_HEADS=num_kv_heads,

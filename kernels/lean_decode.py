@@ -20,7 +20,7 @@ def _lean_decode_kernel(
     part_acc_ptr, part_ml_ptr, counters_ptr, stamps_ptr,
     batch, min_tiles, qk_scale,
     stride_qb, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
-    stride_sn, stride_sb, stride_ob, stride_oh,
+    stride_sn, stride_sb, stride_sh, stride_ob, stride_oh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_RED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
     BLOCK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RED_CHUNK: tl.constexpr,
@@ -30,7 +30,7 @@ def _lean_decode_kernel(
     int64 [2], the launch's first start and last end in ns, folded in by atomics. min_tiles: fewest tiles
     per active program. qk_scale: sm_scale * log2(e), so scores come out in log2 units for exp2.
     k_scale_ptr, v_scale_ptr (FP8): the fp32 scales [num_blocks, block_size, Hkv] of the fp8 caches'
-    rows (strides stride_sn, stride_sb, 1)."""
+    rows (strides stride_sn, stride_sb, stride_sh, both alike)."""
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
 
@@ -82,8 +82,8 @@ def _lean_decode_kernel(
         )  # fmt: skip
         m_i, l_i, acc = _attend_tile(
             q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale,
-            stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, offs_d,
-            offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8,
+            stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, stride_sh,
+            offs_d, offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8,
         )  # fmt: skip
 
         if out_done | (u + 1 == end):
@@ -181,8 +181,8 @@ def _prefetch(
 @triton.jit
 def _attend_tile(
     q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn,
-    stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, offs_d, offs_t, td_mask_d,
-    PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, stride_sh, offs_d, offs_t,
+    td_mask_d, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: the running max m_i, denominator l_i and accumulator acc of KV head h's
@@ -212,7 +212,7 @@ def _attend_tile(
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
     if FP8:
-        scale_offs = h + page * stride_sn + (tok % PAGE_SIZE) * stride_sb
+        scale_offs = h * stride_sh + page * stride_sn + (tok % PAGE_SIZE) * stride_sb
         s = s * tl.load(k_scale_ptr + scale_offs, mask=tok_mask, other=0.0)[None, :]
     s = tl.where(tok_mask[None, :], s, float("-inf"))
     # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.

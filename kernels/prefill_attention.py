@@ -139,7 +139,7 @@ def _launch(
         num_seqs, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        block_size * num_kv_heads, num_kv_heads,  # the scales' strides ([num_blocks, block_size, Hkv])
+        *(k_scale.stride() if k_scale is not None else (0, 0, 0)),  # the scales' (k and v alike)
         out.stride(0), out.stride(1),
         GROUP=group,
         HEAD_DIM=head_dim,

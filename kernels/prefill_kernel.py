@@ -16,7 +16,7 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
     out_ptr, num_seqs, qk_scale,
     stride_qt, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
-    stride_sn, stride_sb, stride_ot, stride_oh,
+    stride_sn, stride_sb, stride_sh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,
@@ -24,7 +24,8 @@ def _prefill_kernel(
     """Grid: (query-tile programs, KV heads). A tile holds TOKENS = BLOCK_M // GROUP query tokens times the
     GROUP query heads of KV head h: row r is token r // GROUP, head h * GROUP + r % GROUP. qk_scale:
     sm_scale * log2(e), so scores come out in log2 units for exp2. k_scale_ptr, v_scale_ptr (FP8): the fp32
-    scales [num_blocks, block_size, Hkv] of the fp8 caches' rows (strides stride_sn, stride_sb, 1)."""
+    scales [num_blocks, block_size, Hkv] of the fp8 caches' rows (strides stride_sn, stride_sb, stride_sh,
+    both alike)."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     # The programs run in reverse: the last tiles of a sequence see the most keys, so they start first.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -68,12 +69,12 @@ def _prefill_kernel(
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, 0, unmasked_end,
         context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn,
-        stride_sb, offs_d, d_mask, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, FP8,
+        stride_sb, stride_sh, offs_d, d_mask, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, FP8,
     )  # fmt: skip
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, unmasked_end, masked_end,
         context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn,
-        stride_sb, offs_d, d_mask, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, FP8,
+        stride_sb, stride_sh, offs_d, d_mask, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, FP8,
     )  # fmt: skip
 
     # Every row saw at least its first key, so l_i > 0 (padding rows too: they are not stored).
@@ -98,8 +99,8 @@ def _find_sequence(cu_seqlens_ptr, pid, num_seqs, TOKENS: tl.constexpr):
 @triton.jit
 def _attend_range(
     q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, start, end, context_len,
-    qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, offs_d,
-    d_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb,
+    stride_sh, offs_d, d_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key tiles from `start` (a multiple of BLOCK_N) to `end`: the running max
@@ -119,7 +120,7 @@ def _attend_range(
                              stride_vn, stride_vb, stride_vh, offs_d, d_mask, PAGE_SIZE, q.dtype)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if FP8:
-            scale_offs = page * stride_sn + (key % PAGE_SIZE) * stride_sb + h
+            scale_offs = page * stride_sn + (key % PAGE_SIZE) * stride_sb + h * stride_sh
             s = s * tl.load(k_scale_ptr + scale_offs, mask=key_mask, other=0.0)[None, :]
         if CAUSAL:
             s = tl.where((key[None, :] <= pos[:, None]) & key_mask[None, :], s, float("-inf"))

@@ -124,4 +124,4 @@ def _gather_pages(
     values = select_blocks(cache, pages).view(shape)
     if scales is None:
         return values.float()
-    return dequantize(values, scales.index_select(0, pages).view(shape[:3]), torch.float32)
+    return dequantize(values, scales.index_select(0, pages).reshape(shape[:3]), torch.float32)

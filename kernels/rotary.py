@@ -188,6 +188,8 @@ def check_rope_inputs(
             f"got {tuple(qkv.shape)} {qkv.stride()}"
         )
     check_cache_scales(k_cache, v_cache, k_scale, v_scale)
+    if k_scale is not None and not (k_scale.is_contiguous() and v_scale.is_contiguous()):
+        raise ValueError("the cache writer needs contiguous scales (flat slots, unit head stride)")
     dtypes = {qkv.dtype, cos_sin.dtype} | (set() if is_fp8(k_cache) else {k_cache.dtype, v_cache.dtype})
     if len(dtypes) != 1:
         raise ValueError(
