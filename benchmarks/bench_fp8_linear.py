@@ -37,7 +37,7 @@ from leanserve.kernels.fp8 import (
     reference_fp8_linear,
 )
 from leanserve.kernels.skinny_config import SkinnyConfig, _fits, skinny_config
-from leanserve.kernels.skinny_linear import launch_skinny, skinny_linear
+from leanserve.kernels.skinny_linear import launch_skinny, skinny_linear, skinny_linear_w8a8
 from leanserve.server.engine.runtime import setup_process
 
 DECODE_ROWS = (1, 16, 32, 64)
@@ -62,21 +62,17 @@ def decode(rows: int, n: int, k: int) -> dict:
     _, q, s = weights[0]
     want = reference_fp8_linear(x, q, s)
     torch.testing.assert_close(skinny_linear(x, q, scale=s), want, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(_w8a8_skinny(x, q, s), fp8_linear(x, q, s), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(skinny_linear_w8a8(x, q, s), fp8_linear(x, q, s), atol=2e-2, rtol=2e-2)
     result = {
         "fp8_us": 1e6 * _time_graph([lambda q=q, s=s: skinny_linear(x, q, scale=s) for _, q, s in weights]),
         "w8a8_us": 1e6 * _time_graph([lambda q=q, s=s: fp8_linear(x, q, s) for _, q, s in weights]),
-        "w8a8_skinny_us": 1e6 * _time_graph([lambda q=q, s=s: _w8a8_skinny(x, q, s) for _, q, s in weights]),
+        "w8a8_skinny_us": 1e6
+        * _time_graph([lambda q=q, s=s: skinny_linear_w8a8(x, q, s) for _, q, s in weights]),
         "bf16_us": 1e6 * _time_graph([lambda w=w: skinny_linear(x, w) for w, _, _ in weights]),
     }
     del weights
     torch.cuda.empty_cache()
     return result
-
-
-def _w8a8_skinny(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    x_q, x_scale = quantize_activations(x)
-    return skinny_linear(x_q, q, scale=s, x_scale=x_scale, out_dtype=x.dtype)
 
 
 def prefill(rows: int, n: int, k: int) -> dict:

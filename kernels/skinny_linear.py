@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from leanserve.kernels.activation import silu_times
-from leanserve.kernels.fp8 import FP8
+from leanserve.kernels.fp8 import FP8, quantize_activations
 from leanserve.kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from leanserve.kernels.rotary import rotate_and_store_heads
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
@@ -318,6 +318,21 @@ def skinny_linear(
     if x2.shape[0]:
         config = skinny_config(x2.shape[0], *weight.shape, x.element_size(), weight.element_size(), x.device)
         launch_skinny(x2, weight, bias, y, config, norm=norm, scale=scale, x_scale=x_scale)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def skinny_linear_w8a8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The W8A8 decode product of half-precision x [..., K] (at most SKINNY_MAX_ROWS rows) and an FP8
+    weight with its `scale`: x quantized per row (kernels.fp8.quantize_activations), then skinny_linear
+    on e4m3 x. Returns [..., N] in out_dtype (default x's)."""
+    x_q, x_scale = quantize_activations(x.reshape(-1, weight.shape[1]))
+    y = skinny_linear(x_q, weight, bias, out_dtype or x.dtype, scale=scale, x_scale=x_scale)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels import ops
-from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear, quantize_activations
+from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
-from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.kernels.skinny_linear import skinny_linear, skinny_linear_w8a8
 from leanserve.kernels.stream_norm import StreamNorm
 from leanserve.models.config import ModelConfig
 
@@ -65,9 +65,7 @@ def linear(
     128 / 256 rows against 450 / 534 with the cast; bench_engine.py --profile, docs/benchmarks.md)."""
     if scale is not None:
         if use_w8a8_skinny(x, weight):
-            x_q, x_scale = quantize_activations(x.reshape(-1, weight.shape[1]))
-            y = skinny_linear(x_q, weight, bias, out_dtype or x.dtype, scale=scale, x_scale=x_scale)
-            return y.view(*x.shape[:-1], weight.shape[0])
+            return skinny_linear_w8a8(x, weight, scale, bias, out_dtype)
         return fp8_linear(x, weight, scale, bias, out_dtype)
     if weight.is_mkldnn:
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
