@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from greedy_runner import GreedyRunner
+from test_lean_attention import head_major
 
 from leanserve.kernels import ops
 from leanserve.kernels import prefill_attention as prefill
@@ -159,7 +160,7 @@ def test_writers_refuse_fp8_caches_without_scales_and_the_fused_epilogue():
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="v_scale must be a float32"):
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale[:, :1])
-    k_heads, v_heads = (_head_major(s) for s in (k_scale, v_scale))
+    k_heads, v_heads = (head_major(s) for s in (k_scale, v_scale))
     with pytest.raises(ValueError, match="the cache writer needs contiguous scales"):
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_heads, v_heads)
     with pytest.raises(ValueError, match="k_scale and v_scale must share strides"):
@@ -216,18 +217,13 @@ def test_decode_kernel_fp8_matches_twin(lens, heads, head_dim, block_size, dtype
     _check_decode_fp8(lens, heads, head_dim, block_size, dtype, DEVICE, num_programs=7)
 
 
-def _head_major(t: torch.Tensor) -> torch.Tensor:
-    """The same [blocks, slots, KV heads, ...] values stored head-major ([blocks, KV heads, slots, ...])."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def test_readers_take_head_major_caches_and_scales():
     """K/V and their scales stored head-major (a head's page and its scales contiguous): the decode and
     prefill kernels read them through their strides and give the token-major cache's outputs
     (`bench_decode_attention.py --layouts` times the layouts)."""
     q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([40, 1, 77], (8, 2), 64, 16, torch.float32, DEVICE)
     config = replace(_CONFIGS[64], min_tiles=1)
-    heads = [_head_major(t) for t in (k, v, ks, vs)]
+    heads = [head_major(t) for t in (k, v, ks, vs)]
     assert heads[2].stride() == (32, 1, 16)
     want = _launch(q, k, v, bt, sl, None, None, config, 5, k_scale=ks, v_scale=vs)
     got = _launch(q, heads[0], heads[1], bt, sl, None, None, config, 5, k_scale=heads[2], v_scale=heads[3])
@@ -235,7 +231,7 @@ def test_readers_take_head_major_caches_and_scales():
     q, k, v, cu, ctx, bt, ks, vs = _fp8_prefill_inputs(
         [(40, 9), (0, 7)], (8, 2), 64, 16, torch.float32, DEVICE
     )
-    k_h, v_h, ks_h, vs_h = (_head_major(t) for t in (k, v, ks, vs))
+    k_h, v_h, ks_h, vs_h = (head_major(t) for t in (k, v, ks, vs))
     want = prefill._launch(q, k, v, cu, ctx, bt, None, None, PREFILL_SMALL, ks, vs)
     got = prefill._launch(q, k_h, v_h, cu, ctx, bt, None, None, PREFILL_SMALL, ks_h, vs_h)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -233,12 +233,17 @@ def test_strided_query_and_repeated_launches_reset_counters():
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
 
+def head_major(t: torch.Tensor) -> torch.Tensor:
+    """The same [blocks, slots, KV heads, ...] values stored head-major ([blocks, KV heads, slots, ...])."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def test_head_major_cache_blocks():
     """Caches stored head-major ([block, KV head, slot, D]) and passed as [block, slot, KV head, D] views:
     the kernel reads K and V through their strides, so it gives the token-major cache's output
     (`bench_decode_attention.py --layouts` times the two)."""
     q, k, v, bt, sl = _make_inputs(3, 8, 2, 64, 16, [300, 17, 64], torch.float16, DEVICE)
-    k_heads, v_heads = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v))
+    k_heads, v_heads = head_major(k), head_major(v)
     assert k_heads.stride(2) == 16 * 64 and not k_heads.is_contiguous()
     config = _CONFIGS[64]
     want = _launch(q, k, v, bt, sl, None, None, config, num_programs=5)
