@@ -212,14 +212,16 @@ def test_unsupported_head_dim_and_group_rejected():
 
 
 @pytest.mark.parametrize(
-    ("head_dim", "itemsize", "stages"), [(128, 2, 3), (128, 4, 2), (64, 4, 3), (256, 2, 2), (256, 4, 2)]
+    ("head_dim", "itemsize", "stages", "block_n"),
+    [(128, 2, 3, 128), (128, 4, 2, 64), (64, 4, 3, 64), (256, 2, 2, 32), (256, 4, 2, 32)],
 )
-def test_stages_fit_shared_memory(monkeypatch, head_dim, itemsize, stages):
-    """On an H100 (227 KB a program) fp32 tiles at D=128 keep two stages of K/V, the rest as configured."""
+def test_tiles_fit_shared_memory(monkeypatch, head_dim, itemsize, stages, block_n):
+    """On an H100 (227 KB a program) fp32 tiles at D=128 keep two stages of half-size K/V tiles, the rest
+    run as configured."""
     monkeypatch.setattr(launcher, "max_shared_memory", lambda device: 227 * 1024)
     config = _fitted(_CONFIGS[head_dim], head_dim, itemsize, torch.device("cuda"))
-    assert config.num_stages == stages
-    assert (config.block_m, config.block_n) == (_CONFIGS[head_dim].block_m, _CONFIGS[head_dim].block_n)
+    assert (config.num_stages, config.block_n) == (stages, block_n)
+    assert config.block_m == _CONFIGS[head_dim].block_m
 
 
 # GPU: bf16 at the shipped tiles, Llama-3 heads, contexts of several key tiles and pages.
