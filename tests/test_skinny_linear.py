@@ -84,6 +84,21 @@ def test_config_stages_follow_row_length_and_fit_shared_memory(monkeypatch):
     assert skinny_config(64, 6144, 4096, 4, 4, cpu).num_stages == 3  # nor 4 of 64 KB
 
 
+def test_w8a8_config_streams_gate_up_past_16_rows_in_shorter_stages():
+    """The W8A8 tiles of bench_fp8_linear.py --tune: 64 rows of W x 256 columns in 5 stages, 128-column
+    stages for gate/up (N = 7 K) past 16 rows; x's rows pad to a 16-row MMA."""
+    cpu = torch.device("cpu")
+    for rows, n, k, block_m, block_k in [
+        (1, 6144, 4096, 16, 256),
+        (16, 28672, 4096, 16, 256),
+        (17, 28672, 4096, 32, 128),
+        (64, 28672, 4096, 64, 128),
+        (64, 4096, 14336, 64, 256),
+    ]:
+        c = skinny_config(rows, n, k, 1, 1, cpu)
+        assert (c.block_m, c.block_n, c.block_k, c.num_stages, c.swap) == (block_m, 64, block_k, 5, True)
+
+
 @pytest.mark.parametrize(
     ("rows", "n", "k", "bias", "dtype"),
     [
