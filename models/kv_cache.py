@@ -15,6 +15,18 @@ KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
 _SCALE_DTYPE = torch.float32
 
 
+def block_view(pages: torch.Tensor) -> torch.Tensor:
+    """Head-major blocks [num_blocks, Hkv, block_size, ...] as the [num_blocks, block_size, Hkv, ...]
+    view the kernels take (a transpose, no copy); and such a view back as its head-major pages."""
+    return pages.transpose(1, 2)
+
+
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """A copy of `cache` ([num_blocks, block_size, Hkv, ...], K, V or scales) stored head-major as KVCache
+    stores its blocks, viewed with cache's shape."""
+    return block_view(block_view(cache).contiguous())
+
+
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """`--kv-cache-dtype` -> the cache's storage dtype: auto is the model's dtype, bf16 needs a bf16
     model (the attention kernels read the cache in q's dtype), fp8 is float8_e4m3fn with scales, for

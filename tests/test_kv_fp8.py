@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from greedy_runner import GreedyRunner
-from test_lean_attention import head_major
+from test_fused_ops import CACHE_LAYOUTS
 
 from leanserve.kernels import ops
 from leanserve.kernels import prefill_attention as prefill
 from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, quantize_rows
-from leanserve.kernels.kv_quant import select_blocks
+from leanserve.kernels.kv_quant import select_blocks, store_slots
 from leanserve.kernels.lean_attention import _CONFIGS, _launch, lean_attention_decode
 from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
 from leanserve.kernels.skinny_fused import skinny_linear_rope
 from leanserve.models.config import ModelConfig
-from leanserve.models.kv_cache import KVCache, resolve_kv_cache_dtype
+from leanserve.models.kv_cache import KVCache, head_major, resolve_kv_cache_dtype
 from leanserve.models.loader import load_model
 from leanserve.server.engine import engine_setup
 from leanserve.server.engine.config import EngineConfig
@@ -86,7 +86,8 @@ ROPE_CASES = [  # (tokens, (Hq, Hkv), D, block size, dtype)
 ]
 
 
-def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0):
+def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0, layout="head-major"):
+    """qkv, positions, cos_sin, zeroed fp8 caches and scales of `layout`, and shuffled distinct slots."""
     hq, hkv = heads
     gen = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=gen) * 3).to(dtype).to(device)
@@ -97,22 +98,27 @@ def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0)
     num_blocks = math.ceil(tokens / block_size) + 2
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(device)
     shape = (num_blocks, block_size, hkv, head_dim)
-    caches = [torch.zeros(shape, dtype=FP8, device=device) for _ in range(2)]
-    scales = [torch.zeros(shape[:3], device=device) for _ in range(2)]
+    lay_out = CACHE_LAYOUTS[layout]
+    caches = [lay_out(torch.zeros(shape, dtype=FP8, device=device)) for _ in range(2)]
+    scales = [lay_out(torch.zeros(shape[:3], device=device)) for _ in range(2)]
     return qkv, positions, cos_sin, caches, scales, slots
 
 
+@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
 @pytest.mark.parametrize(("tokens", "heads", "head_dim", "block_size", "dtype"), ROPE_CASES)
-def test_rope_and_cache_fp8_matches_twin(tokens, heads, head_dim, block_size, dtype):
+def test_rope_and_cache_fp8_matches_twin(tokens, heads, head_dim, block_size, dtype, layout):
     """Interpreted, the kernel's fp32 -> fp8e4nv conversion is wrong where rounding carries into the
     exponent (triton 3.9's interpreter: 7.9 -> 4, 127 -> 64) and for subnormals: the scales, the slots and
-    most values are checked on CPU, every value on the GPU."""
-    _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, DEVICE, every_value=HAS_CUDA)
+    most values are checked on CPU, every value on the GPU. Caches and scales head-major (the engine's)
+    or token-major."""
+    _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, DEVICE, every_value=HAS_CUDA, layout=layout)
 
 
-def _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, device, every_value=True):
+def _check_rope_fp8(
+    tokens, heads, head_dim, block_size, dtype, device, every_value=True, layout="head-major"
+):
     qkv, positions, cos_sin, (k_cache, v_cache), (k_scale, v_scale), slots = _rope_fp8_inputs(
-        tokens, heads, head_dim, block_size, dtype, device
+        tokens, heads, head_dim, block_size, dtype, device, layout=layout
     )
     expected = [t.clone() for t in (qkv, k_cache, v_cache, k_scale, v_scale)]
     _, _, v_ref = reference_rope_and_cache(
@@ -160,11 +166,8 @@ def test_writers_refuse_fp8_caches_without_scales_and_the_fused_epilogue():
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="v_scale must be a float32"):
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale[:, :1])
-    k_heads, v_heads = (head_major(s) for s in (k_scale, v_scale))
-    with pytest.raises(ValueError, match="the cache writer needs contiguous scales"):
-        rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_heads, v_heads)
     with pytest.raises(ValueError, match="k_scale and v_scale must share strides"):
-        rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_heads, v_scale)
+        rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale.contiguous())
     with pytest.raises(ValueError, match="scales are for float8_e4m3fn caches"):
         rope_and_cache(qkv, positions, cos_sin, k_cache.float(), v_cache.float(), slots, k_scale, v_scale)
     weight = torch.zeros(qkv.shape[1], 32, device=DEVICE)
@@ -399,8 +402,8 @@ def _check_model_reads_quantized_values(path, device, monkeypatch):
     def write_quantized(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale=None, v_scale=None):
         q, k, v = write(qkv, positions, cos_sin, k_cache, v_cache, slots)
         for cache in (k_cache, v_cache):
-            rows = cache.view(-1, *cache.shape[2:])
-            rows[slots] = dequantize(*quantize_rows(rows[slots]), cache.dtype)
+            rows = cache.flatten(0, 1)[slots]
+            store_slots(cache, slots, dequantize(*quantize_rows(rows), cache.dtype))
         return q, k, v
 
     monkeypatch.setattr(ops, "rope_and_cache", write_quantized)
