@@ -329,14 +329,22 @@ def _config(tmp_path: Path, layers=2, kv_heads=8, head_dim=128) -> ModelConfig:
 
 
 def test_cache_copies_scales_and_counts_them_in_its_bytes(tmp_path):
+    """copy_blocks copies a block's K, V and scales in every layer, as the per-layer views show them, and
+    nothing else; the scales are head-major like K and V (a head's block_size scales contiguous)."""
     config = _config(tmp_path)
     cache = KVCache(config, 4, 16, FP8, "cpu")
     assert cache.quantized and cache.k[1].shape == (4, 16, 8, 128) and cache.k_scale[1].shape == (4, 16, 8)
-    cache.data[:, :, 1] = torch.randn(cache.data[:, :, 1].shape).to(FP8)
-    cache.scales[:, :, 1] = torch.rand(cache.scales[:, :, 1].shape)
+    assert cache.k_scale[1].stride() == cache.v_scale[0].stride() == (8 * 16, 1, 16)
+    gen = torch.Generator().manual_seed(0)
+    views = [*cache.k, *cache.v, *cache.k_scale, *cache.v_scale]
+    for view in views:  # block 1 of every layer's K, V and scales: its own random values
+        view[1] = torch.randn(view.shape[1:], generator=gen).to(view.dtype)
+    bits = [view.view(torch.uint8) if view.dtype == FP8 else view for view in views]
+    source = [b[1].clone() for b in bits]
     cache.copy_blocks([(1, 3)])
-    assert torch.equal(cache.data[:, :, 3].view(torch.uint8), cache.data[:, :, 1].view(torch.uint8))
-    assert torch.equal(cache.scales[:, :, 3], cache.scales[:, :, 1])
+    for b, src in zip(bits, source, strict=True):
+        assert torch.equal(b[3], src) and torch.equal(b[1], src) and (src != 0).any()
+        assert not b[0].any() and not b[2].any()
     allocated = cache.data.numel() * cache.data.element_size() + cache.scales.numel() * 4
     assert KVCache.bytes_per_block(config, 16, FP8) * 4 == allocated
 
