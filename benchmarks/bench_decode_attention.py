@@ -3,9 +3,9 @@ caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V
 bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
 kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
 markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
-`--skip-peers` times LeanAttention only, `--layouts` times bf16 and fp8 caches stored token-major (the
-engine's [block, slot, KV head, D]) against head-major blocks ([block, KV head, slot, D], the fp8
-scales token- or head-major).
+`--skip-peers` times LeanAttention only, `--layouts` times bf16 and fp8 caches stored token-major
+([block, slot, KV head, D], the layout of the other modes' pools) against head-major blocks ([block, KV
+head, slot, D], the engine's KVCache layout; the fp8 scales token- or head-major).
 Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts] [--skip-peers]"""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanserve.kernels.fp8 import dequantize, quantize_rows
 from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
+from leanserve.models.kv_cache import head_major
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
@@ -538,12 +539,6 @@ def gpu_env(bandwidth: float) -> dict:
 # Shapes for --layouts: long and batched, with 8 and 32 KV heads (a head's rows lie Hkv x D bytes apart
 # in a token-major block).
 LAYOUT_SHAPES = ("B=1 32/8 32k", "B=1 32/8 128k", "B=1 32/32 128k", "B=32 32/8 4k", "ragged 32x~2k")
-
-
-def head_major(cache: torch.Tensor) -> torch.Tensor:
-    """The same [blocks, slots, KV heads, D] values stored head-major ([blocks, KV heads, slots, D]), as
-    a view with the original shape: the kernel reads any block / slot / head strides."""
-    return cache.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def bench_layouts(bandwidth: float) -> list[dict]:

@@ -1,6 +1,7 @@
 """Fused elementwise kernels of a decoder layer on a CUDA GPU, Llama-3-8B shapes in bf16: each Triton
 kernel against the torch ops the layer ran before it (residual add + F.rms_norm; RoPE by cat + mul +
-addcmul on cos/sin gathered once per step, then two index_copy_ into the cache; F.silu then multiply),
+addcmul on cos/sin gathered once per step, then k and v stored at their slots' (block, offset) of the
+engine's head-major cache; F.silu then multiply),
 in microseconds per call beside the floor = bytes moved / HBM read bandwidth measured in the same run.
 Each op is timed LAYERS calls at a time in one CUDA graph, as a decode step replays it; at small token
 counts its inputs stay in L2, so the floor only binds at large ones. Per layer: two norms, one RoPE,
@@ -24,6 +25,7 @@ from benchmarks.bench_decode_attention import _time_graph, gpu_env, read_bandwid
 from leanserve.kernels.activation import silu_and_mul
 from leanserve.kernels.rms_norm import fused_add_rms_norm
 from leanserve.kernels.rotary import rope_and_cache
+from leanserve.models.kv_cache import head_major
 
 DTYPE = torch.bfloat16
 HIDDEN, INTER, HQ, HKV, HEAD_DIM, BLOCK_SIZE = 4096, 14336, 32, 8, 128, 16  # Llama-3-8B
@@ -52,18 +54,19 @@ def make_ops(tokens: int, device: str = "cuda") -> list[Op]:
     table = randn(8192, 2, HEAD_DIM)
     num_blocks = tokens // BLOCK_SIZE + 2
     slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:tokens]
-    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, dtype=DTYPE, device=device)
-    v_cache = torch.zeros_like(k_cache)
+    k_cache = head_major(torch.zeros(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, dtype=DTYPE, device=device))
+    v_cache = torch.zeros_like(k_cache)  # head-major too
     gate_up = randn(tokens, 2 * INTER)
     cos, sin = table[positions].unsqueeze(1).unbind(2)  # the old path gathered these once per step
+    blocks, offsets = slots // BLOCK_SIZE, slots % BLOCK_SIZE  # and these
 
     def torch_rope() -> None:
         qk = qkv[:, : (HQ + HKV) * HEAD_DIM].view(tokens, -1, HEAD_DIM)
         v = qkv[:, (HQ + HKV) * HEAD_DIM :].view(tokens, HKV, HEAD_DIM)
         half = HEAD_DIM // 2
         rotated = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
-        k_cache.view(-1, HKV, HEAD_DIM).index_copy_(0, slots, rotated[:, HQ:])
-        v_cache.view(-1, HKV, HEAD_DIM).index_copy_(0, slots, v)
+        k_cache[blocks, offsets] = rotated[:, HQ:]
+        v_cache[blocks, offsets] = v
 
     def torch_silu() -> torch.Tensor:
         gate, up = gate_up.split(INTER, dim=-1)

@@ -40,6 +40,7 @@ from triton.testing import do_bench
 
 from leanserve.kernels.prefill_attention import _CONFIGS, PrefillConfig, _launch
 from leanserve.models import attention
+from leanserve.models.kv_cache import head_major
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.runtime import settle_process, setup_process
@@ -68,9 +69,11 @@ def causal_pairs(prefix: int, query: int) -> int:
 
 
 def paged_inputs(context: int, gen: torch.Generator):
-    """A scattered paged cache of one sequence of `context` tokens: (k_cache, v_cache, block_table)."""
+    """A scattered paged cache of one sequence of `context` tokens, head-major as the engine's (models.
+    kv_cache): (k_cache, v_cache, block_table)."""
     blocks = -(-context // BLOCK_SIZE)
-    k_cache, v_cache = (torch.randn(blocks, BLOCK_SIZE, HKV, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    shape = (blocks, BLOCK_SIZE, HKV, D)
+    k_cache, v_cache = (head_major(torch.randn(shape, device="cuda", dtype=DTYPE)) for _ in range(2))
     table = torch.randperm(blocks, generator=gen).to(device="cuda", dtype=torch.int32)[None]
     return k_cache, v_cache, table
 

@@ -2,8 +2,8 @@
 one fp32 scale, amax / 448 of that row, computed when the row is written (kernels/fp8.py's
 `quantize_rows`, the CPU path and the twin; the cache writer, RoPE + cache write, computes the scale with
 its `fp8_scale`). The readers (decode and prefill attention) apply the scales to their scores and
-probabilities. Here: the cache's checks and its block selection. Why per-row dynamic scales:
-docs/kernel_notes.md, FP8 KV cache."""
+probabilities. Here: the cache's checks, its block selection and the torch store of rows at their slots.
+Why per-row dynamic scales: docs/kernel_notes.md, FP8 KV cache."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def select_blocks(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if not is_fp8(cache):
         return cache.index_select(0, index)
     return cache.view(torch.uint8).index_select(0, index).view(cache.dtype)
+
+
+def store_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slot // block_size, slot % block_size] = rows for cache [num_blocks, block_size, ...] of any
+    strides (head-major blocks too), slots [T] int64 and rows [T, ...]; fp8 caches too (CPU torch has no
+    fp8 index_put_: the bytes are stored as uint8)."""
+    block_size = cache.shape[1]
+    if is_fp8(cache):
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache[slots // block_size, slots % block_size] = rows
 
 
 def check_cache_scales(

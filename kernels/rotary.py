@@ -2,7 +2,9 @@
 a fused qkv projection are rotated in place (HF "rotate_half" layout) with cos/sin looked up by
 position, then every token's rotated k and its v are stored at its slot of the paged KV cache. The same
 rotation and cache write also run as the epilogue of the skinny decode product (`rotate_and_store_heads`,
-used by kernels.skinny_linear.skinny_linear_rope)."""
+used by kernels.skinny_linear.skinny_linear_rope). The writers address a slot's row through the caches'
+block, offset and head strides, so they take any [num_blocks, block_size, Hkv, D] layout: the engine's
+head-major blocks (models.kv_cache) and token-major ones alike."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import triton
 import triton.language as tl
 
 from leanserve.kernels.fp8 import fp8_scale, quantize_rows
-from leanserve.kernels.kv_quant import check_cache_scales, is_fp8
+from leanserve.kernels.kv_quant import check_cache_scales, is_fp8, store_slots
 from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
@@ -39,21 +41,32 @@ def _rotate(
 
 
 @triton.jit
+def _slot_offset(slot, block_size, stride_block, stride_offset):
+    """Where cached slot `slot` (block * block_size + offset) starts, in elements, given the block and
+    offset strides of a [num_blocks, block_size, ...] cache or of its scales."""
+    return slot // block_size * stride_block + slot % block_size * stride_offset
+
+
+@triton.jit
 def _rope_and_cache_kernel(
     qkv_ptr,
     positions_ptr,
     cos_sin_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    k_scale_ptr,  # FP8: [num_blocks * block_size, Hkv] fp32 scales of the cached rows
+    k_scale_ptr,  # FP8: [num_blocks, block_size, Hkv] fp32 scales of the cached rows
     v_scale_ptr,
     slot_mapping_ptr,
     stride_qkv,
     stride_pos,  # cos_sin: one position's [2, D] rows
     stride_sin,  # cos_sin: from the cos row to the sin row
-    stride_slot,  # caches: [num_blocks * block_size, Hkv, D] as flat slots
+    block_size,  # a slot is block * block_size + offset
+    stride_block,  # caches: [num_blocks, block_size, Hkv, D], unit D stride, K and V alike
+    stride_offset,
     stride_head,
-    stride_scale_slot,  # scales: [num_blocks * block_size, Hkv] as flat slots, unit head stride
+    stride_scale_block,  # scales: [num_blocks, block_size, Hkv], K and V alike
+    stride_scale_offset,
+    stride_scale_head,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -80,7 +93,8 @@ def _rope_and_cache_kernel(
     k1, k2 = _rotate(row + NUM_Q_HEADS * HEAD_DIM, cos, sin, offs_kv, offs_half, NUM_KV_HEADS, HEAD_DIM, HALF)
 
     slot = tl.load(slot_mapping_ptr + token)
-    cache_row = slot * stride_slot
+    cache_row = _slot_offset(slot, block_size, stride_block, stride_offset)
+    scale_row = _slot_offset(slot, block_size, stride_scale_block, stride_scale_offset)
     k_dst = k_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_half[None, :]
     k_mask = (offs_kv[:, None] < NUM_KV_HEADS) & half_mask[None, :]
     kv_heads_mask = offs_kv < NUM_KV_HEADS
@@ -90,7 +104,7 @@ def _rope_and_cache_kernel(
         k2 = k2.to(row.dtype.element_ty).to(tl.float32)
         k_scale = fp8_scale(tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)))
         k1, k2 = k1 / k_scale[:, None], k2 / k_scale[:, None]
-        tl.store(k_scale_ptr + slot * stride_scale_slot + offs_kv, k_scale, mask=kv_heads_mask)
+        tl.store(k_scale_ptr + scale_row + offs_kv * stride_scale_head, k_scale, mask=kv_heads_mask)
     tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
     tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
 
@@ -102,7 +116,7 @@ def _rope_and_cache_kernel(
         v = v.to(tl.float32)
         v_scale = fp8_scale(tl.max(tl.abs(v), axis=1))
         v = v / v_scale[:, None]
-        tl.store(v_scale_ptr + slot * stride_scale_slot + offs_kv, v_scale, mask=kv_heads_mask)
+        tl.store(v_scale_ptr + scale_row + offs_kv * stride_scale_head, v_scale, mask=kv_heads_mask)
     v_dst = v_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_d[None, :]
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
@@ -110,12 +124,13 @@ def _rope_and_cache_kernel(
 @triton.jit
 def rotate_and_store_heads(
     head, pairs, offs_m, M, qkv_ptr, stride_qkv, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
-    slot_mapping_ptr, stride_pos, stride_sin, stride_slot, stride_head,
+    slot_mapping_ptr, stride_pos, stride_sin, block_size, stride_block, stride_offset, stride_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """What `_rope_and_cache_kernel` does, for the rotation pairs `pairs` of one head of qkv (`head`, a
     runtime scalar: q, k or v) and the tokens offs_m (those >= M are left alone): q and k rotated in
-    place, k and v also stored to the caches. The skinny product's epilogue (kernels.skinny_linear)."""
+    place, k and v also stored to the caches (addressed as in `_rope_and_cache_kernel`). The skinny
+    product's epilogue (kernels.skinny_linear)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     m_mask = offs_m < M
     mask = m_mask[:, None]
@@ -135,9 +150,8 @@ def rotate_and_store_heads(
     if head >= NUM_Q_HEADS:
         slots = tl.load(slot_mapping_ptr + offs_m, mask=m_mask, other=0)
         # k and v heads both map to KV head (head - NUM_Q_HEADS) mod NUM_KV_HEADS.
-        offset = (
-            slots[:, None] * stride_slot + (head - NUM_Q_HEADS) % NUM_KV_HEADS * stride_head + pairs[None, :]
-        )
+        rows = _slot_offset(slots, block_size, stride_block, stride_offset)
+        offset = rows[:, None] + (head - NUM_Q_HEADS) % NUM_KV_HEADS * stride_head + pairs[None, :]
         cache = k_cache_ptr + offset if head < NUM_Q_HEADS + NUM_KV_HEADS else v_cache_ptr + offset
         tl.store(cache, x1, mask=mask)
         tl.store(cache + HALF, x2, mask=mask)
@@ -160,6 +174,15 @@ def _split_heads(
     return qk, qk[:, :num_q_heads], qk[:, num_q_heads:], v
 
 
+def slot_strides(cache: torch.Tensor | None, prefix: str = "") -> dict[str, int]:
+    """The block, offset and head strides of `cache` ([num_blocks, block_size, Hkv, ...], any strides) as
+    the writer kernels' arguments stride_{prefix}block, ..._offset, ..._head; zeros for None (scales
+    that an unquantized cache has not: the kernel reads none)."""
+    strides = cache.stride()[:3] if cache is not None else (0, 0, 0)
+    names = (f"stride_{prefix}{dim}" for dim in ("block", "offset", "head"))
+    return dict(zip(names, strides, strict=True))
+
+
 def check_rope_inputs(
     qkv: torch.Tensor,
     positions: torch.Tensor,
@@ -178,9 +201,9 @@ def check_rope_inputs(
         )
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if k_cache.stride(3) != 1 or head_dim % 2:
-        raise ValueError(f"the caches need an even head dim of unit stride, got D={head_dim}")
-    if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
-        raise ValueError(f"flat slots need the cache blocks laid end to end, got strides {k_cache.stride()}")
+        raise ValueError(
+            f"the caches need an even head dim of unit stride, got D={head_dim} of stride {k_cache.stride(3)}"
+        )
     width = (qkv.shape[1] // head_dim) * head_dim if qkv.dim() == 2 else -1
     if width != qkv.shape[-1] or width <= 2 * num_kv_heads * head_dim or qkv.stride(-1) != 1:
         raise ValueError(
@@ -188,8 +211,6 @@ def check_rope_inputs(
             f"got {tuple(qkv.shape)} {qkv.stride()}"
         )
     check_cache_scales(k_cache, v_cache, k_scale, v_scale)
-    if k_scale is not None and not (k_scale.is_contiguous() and v_scale.is_contiguous()):
-        raise ValueError("the cache writer needs contiguous scales (flat slots, unit head stride)")
     dtypes = {qkv.dtype, cos_sin.dtype} | (set() if is_fp8(k_cache) else {k_cache.dtype, v_cache.dtype})
     if len(dtypes) != 1:
         raise ValueError(
@@ -221,11 +242,12 @@ def rope_and_cache(
 
     qkv: [T, (Hq + 2 Hkv) * D] fp16/bf16/fp32, q heads then k then v (any row stride); positions: [T]
     int64; cos_sin: [max_pos, 2, D] in qkv's dtype ([cos, cos] and [-sin, sin] per position, see
-    models.layers.RotaryEmbedding); k_cache, v_cache: [num_blocks, block_size, Hkv, D] in qkv's dtype;
-    slot_mapping: [T] int64 flat slots (block * block_size + offset). Returns the views q [T, Hq, D],
-    k, v [T, Hkv, D] of qkv. No host synchronisation (CUDA-graph capturable); positions and slots are
-    not bounds-checked. With float8_e4m3fn caches, k_scale and v_scale ([num_blocks, block_size, Hkv]
-    fp32) receive each written row's scale and the caches its quantized values (kernels.kv_quant)."""
+    models.layers.RotaryEmbedding); k_cache, v_cache: [num_blocks, block_size, Hkv, D] in qkv's dtype,
+    of one set of strides with unit D stride (head-major or token-major blocks alike); slot_mapping: [T]
+    int64 slots (block * block_size + offset). Returns the views q [T, Hq, D], k, v [T, Hkv, D] of qkv.
+    No host synchronisation (CUDA-graph capturable); positions and slots are not bounds-checked. With
+    float8_e4m3fn caches, k_scale and v_scale ([num_blocks, block_size, Hkv] fp32, any strides shared by
+    both) receive each written row's scale and the caches its quantized values (kernels.kv_quant)."""
     check_rope_inputs(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     _, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
@@ -243,9 +265,9 @@ def rope_and_cache(
             qkv.stride(0),
             cos_sin.stride(0),
             cos_sin.stride(1),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            num_kv_heads,
+            block_size=k_cache.shape[1],
+            **slot_strides(k_cache),
+            **slot_strides(k_scale, "scale_"),
             NUM_Q_HEADS=q.shape[1],
             NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim,
@@ -273,8 +295,8 @@ def reference_rope_and_cache(
     v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch twin of `rope_and_cache`, with the same in-place effects: q and k rotated together with the
-    full-width tables (3 ops), then k and v copied into the caches (quantized, with their scales, for
-    fp8 caches)."""
+    full-width tables (3 ops), then k and v stored at their slots' (block, offset) of the caches, any
+    strides (quantized, with their scales, for fp8 caches)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     qk, q, k, v = _split_heads(qkv, num_kv_heads, head_dim)
     cos, sin = cos_sin.index_select(0, positions).unsqueeze(1).unbind(2)  # [T, 1, D] each
@@ -284,8 +306,6 @@ def reference_rope_and_cache(
     for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
         if scales is not None:
             new, new_scales = quantize_rows(new)
-            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, new_scales)
-            # CPU torch has no fp8 index_copy_: the bytes are copied as uint8.
-            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, new)
+            store_slots(scales, slot_mapping, new_scales)
+        store_slots(cache, slot_mapping, new)
     return q, k, v

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from leanserve.kernels.kv_quant import is_fp8
-from leanserve.kernels.rotary import check_rope_inputs
+from leanserve.kernels.rotary import check_rope_inputs, slot_strides
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
 from leanserve.kernels.skinny_linear import check_product, launch_skinny, rows_of
 from leanserve.kernels.stream_norm import StreamNorm
@@ -81,8 +81,8 @@ def skinny_linear_rope(
             "slot_mapping_ptr": slot_mapping,
             "stride_pos": cos_sin.stride(0),
             "stride_sin": cos_sin.stride(1),
-            "stride_slot": k_cache.stride(1),  # the caches as [num_blocks * block_size, Hkv, D]
-            "stride_head": k_cache.stride(2),
+            "block_size": k_cache.shape[1],
+            **slot_strides(k_cache),
             "NUM_Q_HEADS": n // head_dim - 2 * num_kv_heads,
             "NUM_KV_HEADS": num_kv_heads,
             "HEAD_DIM": head_dim,

@@ -56,7 +56,9 @@ def _skinny_linear_kernel(
     slot_mapping_ptr,
     stride_pos,
     stride_sin,
-    stride_slot,
+    block_size,
+    stride_block,
+    stride_offset,
     stride_head,
     res_ptr,  # from here to eps: skinny_linear_residual's and StreamNorm's arguments
     stride_res,
@@ -108,9 +110,10 @@ def _skinny_linear_kernel(
         _block(
             x_ptr, w_ptr, bias_ptr, scale_ptr, x_scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps,
             stride_xm, stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
-            slot_mapping_ptr, stride_pos, stride_sin, stride_slot, stride_head, res_ptr, stride_res,
-            squares_ptr, stride_sq, ADD_RESIDUAL, SCALE_ROWS, ROPE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM,
-            K_TILES, EVEN_K, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, W_SCALED, X_SCALED, UPCAST, DOT_PRECISION,
+            slot_mapping_ptr, stride_pos, stride_sin, block_size, stride_block, stride_offset, stride_head,
+            res_ptr, stride_res, squares_ptr, stride_sq, ADD_RESIDUAL, SCALE_ROWS, ROPE, NUM_Q_HEADS,
+            NUM_KV_HEADS, HEAD_DIM, K_TILES, EVEN_K, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, W_SCALED, X_SCALED,
+            UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -170,11 +173,12 @@ def _silu_block(
 def _block(
     x_ptr, w_ptr, bias_ptr, scale_ptr, x_scale_ptr, y_ptr, acc, squares, offs_m, offs_k, M, N, K, eps,
     stride_xm, stride_wn, stride_ym, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    stride_pos, stride_sin, stride_slot, stride_head, res_ptr, stride_res, squares_ptr, stride_sq,
-    ADD_RESIDUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W_SCALED: tl.constexpr, X_SCALED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_pos, stride_sin, block_size, stride_block, stride_offset, stride_head, res_ptr, stride_res,
+    squares_ptr, stride_sq, ADD_RESIDUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, ROPE: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, K_TILES: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, X_SCALED: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program's block of W's rows, stored plainly or through the RoPE or residual epilogue."""
     if ROPE:
@@ -208,15 +212,15 @@ def _block(
         tl.debug_barrier()
         rotate_and_store_heads(head, first_pair + tl.arange(0, PAIRS), offs_m, M, y_ptr, stride_ym,
                                positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                               stride_pos, stride_sin, stride_slot, stride_head, NUM_Q_HEADS,
-                               NUM_KV_HEADS, HEAD_DIM)  # fmt: skip
+                               stride_pos, stride_sin, block_size, stride_block, stride_offset,
+                               stride_head, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM)  # fmt: skip
 
 
 # The plain product passes nothing to the epilogues (ROPE=False and SILU=False compile none of them).
 _NO_EPILOGUE = dict(
     positions_ptr=None, cos_sin_ptr=None, k_cache_ptr=None, v_cache_ptr=None, slot_mapping_ptr=None,
-    stride_pos=0, stride_sin=0, stride_slot=0, stride_head=0, NUM_Q_HEADS=0, NUM_KV_HEADS=0, HEAD_DIM=0,
-    ROPE=False, SILU=False,
+    stride_pos=0, stride_sin=0, block_size=0, stride_block=0, stride_offset=0, stride_head=0,
+    NUM_Q_HEADS=0, NUM_KV_HEADS=0, HEAD_DIM=0, ROPE=False, SILU=False,
 )  # fmt: skip
 # Nor to the residual stream's epilogue or the norm's scaling (ADD_RESIDUAL=False, SCALE_ROWS=False).
 _NO_STREAM = dict(

@@ -30,7 +30,7 @@ class AttentionBatch:
     (num_prefill_tokens == 0); padded rows must point their slot at a scratch block and may have
     seq_len 1."""
 
-    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block_id * block_size + offset) per new token
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) per new token
     num_prefill_tokens: int  # tokens [0, num_prefill_tokens) are prefill chunk tokens
     prefill_cu_seqlens_q: torch.Tensor  # [P+1] int32: query tokens of prefill sequence i = [cu[i], cu[i+1])
     prefill_context_lens: torch.Tensor  # [P] int32: tokens in the cache after this chunk (prefix + chunk)

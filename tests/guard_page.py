@@ -13,7 +13,9 @@ _MAPPED: list[mmap.mmap] = []  # keeps every guarded buffer mapped for the whole
 
 
 def against_guard_page(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy of t whose last byte is followed by a PROT_NONE page."""
+    """A CPU copy of t whose last byte is followed by a PROT_NONE page, laid out as torch.empty_like lays
+    t out: with t's strides where t is dense (a head-major KV cache's transposed view stays one),
+    contiguous elsewhere."""
     page, nbytes = mmap.PAGESIZE, t.numel() * t.element_size()
     data_pages = -(-nbytes // page)
     buf = mmap.mmap(-1, (data_pages + 1) * page)
@@ -21,4 +23,4 @@ def against_guard_page(t: torch.Tensor) -> torch.Tensor:
     assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + data_pages * page), page, 0) == 0  # PROT_NONE
     _MAPPED.append(buf)
     flat = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=data_pages * page - nbytes)
-    return flat.copy_(t.flatten()).view(t.shape)
+    return flat.as_strided(t.shape, torch.empty_like(t, device="meta").stride()).copy_(t)

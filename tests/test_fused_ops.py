@@ -23,6 +23,7 @@ from leanserve.kernels.rms_norm import (
     rms_norm,
 )
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
+from leanserve.models.kv_cache import head_major
 from leanserve.models.loader import load_model
 
 HAS_CUDA = torch.cuda.is_available()
@@ -132,6 +133,11 @@ def test_norm_twins_match_fp32_reference():
 
 
 # -- RoPE + KV-cache write -------------------------------------------------------------------------
+# The writers take any cache strides: the engine's head-major blocks (models.kv_cache) and token-major
+# ones, each made from a token-major tensor of the values.
+CACHE_LAYOUTS = {"head-major": head_major, "token-major": torch.Tensor.contiguous}
+
+
 @dataclass
 class RopeCase:
     tokens: int
@@ -161,8 +167,11 @@ def _case_id(case: RopeCase) -> str:
     return f"t{case.tokens}-h{hq}x{hkv}-d{case.head_dim}-bs{case.block_size}-pad{case.pad}-{dtype}"
 
 
-def _rope_inputs(case: RopeCase, device: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """qkv, positions, table, zeroed caches and distinct slots in shuffled blocks (spare blocks too)."""
+def _rope_inputs(
+    case: RopeCase, device: str, seed: int = 0, layout: str = "head-major"
+) -> tuple[torch.Tensor, ...]:
+    """qkv, positions, table, zeroed caches of `layout` and distinct slots in shuffled blocks (spare
+    blocks too)."""
     hq, hkv = case.heads
     gen = torch.Generator().manual_seed(seed)
     qkv = _strided(case.tokens, (hq + 2 * hkv) * case.head_dim, case.pad, case.dtype, device, seed)
@@ -170,19 +179,19 @@ def _rope_inputs(case: RopeCase, device: str, seed: int = 0) -> tuple[torch.Tens
     num_blocks = math.ceil(case.tokens / case.block_size) + 3
     slots = torch.randperm(num_blocks * case.block_size, generator=gen)[: case.tokens].to(device)
     cache_shape = (num_blocks, case.block_size, hkv, case.head_dim)
-    k_cache = torch.zeros(cache_shape, dtype=case.dtype, device=device)
-    v_cache = torch.zeros_like(k_cache)
+    k_cache, v_cache = (CACHE_LAYOUTS[layout](torch.zeros(cache_shape, dtype=case.dtype, device=device))
+                        for _ in range(2))  # fmt: skip
     return qkv, positions, cos_sin_table(case.head_dim, case.dtype, device), k_cache, v_cache, slots
 
 
 def _clone(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The inputs with fresh copies of what rope_and_cache writes (qkv and the caches)."""
+    """The inputs with fresh copies of what rope_and_cache writes (qkv and the caches, strides kept)."""
     qkv, positions, table, k_cache, v_cache, slots = inputs
     return qkv.clone(), positions, table, k_cache.clone(), v_cache.clone(), slots
 
 
-def _check_rope(case: RopeCase, device: str) -> None:
-    inputs = _rope_inputs(case, device)
+def _check_rope(case: RopeCase, device: str, layout: str = "head-major") -> None:
+    inputs = _rope_inputs(case, device, layout=layout)
     qkv, _, _, k_cache, v_cache, slots = inputs
     expected = _clone(inputs)
     original = qkv.clone()
@@ -203,9 +212,10 @@ def _check_rope(case: RopeCase, device: str) -> None:
     assert (k_cache.flatten(0, 1)[~written] == 0).all() and (v_cache.flatten(0, 1)[~written] == 0).all()
 
 
+@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
 @pytest.mark.parametrize("case", ROPE_CASES, ids=_case_id)
-def test_rope_and_cache_matches_twin(case):
-    _check_rope(case, DEVICE)
+def test_rope_and_cache_matches_twin(case, layout):
+    _check_rope(case, DEVICE, layout)
 
 
 def test_rope_padded_rows_write_only_the_scratch_block():
@@ -231,7 +241,7 @@ def test_rope_padded_rows_write_only_the_scratch_block():
 @pytest.mark.skipif(HAS_CUDA, reason="guard pages catch accesses of the interpreted kernels on CPU")
 def test_kernels_touch_nothing_past_their_inputs():
     """Every input and output buffer ends at an inaccessible page: a read or write one element past any
-    of them crashes. The results still match the twins."""
+    of them (the caches head-major, as the engine's) crashes. The results still match the twins."""
     case = RopeCase(7, (8, 2), 64, 16, 0, torch.float16)
     inputs = _rope_inputs(case, "cpu")
     expected = _clone(inputs)
@@ -297,13 +307,14 @@ def _rope_args() -> dict:
         (lambda a: a.update(qkv=a["qkv"][:, :-1]), "qkv must be"),
         (lambda a: a.update(qkv=a["qkv"].t().contiguous().t()), "unit column stride"),
         (lambda a: a.update(k_cache=a["k_cache"][:, :8]), "one shape and strides"),
-        (lambda a: a.update(k_cache=a["k_cache"][:, :8], v_cache=a["v_cache"][:, :8]), "end to end"),
+        (lambda a: a.update(v_cache=a["v_cache"].contiguous()), "one shape and strides"),  # token-major V
+        (lambda a: a.update(k_cache=a["k_cache"][..., ::2], v_cache=a["v_cache"][..., ::2]), "unit stride"),
         (lambda a: a.update(cos_sin=a["cos_sin"].float()), "share a dtype"),
         (lambda a: a.update(cos_sin=a["cos_sin"][:, :, :32]), "cos_sin must be"),
         (lambda a: a.update(positions=a["positions"].int()), "positions must be"),
         (lambda a: a.update(slot_mapping=a["slot_mapping"][:2]), "slot_mapping must be"),
     ],
-    ids=["width", "stride", "caches", "blocks", "dtype", "table", "positions", "slots"],
+    ids=["width", "stride", "caches", "cache-strides", "head-dim", "dtype", "table", "positions", "slots"],
 )
 def test_rope_validation_errors(mutate, message):
     args = _rope_args()

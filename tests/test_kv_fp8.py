@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from greedy_runner import GreedyRunner
-from test_lean_attention import head_major
+from test_fused_ops import CACHE_LAYOUTS
 
 from leanserve.kernels import ops
 from leanserve.kernels import prefill_attention as prefill
 from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, quantize_rows
-from leanserve.kernels.kv_quant import select_blocks
+from leanserve.kernels.kv_quant import select_blocks, store_slots
 from leanserve.kernels.lean_attention import _CONFIGS, _launch, lean_attention_decode
 from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
 from leanserve.kernels.skinny_fused import skinny_linear_rope
 from leanserve.models.config import ModelConfig
-from leanserve.models.kv_cache import KVCache, resolve_kv_cache_dtype
+from leanserve.models.kv_cache import KVCache, head_major, resolve_kv_cache_dtype
 from leanserve.models.loader import load_model
 from leanserve.server.engine import engine_setup
 from leanserve.server.engine.config import EngineConfig
@@ -86,7 +86,8 @@ ROPE_CASES = [  # (tokens, (Hq, Hkv), D, block size, dtype)
 ]
 
 
-def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0):
+def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0, layout="head-major"):
+    """qkv, positions, cos_sin, zeroed fp8 caches and scales of `layout`, and shuffled distinct slots."""
     hq, hkv = heads
     gen = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=gen) * 3).to(dtype).to(device)
@@ -97,22 +98,27 @@ def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0)
     num_blocks = math.ceil(tokens / block_size) + 2
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(device)
     shape = (num_blocks, block_size, hkv, head_dim)
-    caches = [torch.zeros(shape, dtype=FP8, device=device) for _ in range(2)]
-    scales = [torch.zeros(shape[:3], device=device) for _ in range(2)]
+    lay_out = CACHE_LAYOUTS[layout]
+    caches = [lay_out(torch.zeros(shape, dtype=FP8, device=device)) for _ in range(2)]
+    scales = [lay_out(torch.zeros(shape[:3], device=device)) for _ in range(2)]
     return qkv, positions, cos_sin, caches, scales, slots
 
 
+@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
 @pytest.mark.parametrize(("tokens", "heads", "head_dim", "block_size", "dtype"), ROPE_CASES)
-def test_rope_and_cache_fp8_matches_twin(tokens, heads, head_dim, block_size, dtype):
+def test_rope_and_cache_fp8_matches_twin(tokens, heads, head_dim, block_size, dtype, layout):
     """Interpreted, the kernel's fp32 -> fp8e4nv conversion is wrong where rounding carries into the
     exponent (triton 3.9's interpreter: 7.9 -> 4, 127 -> 64) and for subnormals: the scales, the slots and
-    most values are checked on CPU, every value on the GPU."""
-    _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, DEVICE, every_value=HAS_CUDA)
+    most values are checked on CPU, every value on the GPU. Caches and scales head-major (the engine's)
+    or token-major."""
+    _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, DEVICE, every_value=HAS_CUDA, layout=layout)
 
 
-def _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, device, every_value=True):
+def _check_rope_fp8(
+    tokens, heads, head_dim, block_size, dtype, device, every_value=True, layout="head-major"
+):
     qkv, positions, cos_sin, (k_cache, v_cache), (k_scale, v_scale), slots = _rope_fp8_inputs(
-        tokens, heads, head_dim, block_size, dtype, device
+        tokens, heads, head_dim, block_size, dtype, device, layout=layout
     )
     expected = [t.clone() for t in (qkv, k_cache, v_cache, k_scale, v_scale)]
     _, _, v_ref = reference_rope_and_cache(
@@ -160,11 +166,8 @@ def test_writers_refuse_fp8_caches_without_scales_and_the_fused_epilogue():
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="v_scale must be a float32"):
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale[:, :1])
-    k_heads, v_heads = (head_major(s) for s in (k_scale, v_scale))
-    with pytest.raises(ValueError, match="the cache writer needs contiguous scales"):
-        rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_heads, v_heads)
     with pytest.raises(ValueError, match="k_scale and v_scale must share strides"):
-        rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_heads, v_scale)
+        rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale.contiguous())
     with pytest.raises(ValueError, match="scales are for float8_e4m3fn caches"):
         rope_and_cache(qkv, positions, cos_sin, k_cache.float(), v_cache.float(), slots, k_scale, v_scale)
     weight = torch.zeros(qkv.shape[1], 32, device=DEVICE)
@@ -326,14 +329,22 @@ def _config(tmp_path: Path, layers=2, kv_heads=8, head_dim=128) -> ModelConfig:
 
 
 def test_cache_copies_scales_and_counts_them_in_its_bytes(tmp_path):
+    """copy_blocks copies a block's K, V and scales in every layer, as the per-layer views show them, and
+    nothing else; the scales are head-major like K and V (a head's block_size scales contiguous)."""
     config = _config(tmp_path)
     cache = KVCache(config, 4, 16, FP8, "cpu")
     assert cache.quantized and cache.k[1].shape == (4, 16, 8, 128) and cache.k_scale[1].shape == (4, 16, 8)
-    cache.data[:, :, 1] = torch.randn(cache.data[:, :, 1].shape).to(FP8)
-    cache.scales[:, :, 1] = torch.rand(cache.scales[:, :, 1].shape)
+    assert cache.k_scale[1].stride() == cache.v_scale[0].stride() == (8 * 16, 1, 16)
+    gen = torch.Generator().manual_seed(0)
+    views = [*cache.k, *cache.v, *cache.k_scale, *cache.v_scale]
+    for view in views:  # block 1 of every layer's K, V and scales: its own random values
+        view[1] = torch.randn(view.shape[1:], generator=gen).to(view.dtype)
+    bits = [view.view(torch.uint8) if view.dtype == FP8 else view for view in views]
+    source = [b[1].clone() for b in bits]
     cache.copy_blocks([(1, 3)])
-    assert torch.equal(cache.data[:, :, 3].view(torch.uint8), cache.data[:, :, 1].view(torch.uint8))
-    assert torch.equal(cache.scales[:, :, 3], cache.scales[:, :, 1])
+    for b, src in zip(bits, source, strict=True):
+        assert torch.equal(b[3], src) and torch.equal(b[1], src) and (src != 0).any()
+        assert not b[0].any() and not b[2].any()
     allocated = cache.data.numel() * cache.data.element_size() + cache.scales.numel() * 4
     assert KVCache.bytes_per_block(config, 16, FP8) * 4 == allocated
 
@@ -399,8 +410,8 @@ def _check_model_reads_quantized_values(path, device, monkeypatch):
     def write_quantized(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale=None, v_scale=None):
         q, k, v = write(qkv, positions, cos_sin, k_cache, v_cache, slots)
         for cache in (k_cache, v_cache):
-            rows = cache.view(-1, *cache.shape[2:])
-            rows[slots] = dequantize(*quantize_rows(rows[slots]), cache.dtype)
+            rows = cache.flatten(0, 1)[slots]
+            store_slots(cache, slots, dequantize(*quantize_rows(rows), cache.dtype))
         return q, k, v
 
     monkeypatch.setattr(ops, "rope_and_cache", write_quantized)

@@ -14,6 +14,7 @@ from guard_page import against_guard_page
 from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch, lean_attention_decode
 from leanserve.kernels.lean_merge import red_chunk, workspace
 from leanserve.kernels.reference import reference_decode_attention
+from leanserve.models.kv_cache import head_major
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -233,15 +234,10 @@ def test_strided_query_and_repeated_launches_reset_counters():
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
 
-def head_major(t: torch.Tensor) -> torch.Tensor:
-    """The same [blocks, slots, KV heads, ...] values stored head-major ([blocks, KV heads, slots, ...])."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def test_head_major_cache_blocks():
-    """Caches stored head-major ([block, KV head, slot, D]) and passed as [block, slot, KV head, D] views:
-    the kernel reads K and V through their strides, so it gives the token-major cache's output
-    (`bench_decode_attention.py --layouts` times the two)."""
+    """Caches stored head-major ([block, KV head, slot, D], the engine's KVCache) and passed as [block,
+    slot, KV head, D] views: the kernel reads K and V through their strides, so it gives the token-major
+    cache's output (`bench_decode_attention.py --layouts` times the two)."""
     q, k, v, bt, sl = _make_inputs(3, 8, 2, 64, 16, [300, 17, 64], torch.float16, DEVICE)
     k_heads, v_heads = head_major(k), head_major(v)
     assert k_heads.stride(2) == 16 * 64 and not k_heads.is_contiguous()

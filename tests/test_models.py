@@ -228,11 +228,22 @@ def test_resolve_dtype_rejects_unknown():
 
 
 def test_kv_cache_layout(tiny_model_factory):
+    """Per layer K and V are [num_blocks, block_size, Hkv, D] views of one allocation, stored head-major:
+    a head's block_size x D page of a block is contiguous, the block's heads one page after another."""
     model = load_model(tiny_model_factory("llama3"), torch.float32, "cpu", load_format="dummy")
     cache = KVCache(model.config, num_blocks=7, block_size=16, dtype=torch.bfloat16, device="cpu")
     cfg = model.config
+    hkv, d = cfg.num_kv_heads, cfg.head_dim
     assert len(cache.k) == len(cache.v) == cfg.num_layers
-    assert cache.k[1].shape == (7, 16, cfg.num_kv_heads, cfg.head_dim) and cache.k[1].is_contiguous()
+    for layer in range(cfg.num_layers):
+        for kv, view in enumerate((cache.k[layer], cache.v[layer])):
+            assert view.shape == (7, 16, hkv, d) and view.stride() == (hkv * 16 * d, d, 16 * d, 1)
+            assert view.data_ptr() == cache.data[layer, kv].data_ptr()
+            view[2, 5, 1] = 1.0 + layer + 2 * kv  # (block 2, slot 5, head 1) lands in head 1's page
+            row = torch.full((d,), 1.0 + layer + 2 * kv, dtype=torch.bfloat16)
+            assert torch.equal(cache.data[layer, kv, 2, 1, 5], row)
+            assert torch.equal(view[2, :, 1], cache.data[layer, kv, 2, 1])
+    assert int((cache.data != 0).sum()) == 2 * cfg.num_layers * d  # each write went to one row only
     total = cache.data.numel() * cache.data.element_size()
     assert KVCache.bytes_per_block(cfg, 16, torch.bfloat16) * 7 == total
 

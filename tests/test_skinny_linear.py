@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from greedy_runner import GreedyRunner
 from guard_page import against_guard_page
-from test_fused_ops import MAX_POS, cos_sin_table
+from test_fused_ops import CACHE_LAYOUTS, MAX_POS, cos_sin_table
 
 from leanserve.kernels.activation import reference_silu_and_mul, silu_and_mul
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
@@ -161,35 +161,46 @@ def test_validation_errors(mutate, message):
 
 
 # -- the product with rope_and_cache in its epilogue ------------------------------------------------
-def _rope_inputs(rows: int, heads: tuple[int, int], head_dim: int, k: int, bias: bool, dtype: torch.dtype):
+def _rope_inputs(
+    rows: int,
+    heads: tuple[int, int],
+    head_dim: int,
+    k: int,
+    bias: bool,
+    dtype: torch.dtype,
+    block_size: int = 4,
+    layout: str = "head-major",
+):
     """x, weight, bias of a q/k/v projection and rope_and_cache's other arguments: ragged positions,
-    shuffled slots in a cache of spare blocks filled with noise (so a stray write shows). Slot 0 is never
-    used: padded rows of x would hit it (their slot loads as 0) if they stored anything."""
+    shuffled slots in caches of `layout` with spare blocks, filled with noise (so a stray write shows).
+    Slot 0 is never used: padded rows of x would hit it (their slot loads as 0) if they stored anything."""
     hq, hkv = heads
     x, w, b = _inputs(rows, (hq + 2 * hkv) * head_dim, k, dtype, DEVICE, bias)
     gen = torch.Generator().manual_seed(1)
     positions = torch.randint(0, MAX_POS, (rows,), generator=gen)
-    num_blocks, block_size = rows // 4 + 3, 4
+    num_blocks = rows // block_size + 3
     slots = 1 + torch.randperm(num_blocks * block_size - 1, generator=gen)[:rows]
-    k_cache, v_cache = torch.randn(2, num_blocks, block_size, hkv, head_dim, generator=gen).to(dtype)
+    shape = (num_blocks, block_size, hkv, head_dim)
+    lay_out = CACHE_LAYOUTS[layout]
+    k_cache, v_cache = (lay_out(torch.randn(shape, generator=gen).to(DEVICE, dtype)) for _ in range(2))
     table = cos_sin_table(head_dim, dtype, DEVICE)
-    rope = (positions.to(DEVICE), table, k_cache.to(DEVICE), v_cache.to(DEVICE), slots.to(DEVICE))
+    rope = (positions.to(DEVICE), table, k_cache, v_cache, slots.to(DEVICE))
     return x, w, b, rope
 
 
 @pytest.mark.parametrize(
-    ("rows", "heads", "head_dim", "k", "bias", "dtype", "block_n"),
-    [
-        (1, (4, 2), 64, 200, True, torch.float32, 32),  # skinny_linear would take the persistent grid here
-        (3, (4, 2), 128, 300, False, torch.bfloat16, 32),  # 4 programs a head
-        (17, (4, 2), 128, 200, True, torch.float16, 128),  # W's rows on the MMA's M side, a head a program
-        (17, (3, 1), 64, 256, False, torch.bfloat16, 64),  # the 64-row swapped tile, K a multiple of the tile
-        (40, (4, 2), 64, 256, True, torch.bfloat16, 64),  # 64 rows of x in the tile, 24 of them padding
+    ("rows", "heads", "head_dim", "k", "bias", "dtype", "block_n", "cache"),
+    [  # cache: (block size, layout); the engine's is head-major, the epilogue takes any strides
+        (1, (4, 2), 64, 200, True, torch.float32, 32, (16, "head-major")),  # skinny_linear: persistent
+        (3, (4, 2), 128, 300, False, torch.bfloat16, 32, (1, "token-major")),  # 4 programs a head
+        (17, (4, 2), 128, 200, True, torch.float16, 128, (4, "head-major")),  # W's rows on the M side
+        (17, (3, 1), 64, 256, False, torch.bfloat16, 64, (16, "head-major")),  # 64-row swapped tile
+        (40, (4, 2), 64, 256, True, torch.bfloat16, 64, (16, "token-major")),  # 64 rows, 24 of them padding
     ],
 )
-def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, block_n, monkeypatch):
+def test_rope_epilogue_matches_twins(rows, heads, head_dim, k, bias, dtype, block_n, cache, monkeypatch):
     monkeypatch.setattr(config_module, "sm_count", lambda device: 1 if block_n != 64 else 1 << 20)
-    x, w, b, rope = _rope_inputs(rows, heads, head_dim, k, bias, dtype)
+    x, w, b, rope = _rope_inputs(rows, heads, head_dim, k, bias, dtype, *cache)
     assert fuses_rope(x, w, head_dim)
     config = skinny_config(
         rows, *w.shape, dtype.itemsize, dtype.itemsize, torch.device(DEVICE), persistent=False
