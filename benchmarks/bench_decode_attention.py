@@ -3,9 +3,10 @@ caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V
 bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
 kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
 markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
-`--skip-peers` times LeanAttention only, `--layouts` times bf16 and fp8 caches stored token-major
-([block, slot, KV head, D], the layout of the other modes' pools) against head-major blocks ([block, KV
-head, slot, D], the engine's KVCache layout; the fp8 scales token- or head-major).
+`--skip-peers` times LeanAttention only. The pools are stored as the engine's KVCache stores them,
+head-major ([block, KV head, slot, D], the fp8 scales [block, KV head, slot]); `--layouts` times bf16 and
+fp8 caches stored token-major ([block, slot, KV head, D]) against those (the fp8 scales token- or
+head-major).
 Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts] [--skip-peers]"""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanserve.kernels.fp8 import dequantize, quantize_rows
 from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
-from leanserve.models.kv_cache import head_major
+from leanserve.models.kv_cache import block_view, head_major
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
@@ -134,7 +135,7 @@ class Inputs:
     contiguous caches for the peers."""
 
     q: torch.Tensor  # [copies, B, Hq, D]
-    k_pool: torch.Tensor  # [copies * blocks, BLOCK_SIZE, Hkv, D]
+    k_pool: torch.Tensor  # [copies * blocks, BLOCK_SIZE, Hkv, D], head-major blocks
     v_pool: torch.Tensor
     tables: torch.Tensor  # [copies, B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32
@@ -142,10 +143,10 @@ class Inputs:
     fp8: tuple[torch.Tensor, ...] = ()  # the pools quantized: k, v fp8 and k, v scales
 
     def quantized(self) -> tuple[torch.Tensor, ...]:
-        """(k, v, k_scale, v_scale) of the pools in fp8, made on first use."""
+        """(k, v, k_scale, v_scale) of the pools in fp8, head-major, made on first use."""
         if not self.fp8:
             (k, k_scale), (v, v_scale) = quantize_rows(self.k_pool), quantize_rows(self.v_pool)
-            self.fp8 = (k, v, k_scale, v_scale)
+            self.fp8 = tuple(head_major(t) for t in (k, v, k_scale, v_scale))
         return self.fp8
 
 
@@ -155,9 +156,9 @@ def make_inputs(shape: Shape) -> Inputs:
     blocks_per_seq = [math.ceil(n / BLOCK_SIZE) for n in shape.lens]
     max_blocks = max(blocks_per_seq)
     per_copy = sum(blocks_per_seq)
-    pool_shape = (copies * per_copy, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim)
-    k_pool = torch.randn(pool_shape, device="cuda", dtype=DTYPE)
-    v_pool = torch.randn(pool_shape, device="cuda", dtype=DTYPE)
+    pages_shape = (copies * per_copy, shape.num_kv_heads, BLOCK_SIZE, shape.head_dim)
+    k_pool = block_view(torch.randn(pages_shape, device="cuda", dtype=DTYPE))
+    v_pool = block_view(torch.randn(pages_shape, device="cuda", dtype=DTYPE))
     # Blocks of a sequence are a random permutation of the copy's blocks: a paged cache is scattered.
     tables = torch.zeros(copies, batch, max_blocks, dtype=torch.int32)
     for c in range(copies):
@@ -536,8 +537,8 @@ def gpu_env(bandwidth: float) -> dict:
     }
 
 
-# Shapes for --layouts: long and batched, with 8 and 32 KV heads (a head's rows lie Hkv x D bytes apart
-# in a token-major block).
+# Shapes for --layouts: long and batched, with 8 and 32 KV heads (a head's rows lie Hkv x D elements
+# apart in a token-major block).
 LAYOUT_SHAPES = ("B=1 32/8 32k", "B=1 32/8 128k", "B=1 32/32 128k", "B=32 32/8 4k", "ragged 32x~2k")
 
 
@@ -552,21 +553,22 @@ def bench_layouts(bandwidth: float) -> list[dict]:
         row = {"shape": shape.name, "floor_us": 1e6 * shape.floor_bytes() / bandwidth,
                "fp8_floor_us": 1e6 * shape.fp8_floor_bytes() / bandwidth}  # fmt: skip
         k, v, k_scale, v_scale = inp.quantized()
-        heads = [head_major(t) for t in (inp.k_pool, inp.v_pool, k, v, k_scale, v_scale)]
+        tokens = [t.contiguous() for t in (inp.k_pool, inp.v_pool, k, v, k_scale, v_scale)]
+        bf16_tokens = replace(inp, k_pool=tokens[0], v_pool=tokens[1], fp8=tuple(tokens[2:]))
         variants = {
-            "bf16 token-major": (inp, False),
-            "bf16 head-major": (replace(inp, k_pool=heads[0], v_pool=heads[1]), False),
-            "fp8 token-major": (inp, True),
-            "fp8 head-major K/V": (replace(inp, fp8=(heads[2], heads[3], k_scale, v_scale)), True),
-            "fp8 head-major K/V + scales": (replace(inp, fp8=tuple(heads[2:])), True),
+            "bf16 token-major": (bf16_tokens, False),
+            "bf16 head-major": (inp, False),
+            "fp8 token-major": (bf16_tokens, True),
+            "fp8 head-major K/V": (replace(inp, fp8=(k, v, tokens[4], tokens[5])), True),
+            "fp8 head-major K/V + scales": (inp, True),
         }
-        token_major = {fp8: lean_calls(inp, config, fp8=fp8)[0]() for fp8 in (False, True)}
+        token_major = {fp8: lean_calls(bf16_tokens, config, fp8=fp8)[0]() for fp8 in (False, True)}
         for name, (variant, fp8) in variants.items():
             calls = lean_calls(variant, config, fp8=fp8)
             row[name] = 1e6 * _time_graph(calls)
             err = relative_error(calls[0](), token_major[fp8])
             assert err < 1e-3, f"{shape.name} {name}: relative error {err:.2e} against token-major"
-        del variants, calls, heads, token_major
+        del variants, calls, tokens, bf16_tokens, token_major
         torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         rows.append(row)
