@@ -554,21 +554,21 @@ def bench_layouts(bandwidth: float) -> list[dict]:
                "fp8_floor_us": 1e6 * shape.fp8_floor_bytes() / bandwidth}  # fmt: skip
         k, v, k_scale, v_scale = inp.quantized()
         tokens = [t.contiguous() for t in (inp.k_pool, inp.v_pool, k, v, k_scale, v_scale)]
-        bf16_tokens = replace(inp, k_pool=tokens[0], v_pool=tokens[1], fp8=tuple(tokens[2:]))
+        token_major_inputs = replace(inp, k_pool=tokens[0], v_pool=tokens[1], fp8=tuple(tokens[2:]))
         variants = {
-            "bf16 token-major": (bf16_tokens, False),
+            "bf16 token-major": (token_major_inputs, False),
             "bf16 head-major": (inp, False),
-            "fp8 token-major": (bf16_tokens, True),
+            "fp8 token-major": (token_major_inputs, True),
             "fp8 head-major K/V": (replace(inp, fp8=(k, v, tokens[4], tokens[5])), True),
             "fp8 head-major K/V + scales": (inp, True),
         }
-        token_major = {fp8: lean_calls(bf16_tokens, config, fp8=fp8)[0]() for fp8 in (False, True)}
+        want = {fp8: lean_calls(token_major_inputs, config, fp8=fp8)[0]() for fp8 in (False, True)}
         for name, (variant, fp8) in variants.items():
             calls = lean_calls(variant, config, fp8=fp8)
             row[name] = 1e6 * _time_graph(calls)
-            err = relative_error(calls[0](), token_major[fp8])
+            err = relative_error(calls[0](), want[fp8])
             assert err < 1e-3, f"{shape.name} {name}: relative error {err:.2e} against token-major"
-        del variants, calls, tokens, bf16_tokens, token_major
+        del variants, calls, tokens, token_major_inputs, want
         torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         rows.append(row)
