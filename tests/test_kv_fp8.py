@@ -302,6 +302,13 @@ def test_prefill_kernel_fp8_matches_twin(chunks, heads, head_dim, block_size, dt
     _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, DEVICE, PREFILL_SMALL)
 
 
+def test_prefill_kernel_fp8_at_the_shipped_tiles():
+    """The D=128 tiles the engine runs (128 query rows x 128 keys) on an fp8 cache: a chunk after a
+    prefix whose keys end inside a key tile, and a chunk of its own."""
+    config = prefill._fitted(prefill._CONFIGS[128], 128, 2, torch.device(DEVICE))
+    _check_prefill_fp8([(200, 70), (0, 3)], (8, 2), 128, 16, torch.float16, DEVICE, config)
+
+
 def test_prefill_twin_fp8_is_the_twin_on_dequantized_caches():
     q, k, v, cu, ctx, bt, ks, vs = _fp8_prefill_inputs(
         [(40, 9), (0, 7)], (8, 2), 64, 16, torch.float32, "cpu"

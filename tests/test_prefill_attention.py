@@ -126,10 +126,12 @@ def test_matches_reference(case):
     torch.testing.assert_close(out, expected, **TOLERANCES[case.dtype])
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-def test_default_tiles_and_out_buffer(group):
-    """The shipped tile sizes (one query tile holds the whole chunk) with an output buffer and a scale."""
-    q, k, v, cu, ctx, bt = _make_inputs([(30, 70), (0, 3)], 2 * group, 2, 64, 16, torch.float16, DEVICE)
+@pytest.mark.parametrize(("group", "head_dim"), [(1, 64), (4, 64), (8, 64), (4, 128)])
+def test_default_tiles_and_out_buffer(group, head_dim):
+    """The shipped tile sizes with an output buffer and a scale: at D=64 one query tile holds the whole
+    chunk; at D=128 (128-key tiles) the first sequence's 200 + 70 keys end inside a third key tile."""
+    chunks = [(30, 70), (0, 3)] if head_dim == 64 else [(200, 70), (0, 3)]
+    q, k, v, cu, ctx, bt = _make_inputs(chunks, 2 * group, 2, head_dim, 16, torch.float16, DEVICE)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     result = prefill_attention(q, k, v, cu, ctx, bt, sm_scale=0.3, out=out)
     assert result.data_ptr() == out.data_ptr()
