@@ -40,7 +40,7 @@ LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "lm
 FP8_WEIGHTS = LINEAR_WEIGHTS[:4]
 # Rows up to which an FP8 weight's product may run weight-only (bf16 x) in the skinny kernel, where its
 # epilogue carries RoPE + the cache write (q/k/v). Past that the weight-only product is slower than W8A8:
-# on an H100 (bench_fp8_linear.py, docs/benchmarks.md) at 32 rows q/k/v 21.9 us against 15.3 for the W8A8
+# on an H100 (bench_fp8_linear.py, docs/benchmarks.md) at 32 rows q/k/v 22.0 us against 12.7 for the W8A8
 # skinny product.
 FP8_SKINNY_MAX_ROWS = 16
 
@@ -57,12 +57,13 @@ def linear(
     Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN (FP8:
     kernels.fp8.fp8_linear). FP8 products on CUDA are W8A8 (x quantized per row): up to SKINNY_MAX_ROWS
     rows in the skinny kernel, which multiplies e4m3 x and W natively; on an H100 (bench_fp8_linear.py,
-    docs/benchmarks.md) at 1 row it takes 14.9 / 13.1 / 45.9 / 29.7 us for q/k/v, o, gate/up, down, where
-    the weight-only product takes 15.7 / 11.8 / 67.3 / 33.5 and cuBLASLt W8A8 18.6 / 15.5 / 53.5 / 43.5,
-    and it is the fastest of the three at 32 and 64 rows. On CUDA a wider out_dtype comes straight from
-    the fp32 accumulator: the LM head's fp32 logits without a cast kernel (on an H100 a [64, 128256]
-    bf16 -> fp32 cast takes 24 us; the product with cuBLASLt writing fp32 itself takes 412 / 471 us at
-    128 / 256 rows against 450 / 534 with the cast; bench_engine.py --profile, docs/benchmarks.md)."""
+    docs/benchmarks.md) at 1 row it takes 12.4 / 10.3 / 43.3 / 26.9 us for q/k/v, o, gate/up, down, where
+    the weight-only product takes 15.6 / 11.4 / 67.3 / 33.2 and cuBLASLt W8A8 20.1 / 17.4 / 53.8 / 51.3;
+    it is the fastest of the three at 32 and 64 rows too, but for gate/up at 64 (level with cuBLASLt
+    W8A8). On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM head's fp32 logits
+    without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast takes 24 us; the product with
+    cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256 rows against 450 / 534 with the cast;
+    bench_engine.py --profile, docs/benchmarks.md)."""
     if scale is not None:
         if use_w8a8_skinny(x, weight):
             return skinny_linear_w8a8(x, weight, scale, bias, out_dtype)
