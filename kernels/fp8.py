@@ -7,9 +7,9 @@ and multiplied (the reference and the CPU path).
 
 W8A8 is what runs on CUDA: FP8 tensor cores take the products without widening W, and W reaches them
 once at 1 byte, where dequantizing first writes and reads a bf16 copy besides. Decode products of up to
-64 rows take the skinny kernel with e4m3 x (models.layers.linear), except q/k/v up to 16 rows, whose
-epilogue carries RoPE + the cache write and reads bf16 x (models.layers.FP8_SKINNY_MAX_ROWS);
-benchmarks/bench_fp8_linear.py times the three (and bf16) per projection."""
+64 rows take the skinny kernel with e4m3 x (models.layers.linear; q/k/v with RoPE + the cache write in
+its epilogue, kernels/skinny_fused.py); benchmarks/bench_fp8_linear.py times W8A8 in the skinny kernel
+and in torch._scaled_mm, the skinny kernel weight-only (bf16 x) and bf16, per projection."""
 
 from __future__ import annotations
 

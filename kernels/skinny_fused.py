@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from leanserve.kernels.fp8 import FP8, quantize_activations
 from leanserve.kernels.kv_quant import is_fp8
 from leanserve.kernels.rotary import check_rope_inputs, slot_strides
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
@@ -20,7 +21,8 @@ def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
     """Whether skinny_linear_rope takes the product of x [..., K] and weight [N, K] with heads of head_dim:
     at most SKINNY_MAX_ROWS rows, whole heads, and a tile (one program per block, `persistent=False`) of
     whole rotation pairs of one head: BLOCK_N / 2 divides D / 2, i.e. D a multiple of 32 up to 16 rows
-    (tiles of 32 rows of W), of 64 or of 128 past that (64 or 128 rows of W, by skinny_config)."""
+    (tiles of 32 rows of W), of 64 or of 128 past that (64 or 128 rows of W, by skinny_config); an FP8
+    weight (W8A8: 64 rows of W) needs D a multiple of 64."""
     return _rope_config(x, weight, head_dim) is not None
 
 
@@ -30,7 +32,9 @@ def _rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> Skinny
     rows = x.numel() // max(k, 1)
     if rows > SKINNY_MAX_ROWS or head_dim <= 0 or head_dim % 2 or n % head_dim:
         return None
-    config = skinny_config(rows, n, k, x.element_size(), weight.element_size(), x.device, persistent=False)
+    # An FP8 weight's product runs W8A8: on x quantized to e4m3, one byte an element.
+    x_itemsize = 1 if weight.dtype == FP8 else x.element_size()
+    config = skinny_config(rows, n, k, x_itemsize, weight.element_size(), x.device, persistent=False)
     return config if head_dim % config.block_n == 0 else None
 
 
@@ -55,7 +59,9 @@ def skinny_linear_rope(
     q and k rotated, in the projection's column layout; k and v are written to the caches at slot_mapping.
     Each program rotates what it has just stored, as rope_and_cache reads it: the same bits as the two
     launches where skinny_linear runs the same grid. An FP8 weight comes with its per-row `scale` [N]
-    fp32 (skinny_linear's). No host synchronisation."""
+    fp32 and runs W8A8, as models.layers.linear runs FP8 decode products: x is quantized per row
+    (kernels.fp8.quantize_activations) and the kernel multiplies e4m3 x and W; qkv keeps x's dtype. No
+    host synchronisation."""
     check_product(x, weight, bias, scale)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
@@ -88,7 +94,10 @@ def skinny_linear_rope(
             "HEAD_DIM": head_dim,
             "ROPE": True,
         }
-        launch_skinny(rows_of(x), weight, bias, qkv, config, rope, norm, scale)
+        x2, x_scale = rows_of(x), None
+        if scale is not None:
+            x2, x_scale = quantize_activations(x2)
+        launch_skinny(x2, weight, bias, qkv, config, rope, norm, scale, x_scale)
     return qkv
 
 
@@ -113,9 +122,8 @@ def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
 def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
     """The gate/up product of a gated MLP with SiLU-and-multiply in its epilogue, in one launch:
     silu_and_mul(skinny_linear(x, weight, norm=norm)) with the same bits, where fuses_silu(x, weight)
-    (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous in x's dtype, gate rows first (an FP8
-    weight runs W8A8 at these rows: models.layers.FP8_SKINNY_MAX_ROWS). Returns [T, I]; the [T, 2I]
-    product itself never reaches memory. No host synchronisation."""
+    (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous in x's dtype, gate rows first.
+    Returns [T, I]; the [T, 2I] product itself never reaches memory. No host synchronisation."""
     check_product(x, weight, None)
     config = _silu_config(x, weight)
     if x.dim() != 2 or config is None:

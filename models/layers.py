@@ -38,11 +38,6 @@ LINEAR_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight", "lm
 # Those `--quantization fp8` stores in FP8: the LM head stays in the model dtype (as in the published
 # FP8 checkpoints, which list it as ignored).
 FP8_WEIGHTS = LINEAR_WEIGHTS[:4]
-# Rows up to which an FP8 weight's product may run weight-only (bf16 x) in the skinny kernel, where its
-# epilogue carries RoPE + the cache write (q/k/v). Past that the weight-only product is slower than W8A8:
-# on an H100 (bench_fp8_linear.py, docs/benchmarks.md) at 32 rows q/k/v 22.0 us against 12.7 for the W8A8
-# skinny product.
-FP8_SKINNY_MAX_ROWS = 16
 
 
 def linear(
@@ -95,21 +90,18 @@ def stream_norm_fuses(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight
 
 
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Half-precision CUDA inputs where the kernel was tuned and beats cuBLASLt (`skinny_beats_cublas`:
-    decode-sized batches); fp32 keeps torch's products, so the fp32 checks against Hugging Face compare
-    like with like. An FP8 weight takes the kernel weight-only (the fused epilogues) up to
-    FP8_SKINNY_MAX_ROWS rows; `linear` runs its plain products W8A8."""
-    if not x.is_cuda or x.dtype == torch.float32:
+    """A dense weight's product of half-precision CUDA x where the kernel was tuned and beats cuBLASLt
+    (`skinny_beats_cublas`: decode-sized batches); fp32 keeps torch's products, so the fp32 checks
+    against Hugging Face compare like with like. FP8 weights: `use_w8a8_skinny`."""
+    if not x.is_cuda or x.dtype == torch.float32 or weight.dtype == FP8:
         return False
     n, k = weight.shape
-    if weight.dtype == FP8:
-        return x.numel() // k <= FP8_SKINNY_MAX_ROWS
     return skinny_beats_cublas(x.numel() // k, n, k)
 
 
 def use_w8a8_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """An FP8 weight's plain product of half-precision CUDA x with at most SKINNY_MAX_ROWS rows: W8A8 in
-    the skinny kernel (see `linear`)."""
+    """An FP8 weight's product of half-precision CUDA x with at most SKINNY_MAX_ROWS rows: W8A8 in the
+    skinny kernel (see `linear`), q/k/v with RoPE and the cache write in its epilogue."""
     rows = x.numel() // weight.shape[1]
     return x.is_cuda and x.dtype != torch.float32 and weight.dtype == FP8 and 0 < rows <= SKINNY_MAX_ROWS
 
@@ -211,8 +203,10 @@ class RotaryEmbedding(nn.Module):
 
     def fuses_with(self, x: torch.Tensor, qkv_weight: torch.Tensor) -> bool:
         """The q/k/v product of x takes the rotation and cache write into its epilogue (`project`): where
-        the skinny kernel runs the product and a program's rows of W are whole rotation pairs."""
-        return use_skinny_linear(x, qkv_weight) and fuses_rope(x, qkv_weight, self.cos_sin.shape[-1])
+        the skinny kernel runs the product (W8A8 for an FP8 weight) and a program's rows of W are whole
+        rotation pairs."""
+        skinny = use_skinny_linear(x, qkv_weight) or use_w8a8_skinny(x, qkv_weight)
+        return skinny and fuses_rope(x, qkv_weight, self.cos_sin.shape[-1])
 
     def project(
         self,
