@@ -14,7 +14,6 @@ from leanserve.kernels.kv_quant import is_fp8
 from leanserve.kernels.rotary import check_rope_inputs, slot_strides
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
 from leanserve.kernels.skinny_linear import check_product, launch_skinny, rows_of
-from leanserve.kernels.stream_norm import StreamNorm
 
 
 def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
@@ -47,11 +46,10 @@ def skinny_linear_rope(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    norm: StreamNorm | None = None,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The q/k/v projection of a decode step with `rope_and_cache` in its epilogue, in one launch: the
-    effects of rope_and_cache(skinny_linear(x, weight, bias, norm=norm), positions, cos_sin, k_cache,
+    effects of rope_and_cache(skinny_linear(x, weight, bias), positions, cos_sin, k_cache,
     v_cache, slot_mapping), where fuses_rope(x, weight, D) (ValueError elsewhere).
 
     x: [T, K]; weight: [(Hq + 2 Hkv) * D, K] contiguous; bias: [N] or None; the rest as rope_and_cache
@@ -97,7 +95,7 @@ def skinny_linear_rope(
         x2, x_scale = rows_of(x), None
         if scale is not None:
             x2, x_scale = quantize_activations(x2)
-        launch_skinny(x2, weight, bias, qkv, config, rope, norm, scale, x_scale)
+        launch_skinny(x2, weight, bias, qkv, config, rope, scale=scale, x_scale=x_scale)
     return qkv
 
 
@@ -119,9 +117,9 @@ def _silu_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     return config if (n // 2) % (config.block_n // 2) == 0 else None
 
 
-def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
+def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gate/up product of a gated MLP with SiLU-and-multiply in its epilogue, in one launch:
-    silu_and_mul(skinny_linear(x, weight, norm=norm)) with the same bits, where fuses_silu(x, weight)
+    silu_and_mul(skinny_linear(x, weight)) with the same bits, where fuses_silu(x, weight)
     (ValueError elsewhere). x: [T, K]; weight: [2I, K] contiguous in x's dtype, gate rows first.
     Returns [T, I]; the [T, 2I] product itself never reaches memory. No host synchronisation."""
     check_product(x, weight, None)
@@ -132,7 +130,7 @@ def skinny_linear_silu(x: torch.Tensor, weight: torch.Tensor, norm: StreamNorm |
             "of [T, K] and a tile that divides I (see fuses_silu)"
         )
     act = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
-    launch_skinny(rows_of(x), weight, None, act, config, {"SILU": True}, norm)
+    launch_skinny(rows_of(x), weight, None, act, config, {"SILU": True})
     return act
 
 

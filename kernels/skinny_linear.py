@@ -102,9 +102,8 @@ def _skinny_linear_kernel(
         )  # fmt: skip
     elif SILU:
         _silu_block(
-            x_ptr, w_ptr, bias_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn,
-            stride_ym, K_TILES, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, SCALE_ROWS, UPCAST,
-            DOT_PRECISION,
+            x_ptr, w_ptr, bias_ptr, y_ptr, offs_m, offs_k, M, N, K, stride_xm, stride_wn, stride_ym, K_TILES,
+            EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, UPCAST, DOT_PRECISION,
         )  # fmt: skip
     else:
         _block(
@@ -143,10 +142,10 @@ def _persistent_blocks(
 
 @triton.jit
 def _silu_block(
-    x_ptr, w_ptr, bias_ptr, y_ptr, squares, offs_m, offs_k, M, N, K, eps, stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, bias_ptr, y_ptr, offs_m, offs_k, M, N, K, stride_xm, stride_wn, stride_ym,
     K_TILES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The SiLU epilogue's block. W is gate || up: a program multiplies BLOCK_N / 2 gate rows and the up
     rows of the same columns into two accumulators of one layout, so silu(gate) * up is elementwise in
@@ -162,8 +161,6 @@ def _silu_block(
                     DOT_PRECISION)  # fmt: skip
         up = dot_acc(x, load_rows(w_ptr, cols + N // 2, N, stride_wn, k, K, EVEN_K, UPCAST), up, SWAP,
                   DOT_PRECISION)  # fmt: skip
-    gate = scale_rows(gate, squares, K, eps, SWAP, SCALE_ROWS)
-    up = scale_rows(up, squares, K, eps, SWAP, SCALE_ROWS)
     # Rounded as silu_and_mul reads the stored product: the two launches' bits.
     act = silu_times(gate.to(y_ptr.dtype.element_ty), up.to(y_ptr.dtype.element_ty))
     store_block(y_ptr, bias_ptr, act, offs_m, cols, M, N // 2, stride_ym, SWAP, HAS_BIAS)

@@ -369,25 +369,6 @@ def test_residual_epilogue_then_stream_norm(rows, n, k, dtype, sms, monkeypatch)
     torch.testing.assert_close(got, F.linear(normed, w_next.float()).to(dtype), atol=2 * tol, rtol=2 * tol)
 
 
-def test_stream_norm_in_rope_and_silu_epilogues(monkeypatch):
-    monkeypatch.setattr(config_module, "sm_count", lambda device: 1)
-    rows, dtype = 17, torch.float32  # both epilogues' swapped 128-row tiles
-    x, w, b, rope = _rope_inputs(rows, (4, 2), 128, 64, True, dtype)
-    squares = torch.stack([x.square().sum(1) / 2] * 2)  # the rows' squares in two partial sums
-    norm = StreamNorm(squares, 1e-5)
-    normed = F.rms_norm(x, (64,), None, 1e-5)
-    caches = [(rope[2].clone(), rope[3].clone()) for _ in range(2)]
-    got = skinny_linear_rope(x, w, b, rope[0], rope[1], *caches[0], rope[4], norm=norm)
-    want = skinny_linear_rope(normed, w, b, rope[0], rope[1], *caches[1], rope[4])
-    tol = 2 * TOLERANCES[dtype]
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    torch.testing.assert_close(caches[0], caches[1], atol=tol, rtol=tol)
-    gate_up = torch.randn(256, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE) / 8
-    torch.testing.assert_close(
-        skinny_linear_silu(x, gate_up, norm=norm), skinny_linear_silu(normed, gate_up), atol=tol, rtol=tol
-    )
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests of test_models.py run the model's kernels natively")
 def test_model_with_kernel_matches_twin(tiny_model_factory, monkeypatch):
     """The CPU model with the (interpreted) kernel in every linear layer of decode-sized steps: same
