@@ -52,13 +52,12 @@ def linear(
     Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN (FP8:
     kernels.fp8.fp8_linear). FP8 products on CUDA are W8A8 (x quantized per row): up to SKINNY_MAX_ROWS
     rows in the skinny kernel, which multiplies e4m3 x and W natively; on an H100 (bench_fp8_linear.py,
-    docs/benchmarks.md) at 1 row it takes 12.4 / 10.3 / 43.3 / 26.9 us for q/k/v, o, gate/up, down, where
-    the weight-only product takes 15.6 / 11.4 / 67.3 / 33.2 and cuBLASLt W8A8 20.1 / 17.4 / 53.8 / 51.3;
-    it is the fastest of the three at 32 and 64 rows too, but for gate/up at 64 (level with cuBLASLt
-    W8A8). On CUDA a wider out_dtype comes straight from the fp32 accumulator: the LM head's fp32 logits
-    without a cast kernel (on an H100 a [64, 128256] bf16 -> fp32 cast takes 24 us; the product with
-    cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256 rows against 450 / 534 with the cast;
-    bench_engine.py --profile, docs/benchmarks.md)."""
+    docs/benchmarks.md) at 1 row it takes 12.4 / 10.0 / 44.6 / 25.8 us for q/k/v, o, gate/up, down, where
+    the weight-only product takes 15.8 / 11.6 / 69.1 / 34.0 and cuBLASLt W8A8 20.6 / 17.7 / 54.8 / 52.2,
+    and it is the fastest of the three up to 64 rows. On CUDA a wider out_dtype comes straight from the
+    fp32 accumulator: the LM head's fp32 logits without a cast kernel (on an H100 a [64, 128256] bf16 ->
+    fp32 cast takes 24 us; the product with cuBLASLt writing fp32 itself takes 412 / 471 us at 128 / 256
+    rows against 450 / 534 with the cast; bench_engine.py --profile, docs/benchmarks.md)."""
     if scale is not None:
         if use_w8a8_skinny(x, weight):
             return skinny_linear_w8a8(x, weight, scale, bias, out_dtype)

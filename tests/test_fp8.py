@@ -288,11 +288,13 @@ def test_gpu_w8a8_skinny_matches_scaled_mm(rows, n, k):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_seqs", [1, 8, 16, 40])
-def test_gpu_fp8_model_decode_runs_w8a8_skinny_like_scaled_mm(num_seqs, tiny_model_factory, monkeypatch):
+def test_gpu_fp8_model_decode_runs_w8a8_skinny(num_seqs, tiny_model_factory, monkeypatch):
     """A bf16 decode step of an FP8 model runs every FP8 product W8A8 in the skinny kernel, q/k/v with
-    RoPE and the cache write in its epilogue, and gives the logits of the same model with every FP8
-    product on torch._scaled_mm (the same W8A8 arithmetic in cuBLASLt) and rope_and_cache apart: equal up
-    to the order of the sums, which can move an activation of a later layer by one e4m3 step."""
+    RoPE and the cache write in its epilogue: the same logits, bit for bit, as with the W8A8 product and
+    rope_and_cache apart, and close to the model with every FP8 product on torch._scaled_mm (the same
+    W8A8 arithmetic in cuBLASLt). Only the order of the sums differs there, but an activation rounded to
+    the other side of an e4m3 step moves a later layer: on an H100 the logits differ by 0.066-0.090 of
+    their norm (1-40 sequences) where the dense model's skinny and cuBLASLt products differ by <= 0.010."""
     path = tiny_model_factory("qwen2")  # qwen2: the q/k/v bias
     model = load_model(path, torch.bfloat16, "cuda", quantization="fp8")
     prompts = [[5 + i, 300, 41 + 7 * i] for i in range(num_seqs)]
@@ -309,19 +311,24 @@ def test_gpu_fp8_model_decode_runs_w8a8_skinny_like_scaled_mm(num_seqs, tiny_mod
         fused_rows.append(x.shape[0])
         return rope(x, *args, **kwargs)
 
+    def last_logits(prompts: list[list[int]], new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+        runner = GreedyRunner(model)
+        first = [t[0] for t in runner.generate(prompts, new_tokens=new_tokens)]
+        return runner.last_logits.float(), first
+
     monkeypatch.setattr(model_layers, "use_w8a8_skinny", recording_route)
     monkeypatch.setattr(model_layers, "skinny_linear_rope", recording_rope)
-    runner = GreedyRunner(model)
-    first = [t[0] for t in runner.generate(prompts, new_tokens=2)]  # a prefill step, a decode step
+    fused, first = last_logits(prompts, 2)  # a prefill step, a decode step
     layers = model.config.num_layers
     assert fused_rows.count(num_seqs) == layers and skinny_rows.count(num_seqs) >= 4 * layers
 
+    monkeypatch.setattr(model_layers.RotaryEmbedding, "fuses_with", lambda self, x, weight: False)
+    assert torch.equal(last_logits(prompts, 2)[0], fused)
+
     monkeypatch.setattr(model_layers, "use_w8a8_skinny", lambda x, weight: False)
-    truth = GreedyRunner(model)
-    truth.generate([[*p, t] for p, t in zip(prompts, first, strict=True)], new_tokens=1)
-    want = truth.last_logits.float()
-    err = float((runner.last_logits.float() - want).norm() / want.norm())
-    assert err < 0.03, err
+    want, _ = last_logits([[*p, t] for p, t in zip(prompts, first, strict=True)], 1)
+    err = float((fused - want).norm() / want.norm())
+    assert err < 0.15, err
 
 
 @gpu
