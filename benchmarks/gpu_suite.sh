@@ -13,7 +13,8 @@
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
 #                                     and kv-layout (decode attention on token- vs head-major cache blocks).
-#                                     Logs and results under $OUT. A device
+#                                     Logs and results under $OUT, and the Triton cache as
+#                                     $OUT/triton.tgz: copy it to .cache/triton.tgz for the next run. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
 #                                     GPU_SUITE_SECONDS (default 570) from the start: each part gets what
 #                                     is left, and the logs of a part cut off still come back. On a cold
@@ -43,6 +44,13 @@ run)
     mkdir "$site/leanserve"
     for package in server models kernels; do ln -s "$PWD/$package" "$site/leanserve/$package"; done
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 LEANSERVE_CACHE=$PWD/.cache/leanserve
+    # Compiling the kernels is most of a cold run's time: the Triton cache comes and goes as an archive
+    # (.cache/triton.tgz, from the last run's $OUT/triton.tgz), which any sm_90 GPU with this Triton reuses.
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+    mkdir -p "$TRITON_CACHE_DIR"
+    if [[ -f .cache/triton.tgz && -z $(ls -A "$TRITON_CACHE_DIR") ]]; then
+        tar -xzf .cache/triton.tgz -C "$TRITON_CACHE_DIR" && echo "Triton cache: $(du -sh "$TRITON_CACHE_DIR" | cut -f1) unpacked"
+    fi
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
     deadline=$((SECONDS + ${GPU_SUITE_SECONDS:-570}))
@@ -76,6 +84,13 @@ run)
         *) echo "unknown part $part" >&2 ;;
         esac 2>&1 | tee "$out/$part.log"
     done
+    # Written under a temporary name first, so an archive cut off by the call's limit is never taken for a
+    # whole one; the device tool returns files of up to 16 MiB.
+    tar -czf "$out/triton.tgz.part" -C "$TRITON_CACHE_DIR" . && mv "$out/triton.tgz.part" "$out/triton.tgz"
+    if (($(stat -c %s "$out/triton.tgz") > 16 * 1024 * 1024)); then
+        echo "Triton cache archive over 16 MiB: not returned (the next run compiles afresh)"
+        rm "$out/triton.tgz"
+    fi
     ;;
 *)
     echo "usage: $0 prepare|run" >&2
