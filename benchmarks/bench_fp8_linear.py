@@ -7,7 +7,7 @@ x quantized per row, then torch._scaled_mm) against dequantizing W to bf16 and c
 against bf16 cuBLASLt. Each call reads its own weight copy (past the 50 MB L2), all captured in one CUDA
 graph. Writes JSON and a plot.
 --tune instead sweeps the W8A8 skinny product's tiles at 1, 16 and 64 rows against skinny_config's
-W8A8 choice (one config so far).
+W8A8 choice.
 Usage: python benchmarks/bench_fp8_linear.py [--out DIR] [--tune]"""
 
 from __future__ import annotations
@@ -93,11 +93,19 @@ def prefill(rows: int, n: int, k: int) -> dict:
 
 def tune_candidates(rows: int) -> list[SkinnyConfig]:
     """The W8A8 sweep's tiles at `rows`: W's rows on the MMA's M side (what lets sm_90 multiply e4m3
-    natively), 64 or 128 of them, 128-512 columns a stage, 3-5 stages, 4 or 8 warps."""
-    return [
-        SkinnyConfig(max(16, triton.next_power_of_2(rows)), block_n, block_k, stages, warps, swap=True)
+    natively), 64 or 128 of them, 128-512 columns a stage, 3-5 stages, 4 or 8 warps; and x's rows on the M
+    side with 32 or 64 rows of W a program, which gives the 4096-row matrices (o, down) 128 programs where
+    64 rows of W give them 64, fewer than an H100's 132 SMs."""
+    block_m = max(16, triton.next_power_of_2(rows))
+    swapped = [
+        SkinnyConfig(block_m, block_n, block_k, stages, warps, swap=True)
         for block_n, block_k, stages, warps in product((64, 128), (128, 256, 512), (3, 4, 5), (4, 8))
     ]
+    plain = [
+        SkinnyConfig(block_m, block_n, block_k, stages, 4, swap=False)
+        for block_n, block_k, stages in product((32, 64), (256, 512), (4, 5))
+    ]
+    return swapped + plain
 
 
 def describe(config: SkinnyConfig) -> str:

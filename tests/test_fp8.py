@@ -25,12 +25,13 @@ from leanserve.kernels.fp8 import (
     reference_fp8_linear,
 )
 from leanserve.kernels.rotary import reference_rope_and_cache
+from leanserve.kernels.skinny_config import SkinnyConfig
 from leanserve.kernels.skinny_fused import (
     fuses_rope,
     skinny_linear_residual,
     skinny_linear_rope,
 )
-from leanserve.kernels.skinny_linear import skinny_linear, skinny_linear_w8a8
+from leanserve.kernels.skinny_linear import launch_skinny, skinny_linear, skinny_linear_w8a8
 from leanserve.models import layers as model_layers
 from leanserve.models.loader import load_model
 
@@ -205,6 +206,20 @@ def test_w8a8_skinny_matches_dequantized_product(rows, n, k, with_bias):
     got = skinny_linear(x_q, q, bias, scale=scale, x_scale=x_scale, out_dtype=torch.float32)
     want = dequantize(x_q, x_scale, torch.float32) @ dequantize(q, scale, torch.float32).T
     torch.testing.assert_close(got, want + bias if with_bias else want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "block_n", "block_k"), [(1, 32, 256), (5, 64, 512), (17, 32, 256)])
+def test_w8a8_tiles_with_x_rows_on_the_mma_m_side(rows, block_n, block_k):
+    """The W8A8 tiles bench_fp8_linear.py --tune sweeps besides skinny_config's: x's rows on the MMA's M
+    side (no swap) with 32 or 64 rows of W a program, ragged N and K."""
+    n, k = 200, 300
+    q, scale = _quantized(n, k)
+    x_q, x_scale = quantize_rows(_x(rows, k, torch.float32))
+    y = torch.empty(rows, n, device=DEVICE)
+    config = SkinnyConfig(max(16, 1 << (rows - 1).bit_length()), block_n, block_k, 4, 4, swap=False)
+    launch_skinny(x_q, q, None, y, config, scale=scale, x_scale=x_scale)
+    want = dequantize(x_q, x_scale, torch.float32) @ dequantize(q, scale, torch.float32).T
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
