@@ -225,6 +225,15 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     return results
 
 
+def kernel_times(prof) -> dict[str, list[float]]:
+    """A torch profiler run's CUDA kernel times (us) by kernel name (its first 80 characters)."""
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_name.setdefault(e.name[:80], []).append(e.device_time)
+    return per_name
+
+
 def profile(args: argparse.Namespace) -> None:
     """Kernel time per decode step by kernel name (torch profiler over 10 steps after 20 warm-up steps),
     at batch 1 and at --concurrency, with --context tokens of prompt. PDL is off here: a kernel launched
@@ -248,12 +257,10 @@ def profile(args: argparse.Namespace) -> None:
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        per_name: dict[str, list[float]] = {}
-        for e in kernels:
-            per_name.setdefault(e.name[:80], []).append(e.device_time)
+        per_name = kernel_times(prof)
         total = sum(map(sum, per_name.values())) / steps
-        print(f"batch {batch}: {total / 1e3:.2f} ms of kernels per step, {len(kernels) / steps:.0f} kernels")
+        count = sum(map(len, per_name.values())) / steps
+        print(f"batch {batch}: {total / 1e3:.2f} ms of kernels per step, {count:.0f} kernels")
         for name, times in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:15]:
             print(f"  {sum(times) / steps:8.1f} us  x{len(times) / steps:4.0f}  {name}")
         while engine.has_work:

@@ -9,11 +9,14 @@ Parts (--parts, default all), each printed as it finishes with its floor or peer
   ttft       time to first token of 1k / 8k / 32k prompts, whole (paged kernel, and SDPA per prompt:
              models.attention.SDPA_WHOLE_PROMPTS) and 32k in 2k chunks, against the compute floor (the
              prompt's FLOPs / the matrix-multiply throughput).
+  profile    kernel time by kernel name of one TTFT run each: 8k whole (paged kernel and SDPA) and 32k
+             in 2k chunks (torch profiler, PDL off: a kernel launched early would count its wait).
   serving    32 concurrent requests, prompts log-normal between 2k and 32k, 256 output tokens each: TTFT
              and TPOT p50 / p99, output tokens/s, the share of step time in attention, per KV cache dtype
              (--kv-dtypes, default bf16 and fp8).
 --tune sweeps the kernel's tiles on the attention part's shapes instead. Writes JSON + a plot to --out.
-Usage: python benchmarks/bench_long_context.py [--parts attention ttft serving] [--out DIR] [--tune]"""
+Usage: python benchmarks/bench_long_context.py [--parts attention ttft profile serving] [--out DIR]
+       [--tune]"""
 
 from __future__ import annotations
 
@@ -34,10 +37,11 @@ import torch
 import torch.nn.functional as F
 import triton
 from bench_decode_attention import relative_error  # benchmarks/ is the script's directory
-from bench_engine import make_prompts
+from bench_engine import kernel_times, make_prompts
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from leanserve.kernels import launch
 from leanserve.kernels.prefill_attention import _CONFIGS, PrefillConfig, _launch
 from leanserve.models import attention
 from leanserve.models.kv_cache import head_major
@@ -278,6 +282,35 @@ def ttft_part(engine: LLMEngine, peak: float, reps: int) -> list[dict]:
     return rows
 
 
+def profile_part(engine: LLMEngine) -> list[dict]:
+    """Where the TTFT of an 8k prompt (paged kernel, SDPA) and of a 32k one in 2k chunks goes: kernel
+    time by name over one run after a warm-up run, the 12 largest printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pdl, sdpa = launch.PDL_ENABLED, attention.SDPA_WHOLE_PROMPTS
+    launch.PDL_ENABLED = False
+    rows = []
+    for name, length, budget, use_sdpa in [("8k whole", 8 * K, 32 * K, False),
+                                           ("8k whole, SDPA", 8 * K, 32 * K, True),
+                                           ("32k in 2k chunks", 32 * K, CHUNK, False)]:  # fmt: skip
+        engine.scheduler.max_num_batched_tokens = budget
+        attention.SDPA_WHOLE_PROMPTS = use_sdpa
+        warm, prompt = make_prompts(2, length, len(engine.tokenizer), seed=length + use_sdpa)
+        time_to_first_token(engine, warm, f"profile-warm-{name}")
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ttft, _ = time_to_first_token(engine, prompt, f"profile-{name}")
+            torch.cuda.synchronize()
+        per_name = {n: sum(t) / 1e3 for n, t in kernel_times(prof).items()}  # ms
+        total = sum(per_name.values())
+        print(f"{name}: TTFT {1e3 * ttft:.1f} ms (profiled), {total:.1f} ms of kernels", flush=True)
+        for kernel, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {ms:8.2f} ms {ms / total:6.1%}  {kernel}", flush=True)
+        rows.append(dict(prompt=name, ttft_ms=1e3 * ttft, kernel_ms=total, kernels=per_name))
+    launch.PDL_ENABLED, attention.SDPA_WHOLE_PROMPTS = pdl, sdpa
+    return rows
+
+
 def lognormal_lengths(count: int, low: int, high: int, seed: int) -> list[int]:
     """Log-normal prompt lengths with median sqrt(low * high), clipped to [low, high]."""
     rng = np.random.default_rng(seed)
@@ -349,7 +382,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", nargs="+", choices=["attention", "ttft", "serving"],
+    parser.add_argument("--parts", nargs="+", choices=["attention", "ttft", "profile", "serving"],
                         default=["attention", "ttft", "serving"])  # fmt: skip
     parser.add_argument("--model", default="benchmarks/models/llama-3-8b")
     parser.add_argument("--tokenizer", default=".cache/leanserve/SmolLM2-135M-Instruct")
@@ -383,10 +416,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     # One engine per KV cache dtype: the first also runs the TTFT part.
     dtypes = args.kv_dtypes if "serving" in args.parts else args.kv_dtypes[:1]
-    for i, kv_dtype in enumerate(dtypes if {"ttft", "serving"} & set(args.parts) else []):
+    for i, kv_dtype in enumerate(dtypes if {"ttft", "profile", "serving"} & set(args.parts) else []):
         engine = build_engine(args, kv_dtype)
         if i == 0 and "ttft" in args.parts:
             results["ttft"] = ttft_part(engine, peak, args.reps)
+        if i == 0 and "profile" in args.parts:
+            results["profile"] = profile_part(engine)
         if "serving" in args.parts:
             r = results.setdefault("serving", {})[kv_dtype] = serving_part(engine, args)
             ttft, tpot = r["ttft_ms"], r["tpot_ms"]

@@ -12,7 +12,8 @@
 #                                     $OUT/fp8); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
-#                                     and kv-layout (decode attention on token- vs head-major cache blocks).
+#                                     kv-layout (decode attention on token- vs head-major cache blocks), and
+#                                     long-profile (TTFT, then where an 8k and a chunked 32k prompt's time goes).
 #                                     Logs and results under $OUT, and the Triton cache as
 #                                     $OUT/triton.tgz: copy it to .cache/triton.tgz for the next run. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
@@ -76,6 +77,8 @@ run)
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
         long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
+        long-profile) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --parts ttft profile \
+            --out "$out" ;;
         fp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fp8_linear.py --tune --out "$out" ;;
         kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;
         kvfp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --out "$out" ;;
