@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leanserve.models.quantization import checkpoint_quantization
+from leanserve.models.quantization import checkpoint_quantization, fp8_block_size
 
 # model_type -> architecture, for configs that omit "architectures".
 SUPPORTED_ARCHITECTURES = {
@@ -42,6 +42,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: list[int] = field(default_factory=list)
     quantization: str | None = None  # how the checkpoint stores its linear weights: "fp8" or None (dense)
+    fp8_block: tuple[int, int] | None = None  # block-wise FP8 checkpoints: the (rows, columns) of a scale
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -108,6 +109,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
             quantization=checkpoint_quantization(raw),
+            fp8_block=fp8_block_size(raw),
         )
 
 

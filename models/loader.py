@@ -2,8 +2,9 @@
 progress bar) copied into the fused parameters on the target device, or random weights from
 `config.json` alone (`load_format="dummy"`, for benchmarks at real shapes); and the `--dtype` choice.
 Under tensor parallelism each rank reads only its slices of the sharded matrices. With FP8 linear weights
-(`--quantization`, models/quantization.py) an FP8 checkpoint tensor is copied with its scales and a dense
-one is quantized per row on the device; a dense model dequantizes an FP8 checkpoint's tensors."""
+(`--quantization`, models/quantization.py) an FP8 checkpoint tensor is copied with its scales (one per
+tensor or row; block-wise ones are dequantized and the weight requantized per row) and a dense one is
+quantized per row on the device; a dense model dequantizes an FP8 checkpoint's tensors."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Checkpoint tensors that are not weights of ours (recomputed buffers; static activation scales of FP8
 # checkpoints: decode keeps activations in the model dtype and prefill scales them per row).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "input_scale")
-# An FP8 checkpoint tensor `<module>.weight`'s scales: one per tensor, or per output row ([N] or [N, 1]).
+# An FP8 checkpoint tensor `<module>.weight`'s scales: one per tensor, per output row ([N] or [N, 1]) or
+# per block ([ceil(N / rows), ceil(K / columns)]), the block-wise plain layout's named `_scale_inv`.
 _SCALE_SUFFIX = "_scale"
+_SCALE_SUFFIXES = (_SCALE_SUFFIX, "_scale_inv")
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -93,6 +96,10 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
     missing = set(layout)
     files = _safetensors_files(model_dir)
     scales = _read_scales(files, layout) if model.config.quantization else {}
+    block = model.config.fp8_block
+    if block is not None:
+        logger.info("block-wise FP8 checkpoint (%dx%d scales): each weight is requantized with one scale a "
+                    "row, which rounds it once more", *block)  # fmt: skip
     total = sum(len(safe_open(f, framework="pt").keys()) for f in files)
     # disable=None: no bar when stderr is not a terminal (log pipelines, --log-format json, containers).
     bar = tqdm(total=total, desc=f"loading {model_dir.name}", unit="tensor", leave=False, disable=None)
@@ -114,7 +121,7 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
                         raise ValueError(
                             f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {param_name}"
                         )
-                    scale = _tensor_scale(scales, name, tensor, shard)
+                    scale = _tensor_scale(scales, name, tensor, shard, block)
                     _copy_weight(params, param_name, lo, hi, tensor.to(target.device), scale)
                     missing.discard(name)
     if missing:
@@ -124,28 +131,37 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
 
 
 def _read_scales(files: list[Path], layout: dict) -> dict[str, torch.Tensor]:
-    """Every `<weight>_scale` tensor of a weight in `layout`, as fp32 (small: one per tensor or row)."""
+    """Every scale tensor of a weight in `layout` (`_SCALE_SUFFIXES`), as fp32 (small: one per tensor,
+    row or block)."""
     scales = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if name.endswith(_SCALE_SUFFIX) and name.removesuffix(_SCALE_SUFFIX) in layout:
+                if any(name.endswith(s) and name.removesuffix(s) in layout for s in _SCALE_SUFFIXES):
                     scales[name] = f.get_tensor(name).float()
     return scales
 
 
 def _tensor_scale(
-    scales: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, shard: tuple[int, int, int] | None
+    scales: dict[str, torch.Tensor],
+    name: str,
+    tensor: torch.Tensor,
+    shard: tuple[int, int, int] | None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """An FP8 checkpoint tensor's scales as [rows of `tensor`] fp32 (a per-tensor scale repeated, this
-    rank's rows of per-row ones); None for a dense tensor. ValueError for an FP8 tensor we cannot read."""
+    rank's rows of per-row ones), or with `block` as one scale per element of `tensor` (its blocks'
+    scales, for this rank's slice); None for a dense tensor. ValueError for an FP8 tensor we cannot
+    read."""
     if not tensor.dtype.is_floating_point or tensor.element_size() != 1:
         return None
     if tensor.dtype != FP8:
         raise ValueError(f"{name}: unsupported checkpoint dtype {tensor.dtype} (FP8 weights are e4m3)")
-    scale = scales.get(name + _SCALE_SUFFIX)
+    scale = next((scales[name + s] for s in _SCALE_SUFFIXES if name + s in scales), None)
     if scale is None:
         raise ValueError(f"{name} is FP8 but the checkpoint has no {name}{_SCALE_SUFFIX}")
+    if block is not None:
+        return _block_scales(name, scale, tensor.shape, shard, block)
     scale = scale.reshape(-1)
     if scale.numel() == 1:
         return scale.expand(tensor.shape[0]).contiguous()
@@ -159,6 +175,28 @@ def _tensor_scale(
     return scale
 
 
+def _block_scales(
+    name: str,
+    scale: torch.Tensor,
+    shape: torch.Size,
+    shard: tuple[int, int, int] | None,
+    block: tuple[int, int],
+) -> torch.Tensor:
+    """Block scales [ceil(N / rows), ceil(K / columns)] spread over the elements of a tensor of `shape`
+    (this rank's `shard` of the checkpoint tensor): [shape] fp32."""
+    offsets = [0, 0]
+    if shard is not None:
+        offsets[shard[0]] = shard[1]
+    rows = (torch.arange(shape[0]) + offsets[0]) // block[0]
+    cols = (torch.arange(shape[1]) + offsets[1]) // block[1]
+    if scale.dim() != 2 or rows[-1] >= scale.shape[0] or cols[-1] >= scale.shape[1]:
+        raise ValueError(
+            f"{name}: block scales of shape {tuple(scale.shape)} do not cover the weight in "
+            f"{block[0]}x{block[1]} blocks"
+        )
+    return scale[rows][:, cols]
+
+
 def _copy_weight(
     params: dict[str, torch.nn.Parameter],
     param_name: str,
@@ -169,8 +207,11 @@ def _copy_weight(
 ) -> None:
     """Rows [lo, hi) of a parameter from a checkpoint tensor on its device, FP8 (with per-row `scale`) or
     dense: an FP8 parameter takes FP8 as it is and quantizes a dense tensor per row; a dense parameter
-    takes a dense tensor as it is and dequantizes FP8."""
+    takes a dense tensor as it is and dequantizes FP8. Block-wise FP8 (a `scale` per element) is
+    dequantized in fp32 first, then taken as a dense tensor."""
     param = params[param_name]
+    if scale is not None and scale.dim() == 2:
+        tensor, scale = tensor.float() * scale.to(tensor.device), None
     if param.dtype == FP8:
         weight, scale = (tensor, scale.to(tensor.device)) if scale is not None else quantize_rows(tensor)
         param.data[lo:hi].copy_(weight)

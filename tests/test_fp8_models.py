@@ -193,6 +193,85 @@ def test_per_tensor_fp8_checkpoint_broadcasts_each_parts_scale(kind, tiny_model_
     assert _greedy(model, prompts) == _greedy(dense, prompts)
 
 
+def _write_block_fp8_checkpoint(src, out, layout: str, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Copy the dense checkpoint in `src` to `out` with its linear weights in block-wise FP8, as Qwen3-FP8
+    ("fp8": `weight_scale_inv`) or llm-compressor's block scheme ("compressed-tensors": `weight_scale`)
+    store them: a scale per `block` of W (edge blocks ragged). Returns the weights' dequantized values."""
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    tensors = load_file(src / "model.safetensors")
+    values = {}
+    for name in list(tensors):
+        if not name.endswith(tuple(f"{p}.weight" for p in LINEAR)):
+            continue
+        w = tensors.pop(name).float()
+        rows, cols = (torch.arange(n) // b for n, b in zip(w.shape, block, strict=True))
+        padded = torch.zeros(int(rows[-1] + 1) * block[0], int(cols[-1] + 1) * block[1])
+        padded[: w.shape[0], : w.shape[1]] = w.abs()
+        amax = padded.view(int(rows[-1] + 1), block[0], int(cols[-1] + 1), block[1]).amax(dim=(1, 3))
+        scales = amax / FP8_MAX
+        # Unequal magnitudes between blocks, so that the requantization per row has work to do.
+        scales[::2] *= 3.0
+        per_element = scales[rows][:, cols]
+        q = (w / per_element).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        suffix = "_scale_inv" if layout == "fp8" else "_scale"
+        tensors[name], tensors[name + suffix] = q, scales
+        values[name] = q.float() * per_element
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    if layout == "fp8":
+        section = {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic"}
+    else:
+        section = _section("compressed-tensors", strategy="block")
+        section["config_groups"]["group_0"]["weights"]["block_structure"] = list(block)
+    config["quantization_config"] = section
+    (out / "config.json").write_text(json.dumps(config))
+    return values
+
+
+@pytest.mark.parametrize("layout", ["fp8", "compressed-tensors"])
+def test_block_wise_fp8_checkpoint_is_requantized_per_row(layout, tiny_model_factory, tmp_path):
+    """Block-wise FP8 (Qwen3-FP8, DeepSeek; llm-compressor's block scheme), in blocks that do not divide
+    the tiny model's matrices: loaded as FP8 it holds what quantizing its dequantized weights per row at
+    load gives, bit for bit; loaded dense (quantization none) it holds the dequantized weights."""
+    src = tiny_model_factory("llama3")
+    checkpoint, dequantized = tmp_path / "block", tmp_path / "dense"
+    values = _write_block_fp8_checkpoint(src, checkpoint, layout, (32, 48))
+    assert ModelConfig.from_dir(checkpoint).fp8_block == (32, 48)
+    shutil.copytree(src, dequantized)
+    save_file(load_file(src / "model.safetensors") | values, dequantized / "model.safetensors")
+    stored = load_model(checkpoint, torch.float32, "cpu")
+    at_load = load_model(dequantized, torch.float32, "cpu", quantization="fp8")
+    a, b = dict(stored.named_parameters()), dict(at_load.named_parameters())
+    assert stored.layers[0].mlp.down_weight.dtype == FP8
+    for name, param in a.items():
+        assert torch.equal(param.view(torch.uint8) if param.dtype == FP8 else param,
+                           b[name].view(torch.uint8) if param.dtype == FP8 else b[name]), name  # fmt: skip
+    dense = load_model(checkpoint, torch.float32, "cpu", quantization="none")
+    want = load_model(dequantized, torch.float32, "cpu")
+    for name, param in dict(dense.named_parameters()).items():
+        assert torch.equal(param, dict(want.named_parameters())[name]), name
+    # Each rank reads the scales of its own rows or columns.
+    shards = [
+        load_model(checkpoint, torch.float32, "cpu", tp=TensorParallel(r, 2), quantization="none")
+        for r in range(2)
+    ]
+    inter = want.config.intermediate_size
+    down = torch.cat([shard.layers[0].mlp.down_weight for shard in shards], dim=1)
+    assert torch.equal(down, want.layers[0].mlp.down_weight)
+    gate_up = torch.cat([shard.layers[0].mlp.gate_up_weight.view(2, inter // 2, -1) for shard in shards], 1)
+    assert torch.equal(gate_up.flatten(0, 1), want.layers[0].mlp.gate_up_weight)
+
+
+def test_block_scales_that_miss_the_weight_are_an_error(tiny_model_path, tmp_path):
+    _write_block_fp8_checkpoint(tiny_model_path, tmp_path, "fp8", (32, 48))
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight_scale_inv"
+    tensors[name] = tensors[name][:, :1].contiguous()
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"down_proj\.weight: block scales of shape"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
 def test_ranks_read_their_rows_of_the_scales(tiny_model_factory, tmp_path):
     """Tensor parallelism: the per-channel scales of row-split weights (q/k/v, gate/up) are sliced with
     their rows; column-split weights (o, down) keep every row, so each rank holds the whole scale."""
@@ -219,9 +298,10 @@ def test_ranks_read_their_rows_of_the_scales(tiny_model_factory, tmp_path):
     ("section", "message"),
     [
         ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'"),
-        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise FP8"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, r"weight_block_size \[128\]"),
+        ({"quant_method": "fp8", "weight_block_size": [0, 128]}, r"weight_block_size \[0, 128\]"),
         ({"quant_method": "fp8", "activation_scheme": "weird"}, "activation_scheme 'weird'"),
-        (_section("compressed-tensors", strategy="block"), "strategy=block"),
+        (_section("compressed-tensors", strategy="block"), "block_structure in group_0 None"),
         (_section("compressed-tensors", strategy="group"), "strategy=group"),
         ({**_section("compressed-tensors"), "format": "pack-quantized"}, "format 'pack-quantized'"),
         ({"quant_method": "compressed-tensors", "config_groups": {}}, "no config_groups"),
