@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# Checkpoint tensors that are not weights of ours (recomputed buffers; static activation scales of FP8
-# checkpoints: decode keeps activations in the model dtype and prefill scales them per row).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "input_scale")
+# Checkpoint tensors that are not weights of ours: recomputed buffers; the static activation and KV-cache
+# scales of FP8 checkpoints (the W8A8 products scale activations per row, the fp8 KV cache each written
+# row: both on the fly).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "input_scale", "output_scale", "self_attn.k_scale",
+                     "self_attn.v_scale", "self_attn.q_scale")  # fmt: skip
 # An FP8 checkpoint tensor `<module>.weight`'s scales: one per tensor, per output row ([N] or [N, 1]) or
 # per block ([ceil(N / rows), ceil(K / columns)]), the block-wise plain layout's named `_scale_inv`.
 _SCALE_SUFFIX = "_scale"
