@@ -123,8 +123,9 @@ def _load_safetensors(model: CausalLM, model_dir: Path) -> None:
                         raise ValueError(
                             f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {param_name}"
                         )
+                    tensor = tensor.to(target.device)
                     scale = _tensor_scale(scales, name, tensor, shard, block)
-                    _copy_weight(params, param_name, lo, hi, tensor.to(target.device), scale)
+                    _copy_weight(params, param_name, lo, hi, tensor, scale)
                     missing.discard(name)
     if missing:
         raise ValueError(
@@ -163,7 +164,7 @@ def _tensor_scale(
     if scale is None:
         raise ValueError(f"{name} is FP8 but the checkpoint has no {name}{_SCALE_SUFFIX}")
     if block is not None:
-        return _block_scales(name, scale, tensor.shape, shard, block)
+        return _block_scales(name, scale, tensor.shape, shard, block, tensor.device)
     scale = scale.reshape(-1)
     if scale.numel() == 1:
         return scale.expand(tensor.shape[0]).contiguous()
@@ -183,20 +184,23 @@ def _block_scales(
     shape: torch.Size,
     shard: tuple[int, int, int] | None,
     block: tuple[int, int],
+    device: torch.device,
 ) -> torch.Tensor:
     """Block scales [ceil(N / rows), ceil(K / columns)] spread over the elements of a tensor of `shape`
-    (this rank's `shard` of the checkpoint tensor): [shape] fp32."""
+    (this rank's `shard` of the checkpoint tensor) on `device`: [shape] fp32, expanded there rather than
+    copied there."""
     offsets = [0, 0]
     if shard is not None:
         offsets[shard[0]] = shard[1]
-    rows = (torch.arange(shape[0]) + offsets[0]) // block[0]
-    cols = (torch.arange(shape[1]) + offsets[1]) // block[1]
-    if scale.dim() != 2 or rows[-1] >= scale.shape[0] or cols[-1] >= scale.shape[1]:
+    last = [(n - 1 + offset) // b for n, offset, b in zip(shape, offsets, block, strict=True)]
+    if scale.dim() != 2 or last[0] >= scale.shape[0] or last[1] >= scale.shape[1]:
         raise ValueError(
             f"{name}: block scales of shape {tuple(scale.shape)} do not cover the weight in "
             f"{block[0]}x{block[1]} blocks"
         )
-    return scale[rows][:, cols]
+    rows, cols = ((torch.arange(n, device=device) + offset) // b
+                  for n, offset, b in zip(shape, offsets, block, strict=True))  # fmt: skip
+    return scale.to(device)[rows][:, cols]
 
 
 def _copy_weight(
@@ -213,7 +217,7 @@ def _copy_weight(
     dequantized in fp32 first, then taken as a dense tensor."""
     param = params[param_name]
     if scale is not None and scale.dim() == 2:
-        tensor, scale = tensor.float() * scale.to(tensor.device), None
+        tensor, scale = tensor.float() * scale, None
     if param.dtype == FP8:
         weight, scale = (tensor, scale.to(tensor.device)) if scale is not None else quantize_rows(tensor)
         param.data[lo:hi].copy_(weight)
