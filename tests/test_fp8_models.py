@@ -105,34 +105,46 @@ def test_tiny_fp8_model_computes_its_dequantized_weights(kind, tiny_model_factor
 
 
 # -- FP8 checkpoints --------------------------------------------------------------------------------
+def _rewrite_linear_weights(src, out, section: dict, quantize) -> dict[str, torch.Tensor]:
+    """Copy the dense checkpoint in `src` to `out` with `section` as its quantization_config and each
+    linear weight w (fp32) replaced by the tensors of quantize(name, w) -> (tensors by name, a value to
+    return). Returns those values by weight name."""
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    tensors = load_file(src / "model.safetensors")
+    returned = {}
+    for name in list(tensors):
+        if name.endswith(tuple(f"{p}.weight" for p in LINEAR)):
+            written, returned[name] = quantize(name, tensors.pop(name).float())
+            tensors |= written
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = section
+    (out / "config.json").write_text(json.dumps(config))
+    return returned
+
+
 def _write_fp8_checkpoint(src, out, layout: str) -> dict[str, torch.Tensor]:
     """Copy the dense checkpoint in `src` to `out` with its linear weights in FP8: "compressed-tensors"
     with per-channel scales [N, 1] (quantize_rows'), or "fp8" with one scale per tensor (and a static
     input scale, which we ignore). Returns the FP8 tensors written."""
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    tensors = load_file(src / "model.safetensors")
-    written = {}
-    for name in list(tensors):
-        if not name.endswith(tuple(f"{p}.weight" for p in LINEAR)):
-            continue
-        w = tensors.pop(name).float()
+
+    def quantize(name: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if layout == "compressed-tensors":
             q, scale = quantize_rows(w)
-            scale = scale[:, None]
-        else:
-            scale = (w.abs().max() / FP8_MAX).reshape(())
-            q = quantize_with(w, scale.expand(w.shape[0]))
-            tensors[name.replace(".weight", ".input_scale")] = torch.tensor(0.05)
-            if name.endswith("v_proj.weight"):  # a static KV-cache scheme's scales, which we ignore too
-                for kv in "kv":
-                    tensors[name.replace("v_proj.weight", f"{kv}_scale")] = torch.tensor(0.1)
-        tensors[name], tensors[f"{name}_scale"] = q, scale
-        written[name] = q
-    save_file(tensors, out / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = _section(layout)
-    (out / "config.json").write_text(json.dumps(config))
-    return written
+            return {name: q, f"{name}_scale": scale[:, None]}, q
+        scale = (w.abs().max() / FP8_MAX).reshape(())
+        q = quantize_with(w, scale.expand(w.shape[0]))
+        written = {
+            name: q,
+            f"{name}_scale": scale,
+            name.replace(".weight", ".input_scale"): torch.tensor(0.05),
+        }
+        if name.endswith("v_proj.weight"):  # a static KV-cache scheme's scales, which we ignore too
+            for kv in "kv":
+                written[name.replace("v_proj.weight", f"{kv}_scale")] = torch.tensor(0.1)
+        return written, q
+
+    return _rewrite_linear_weights(src, out, _section(layout), quantize)
 
 
 def _section(layout: str, strategy: str = "channel") -> dict:
@@ -204,13 +216,8 @@ def _write_block_fp8_checkpoint(src, out, layout: str, block: tuple[int, int]) -
     """Copy the dense checkpoint in `src` to `out` with its linear weights in block-wise FP8, as Qwen3-FP8
     ("fp8": `weight_scale_inv`) or llm-compressor's block scheme ("compressed-tensors": `weight_scale`)
     store them: a scale per `block` of W (edge blocks ragged). Returns the weights' dequantized values."""
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    tensors = load_file(src / "model.safetensors")
-    values = {}
-    for name in list(tensors):
-        if not name.endswith(tuple(f"{p}.weight" for p in LINEAR)):
-            continue
-        w = tensors.pop(name).float()
+
+    def quantize(name: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rows, cols = (torch.arange(n) // b for n, b in zip(w.shape, block, strict=True))
         padded = torch.zeros(int(rows[-1] + 1) * block[0], int(cols[-1] + 1) * block[1])
         padded[: w.shape[0], : w.shape[1]] = w.abs()
@@ -221,18 +228,14 @@ def _write_block_fp8_checkpoint(src, out, layout: str, block: tuple[int, int]) -
         per_element = scales[rows][:, cols]
         q = (w / per_element).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         suffix = "_scale_inv" if layout == "fp8" else "_scale"
-        tensors[name], tensors[name + suffix] = q, scales
-        values[name] = q.float() * per_element
-    save_file(tensors, out / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
+        return {name: q, name + suffix: scales}, q.float() * per_element
+
     if layout == "fp8":
         section = {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic"}
     else:
         section = _section("compressed-tensors", strategy="block")
         section["config_groups"]["group_0"]["weights"]["block_structure"] = list(block)
-    config["quantization_config"] = section
-    (out / "config.json").write_text(json.dumps(config))
-    return values
+    return _rewrite_linear_weights(src, out, section, quantize)
 
 
 @pytest.mark.parametrize("layout", ["fp8", "compressed-tensors"])
