@@ -3,7 +3,9 @@ activations and the KV cache, kernels/kv_quant.py), and the FP8-weight many-row 
 batches). Decode-sized products read the FP8 weight in the skinny Triton kernel (kernels/skinny_linear.py,
 `scale`); this module's `fp8_linear` is the rest: on CUDA W8A8 through `torch._scaled_mm` (x quantized per
 row on the fly by one Triton kernel, `quantize_rows_fused`), elsewhere the weight dequantized to x's dtype
-and multiplied (the reference and the CPU path).
+and multiplied (the reference and the CPU path). Activations that come from an RMSNorm or from
+SiLU-and-multiply arrive quantized already (`FP8Rows`, written by those kernels: kernels/rms_norm.py,
+kernels/activation.py), which saves the product the quantizer's launch.
 
 W8A8 is what runs on CUDA: FP8 tensor cores take the products without widening W, and W reaches them
 once at 1 byte, where dequantizing first writes and reads a bf16 copy besides. Decode products of up to
@@ -12,6 +14,8 @@ its epilogue, kernels/skinny_fused.py); benchmarks/bench_fp8_linear.py times W8A
 and in torch._scaled_mm, the skinny kernel weight-only (bf16 x) and bf16, per projection."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,20 +44,60 @@ def fp8_scale(amax):
 
 
 @triton.jit
+def quantize_row(x):
+    """A whole row in registers, fp32 (lanes past its end 0) -> (its e4m3 values, its scale), as
+    `quantize_rows` computes them."""
+    scale = fp8_scale(tl.max(tl.abs(x), axis=0))
+    return tl.clamp(x / scale, -448.0, 448.0).to(tl.float8e4nv), scale
+
+
+@dataclass(frozen=True)
+class FP8Rows:
+    """Activations quantized per row (`quantize_rows`) for a W8A8 product, written so by the kernel that
+    produces them (RMSNorm, SiLU-and-multiply) rather than by a quantizer launch in front of the product.
+    values: e4m3 [T, K]; scales: fp32 [T]; dtype: the rows' own dtype, which the product returns. shape,
+    device and is_cuda are the values' (what the products' routing reads of an x)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.values.is_cuda
+
+    def numel(self) -> int:
+        return self.values.numel()
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
     """One row of x per program, whole in registers: its amax, its scale, its e4m3 values."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = fp8_scale(tl.max(tl.abs(x), axis=0))
-    q = tl.clamp(x / scale, -448.0, 448.0)
-    tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=mask)
+    q, scale = quantize_row(x)
+    tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
 # Longest row the fused quantizer holds in registers (16 warps, 64 values a thread).
-_MAX_FUSED_K = 32768
+MAX_FUSED_K = 32768
+
+
+def row_quantizer_warps(block: int) -> int:
+    """Warps of a program that holds a row of `block` (a power of two) values and quantizes it: 4 to 16,
+    2048 values a warp."""
+    return min(16, max(4, block // 2048))
 
 
 def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +105,8 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x is read once and the fp8 values and scales written once, where the torch ops pass over x about eight
     times (the W8A8 product's activations at prefill: bench_fp8_linear.py)."""
     m, k = x.shape
-    if x.stride(1) != 1 or k > _MAX_FUSED_K:
-        raise ValueError(f"x must be [M, K <= {_MAX_FUSED_K}] of unit column stride, got {tuple(x.shape)}")
+    if x.stride(1) != 1 or k > MAX_FUSED_K:
+        raise ValueError(f"x must be [M, K <= {MAX_FUSED_K}] of unit column stride, got {tuple(x.shape)}")
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
@@ -75,7 +119,7 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x.stride(0),
             q.stride(0),
             BLOCK_K=block_k,
-            num_warps=min(16, max(4, block_k // 2048)),
+            num_warps=row_quantizer_warps(block_k),
         )
     return q, scale
 
@@ -83,7 +127,7 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows of x: [M, K] for the W8A8 product: one fused pass where its rows fit the kernel
     (`quantize_rows_fused`), the torch ops for longer rows (an MLP wider than 32768)."""
-    if x.stride(1) == 1 and x.shape[1] <= _MAX_FUSED_K:
+    if x.stride(1) == 1 and x.shape[1] <= MAX_FUSED_K:
         return quantize_rows_fused(x)
     return quantize_rows(x)
 
@@ -111,25 +155,34 @@ def reference_fp8_linear(
     return y if out_dtype is None else y.to(out_dtype)
 
 
+def scaled_mm_fits(x: torch.Tensor | FP8Rows, weight: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm takes the product of x [..., K] and an FP8 weight [N, K]: half-precision
+    x on CUDA, K and N multiples of 16."""
+    n, k = weight.shape
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % 16 == 0 and k % 16 == 0
+
+
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | FP8Rows,
     weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """reference_fp8_linear's result for any number of rows. On CUDA (half-precision x, K and N multiples
-    of 16) the activations are quantized per row and the product runs on FP8 tensor cores with row-wise
-    scales (`torch._scaled_mm`): the weight is read once at 1 byte an element, where dequantizing first
-    would write and read it again at 2. Elsewhere the reference."""
+    """reference_fp8_linear's result for any number of rows. Where `scaled_mm_fits`, the activations are
+    quantized per row (unless x comes as FP8Rows, quantized by its producer) and the product runs on FP8
+    tensor cores with row-wise scales (`torch._scaled_mm`): the weight is read once at 1 byte an element,
+    where dequantizing first would write and read it again at 2. Elsewhere the reference (x a tensor)."""
     n, k = weight.shape
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % 16 == 0 and k % 16 == 0):
+    if isinstance(x, FP8Rows):
+        rows = x
+    elif not scaled_mm_fits(x, weight):
         return reference_fp8_linear(x, weight, scale, bias, out_dtype)
-    x_q, x_scale = quantize_activations(x.reshape(-1, k))
+    else:
+        rows = FP8Rows(*quantize_activations(x.reshape(-1, k)), x.dtype)
     # Row-wise scaling takes bf16 output only; column-major B is weight.T of the row-major weight.
-    y = torch._scaled_mm(
-        x_q, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], out_dtype=torch.bfloat16
-    )
+    scales = {"scale_a": rows.scales[:, None], "scale_b": scale[None, :]}
+    y = torch._scaled_mm(rows.values, weight.t(), **scales, out_dtype=torch.bfloat16)
     if bias is not None:
         y = y + bias
     return y.to(out_dtype or x.dtype).view(*x.shape[:-1], n)

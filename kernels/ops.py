@@ -9,20 +9,29 @@ import torch
 from leanserve.kernels import activation, argmax, lean_attention, rotary
 from leanserve.kernels import prefill_attention as paged_prefill
 from leanserve.kernels import rms_norm as norms
-from leanserve.kernels.activation import reference_silu_and_mul
+from leanserve.kernels.activation import reference_silu_and_mul, reference_silu_and_mul_fp8
 from leanserve.kernels.argmax import reference_argmax_rows
+from leanserve.kernels.fp8 import FP8Rows
 from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
-from leanserve.kernels.rms_norm import reference_fused_add_rms_norm, reference_rms_norm
+from leanserve.kernels.rms_norm import (
+    reference_fused_add_rms_norm,
+    reference_fused_add_rms_norm_fp8,
+    reference_rms_norm,
+    reference_rms_norm_fp8,
+)
 from leanserve.kernels.rotary import reference_rope_and_cache
 
 __all__ = [
     "argmax_rows",
     "decode_attention",
     "fused_add_rms_norm",
+    "fused_add_rms_norm_fp8",
     "prefill_attention",
     "rms_norm",
+    "rms_norm_fp8",
     "rope_and_cache",
     "silu_and_mul",
+    "silu_and_mul_fp8",
 ]
 
 
@@ -34,6 +43,17 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return (norms.fused_add_rms_norm if x.is_cuda else reference_fused_add_rms_norm)(x, residual, weight, eps)
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> FP8Rows:
+    return (norms.rms_norm_fp8 if x.is_cuda else reference_rms_norm_fp8)(x, weight, eps)
+
+
+def fused_add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[FP8Rows, torch.Tensor]:
+    apply = norms.fused_add_rms_norm_fp8 if x.is_cuda else reference_fused_add_rms_norm_fp8
+    return apply(x, residual, weight, eps)
 
 
 def rope_and_cache(
@@ -52,6 +72,10 @@ def rope_and_cache(
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return (activation.silu_and_mul if gate_up.is_cuda else reference_silu_and_mul)(gate_up)
+
+
+def silu_and_mul_fp8(gate_up: torch.Tensor) -> FP8Rows:
+    return (activation.silu_and_mul_fp8 if gate_up.is_cuda else reference_silu_and_mul_fp8)(gate_up)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """RMSNorm (Triton), optionally fused with the residual add before it, and its torch twins. One program
 normalises one row; statistics in fp32, the output rounded once like `F.rms_norm` (x * rstd * weight
-in fp32, then to the input dtype). The fused form replaces a decoder layer's residual add + norm pair."""
+in fp32, then to the input dtype). The fused form replaces a decoder layer's residual add + norm pair.
+The `_fp8` forms write the normalised rows quantized for a W8A8 product (kernels.fp8.FP8Rows), the same
+values as the norm followed by the row quantizer, without the quantizer's launch."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from leanserve.kernels.fp8 import FP8, FP8Rows, quantize_row, quantize_rows
 from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
@@ -17,6 +20,7 @@ def _rms_norm_kernel(
     x_ptr,
     residual_ptr,
     out_ptr,
+    out_scale_ptr,
     weight_ptr,
     stride_x,
     stride_r,
@@ -25,8 +29,11 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """QUANTIZE: out_ptr takes the row's e4m3 values and out_scale_ptr [T] its scale (kernels.fp8), of
+    the output rounded to x's dtype first, as the norm and the quantizer in two launches compute it."""
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -40,7 +47,11 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (xf * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = (xf * rstd * w).to(x.dtype)
+    if QUANTIZE:
+        y, scale = quantize_row(y.to(tl.float32))
+        tl.store(out_scale_ptr + row, scale)
+    tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
 
 
 # A whole row lives in registers as fp32: 64 KB at most (Llama-3-405B's hidden size).
@@ -76,14 +87,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
 
 
 def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out_scale: torch.Tensor | None = None,
 ) -> None:
+    """out: [T, H] in x's dtype, or e4m3 with out_scale [T] fp32 (the quantized forms)."""
     block = triton.next_power_of_2(x.shape[1])
     pdl = use_pdl(x.device)
     _rms_norm_kernel[(x.shape[0],)](
         x,
         x if residual is None else residual,  # unused without a residual
         out,
+        out_scale,
         weight,
         x.stride(0),
         0 if residual is None else residual.stride(0),
@@ -92,6 +110,7 @@ def _launch(
         eps,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
+        QUANTIZE=out_scale is not None,
         PDL=pdl,
         num_warps=_num_warps(block),
         launch_pdl=pdl,
@@ -118,6 +137,36 @@ def fused_add_rms_norm(
     return x, residual
 
 
+def _empty_rows(x: torch.Tensor) -> FP8Rows:
+    return FP8Rows(
+        torch.empty(x.shape, dtype=FP8, device=x.device),
+        torch.empty(x.shape[0], dtype=torch.float32, device=x.device),
+        x.dtype,
+    )
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> FP8Rows:
+    """rms_norm(x, weight, eps), its rows quantized for a W8A8 product (as kernels.fp8.quantize_rows
+    quantizes the rounded output), in one launch."""
+    _check(x, weight, None)
+    rows = _empty_rows(x)
+    if x.shape[0]:
+        _launch(x, None, rows.values, weight, eps, rows.scales)
+    return rows
+
+
+def fused_add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[FP8Rows, torch.Tensor]:
+    """residual += x in place, then the rows of rms_norm(residual) * weight quantized for a W8A8 product,
+    in one launch; x is left as it is. Returns (the quantized rows, residual)."""
+    _check(x, weight, residual)
+    rows = _empty_rows(x)
+    if x.shape[0]:
+        _launch(x, residual, rows.values, weight, eps, rows.scales)
+    return rows, residual
+
+
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Torch twin of `rms_norm`."""
     return F.rms_norm(x, x.shape[-1:], weight, eps)
@@ -130,3 +179,16 @@ def reference_fused_add_rms_norm(
     residual.add_(x)
     x.copy_(F.rms_norm(residual, residual.shape[-1:], weight, eps))
     return x, residual
+
+
+def reference_rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> FP8Rows:
+    """Torch twin of `rms_norm_fp8`."""
+    return FP8Rows(*quantize_rows(reference_rms_norm(x, weight, eps)), x.dtype)
+
+
+def reference_fused_add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[FP8Rows, torch.Tensor]:
+    """Torch twin of `fused_add_rms_norm_fp8`, residual updated in place as well."""
+    residual.add_(x)
+    return reference_rms_norm_fp8(residual, weight, eps), residual

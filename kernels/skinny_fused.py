@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 import triton
 
-from leanserve.kernels.fp8 import FP8, quantize_activations
+from leanserve.kernels.fp8 import FP8, FP8Rows, quantize_activations
 from leanserve.kernels.kv_quant import is_fp8
 from leanserve.kernels.rotary import check_rope_inputs, slot_strides
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
 from leanserve.kernels.skinny_linear import check_product, launch_skinny, rows_of
 
 
-def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
+def fuses_rope(x: torch.Tensor | FP8Rows, weight: torch.Tensor, head_dim: int) -> bool:
     """Whether skinny_linear_rope takes the product of x [..., K] and weight [N, K] with heads of head_dim:
     at most SKINNY_MAX_ROWS rows, whole heads, and a tile (one program per block, `persistent=False`) of
     whole rotation pairs of one head: BLOCK_N / 2 divides D / 2, i.e. D a multiple of 32 up to 16 rows
@@ -25,7 +25,7 @@ def fuses_rope(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
     return _rope_config(x, weight, head_dim) is not None
 
 
-def _rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> SkinnyConfig | None:
+def _rope_config(x: torch.Tensor | FP8Rows, weight: torch.Tensor, head_dim: int) -> SkinnyConfig | None:
     """The tile skinny_linear_rope runs, or None where it cannot (see fuses_rope)."""
     n, k = weight.shape
     rows = x.numel() // max(k, 1)
@@ -38,7 +38,7 @@ def _rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> Skinny
 
 
 def skinny_linear_rope(
-    x: torch.Tensor,
+    x: torch.Tensor | FP8Rows,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     positions: torch.Tensor,
@@ -58,10 +58,11 @@ def skinny_linear_rope(
     Each program rotates what it has just stored, as rope_and_cache reads it: the same bits as the two
     launches where skinny_linear runs the same grid. An FP8 weight comes with its per-row `scale` [N]
     fp32 and runs W8A8, as models.layers.linear runs FP8 decode products: x is quantized per row
-    (kernels.fp8.quantize_activations) and the kernel multiplies e4m3 x and W; qkv keeps x's dtype. No
-    host synchronisation."""
-    check_product(x, weight, bias, scale)
-    if x.dim() != 2:
+    (kernels.fp8.quantize_activations, or comes as FP8Rows from its producer) and the kernel multiplies
+    e4m3 x and W; qkv keeps x's dtype. No host synchronisation."""
+    x_rows = x.values if isinstance(x, FP8Rows) else x
+    check_product(x_rows, weight, bias, scale, x.scales if isinstance(x, FP8Rows) else None)
+    if x_rows.dim() != 2:
         raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
     if is_fp8(k_cache):
         # An fp8 row's scale is the amax of the whole head; a program holds BLOCK_N / 2 of its pairs.
@@ -92,9 +93,12 @@ def skinny_linear_rope(
             "HEAD_DIM": head_dim,
             "ROPE": True,
         }
-        x2, x_scale = rows_of(x), None
-        if scale is not None:
-            x2, x_scale = quantize_activations(x2)
+        if isinstance(x, FP8Rows):
+            x2, x_scale = x.values, x.scales
+        elif scale is not None:
+            x2, x_scale = quantize_activations(rows_of(x))
+        else:
+            x2, x_scale = rows_of(x), None
         launch_skinny(x2, weight, bias, qkv, config, rope, scale=scale, x_scale=x_scale)
     return qkv
 

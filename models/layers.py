@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels import ops
-from leanserve.kernels.fp8 import FP8, dequantize, fp8_linear
+from leanserve.kernels.fp8 import FP8, FP8Rows, dequantize, fp8_linear, scaled_mm_fits
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, skinny_beats_cublas
 from leanserve.kernels.skinny_fused import fuses_rope, fuses_silu, skinny_linear_rope, skinny_linear_silu
 from leanserve.kernels.skinny_linear import skinny_linear, skinny_linear_w8a8
@@ -41,14 +41,15 @@ FP8_WEIGHTS = LINEAR_WEIGHTS[:4]
 
 
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | FP8Rows,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ weight.T + bias in out_dtype (default x's). x: [..., K]; weight: [N, K], dense or packed by
-    `prepack_linear_weights`, or FP8 with its per-row `scale` [N] fp32 (x @ (weight * scale).T).
+    """x @ weight.T + bias in out_dtype (default x's). x: [..., K], or FP8Rows for an FP8 weight (where
+    `reads_fp8_rows`); weight: [N, K], dense or packed by `prepack_linear_weights`, or FP8 with its
+    per-row `scale` [N] fp32 (x @ (weight * scale).T).
     Decode-sized batches on CUDA take the skinny Triton kernel, everything else cuBLAS / oneDNN (FP8:
     kernels.fp8.fp8_linear). FP8 products on CUDA are W8A8 (x quantized per row): up to SKINNY_MAX_ROWS
     rows in the skinny kernel, which multiplies e4m3 x and W natively; on an H100 (bench_fp8_linear.py,
@@ -98,10 +99,23 @@ def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return skinny_beats_cublas(x.numel() // k, n, k)
 
 
-def use_w8a8_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_w8a8_skinny(x: torch.Tensor | FP8Rows, weight: torch.Tensor) -> bool:
     """An FP8 weight's product of half-precision CUDA x with at most SKINNY_MAX_ROWS rows: W8A8 in the
     skinny kernel (see `linear`), q/k/v with RoPE and the cache write in its epilogue."""
-    rows = x.numel() // weight.shape[1]
+    return _w8a8_skinny_takes(x, weight, x.numel() // weight.shape[1])
+
+
+def reads_fp8_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` multiplies the rows of x [T, ...] (T rows of weight's K) with weight W8A8: an FP8
+    weight and half-precision CUDA x, in the skinny kernel or torch._scaled_mm. The kernel producing
+    those rows then writes them quantized (FP8Rows: RMSNorm, SiLU-and-multiply), which saves the product
+    its quantizer launch."""
+    rows = x.shape[0]
+    scaled_mm = weight.dtype == FP8 and rows > 0 and scaled_mm_fits(x, weight)
+    return _w8a8_skinny_takes(x, weight, rows) or scaled_mm
+
+
+def _w8a8_skinny_takes(x: torch.Tensor | FP8Rows, weight: torch.Tensor, rows: int) -> bool:
     return x.is_cuda and x.dtype != torch.float32 and weight.dtype == FP8 and 0 < rows <= SKINNY_MAX_ROWS
 
 
@@ -148,13 +162,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False
+    ) -> tuple[torch.Tensor | FP8Rows, torch.Tensor]:
         """x, residual: [T, H]. Returns (normed, residual stream): without `residual`, (rms_norm(x), x);
-        with it, residual += x first and x is overwritten with the norm of the sum (both in place)."""
+        with it, residual += x first and x is overwritten with the norm of the sum (both in place).
+        `fp8`: the normed rows come quantized for a W8A8 product (FP8Rows), x is then left as it is."""
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps), x
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return (ops.rms_norm_fp8 if fp8 else ops.rms_norm)(x, self.weight, self.eps), x
+        add_and_norm = ops.fused_add_rms_norm_fp8 if fp8 else ops.fused_add_rms_norm
+        return add_and_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -257,16 +273,19 @@ class GatedMLP(nn.Module):
         linear_weight(self, "gate_up_weight", 2 * intermediate_size, hidden_size, dtype, fp8)
         linear_weight(self, "down_weight", hidden_size, intermediate_size, dtype, fp8)
 
-    def forward(self, x: torch.Tensor, norm: StreamNorm | None = None) -> torch.Tensor:
-        """x: [T, H] -> [T, H]; with a `norm`, of x's RMS-normalised rows (the skinny kernel only, the
-        norm's weight folded into gate/up). Decode batches of 17-64 rows on CUDA take SiLU into the gate/up
-        product's epilogue (`fuses_silu`): on an H100 a Llama-3-8B layer chain at 24 / 40 / 64 rows takes
-        22 / 43 / 51 us less a step than with the separate SiLU launch (docs/benchmarks.md, Engine)."""
+    def forward(self, x: torch.Tensor | FP8Rows, norm: StreamNorm | None = None) -> torch.Tensor:
+        """x: [T, H] (or FP8Rows) -> [T, H]; with a `norm`, of x's RMS-normalised rows (the skinny kernel
+        only, the norm's weight folded into gate/up). Decode batches of 17-64 rows on CUDA take SiLU into
+        the gate/up product's epilogue (`fuses_silu`): on an H100 a Llama-3-8B layer chain at 24 / 40 / 64
+        rows takes 22 / 43 / 51 us less a step than with the separate SiLU launch (docs/benchmarks.md,
+        Engine). A W8A8 down projection gets its input quantized by SiLU-and-multiply."""
         gate_up_weight, gate_up_scale = self.gate_up_weight, self.gate_up_weight_scale
         if use_skinny_linear(x, gate_up_weight) and fuses_silu(x, gate_up_weight):
             act = skinny_linear_silu(x, gate_up_weight)
         elif norm is not None:
             act = ops.silu_and_mul(skinny_linear(x, gate_up_weight, norm=norm, scale=gate_up_scale))
         else:
-            act = ops.silu_and_mul(linear(x, gate_up_weight, scale=gate_up_scale))
+            gate_up = linear(x, gate_up_weight, scale=gate_up_scale)
+            fp8 = reads_fp8_rows(gate_up, self.down_weight)
+            act = (ops.silu_and_mul_fp8 if fp8 else ops.silu_and_mul)(gate_up)
         return linear(act, self.down_weight, scale=self.down_weight_scale)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanserve.kernels.fp8 import FP8Rows
 from leanserve.kernels.skinny_fused import skinny_linear_residual
 from leanserve.kernels.stream_norm import StreamNorm
 from leanserve.models.attention import AttentionBatch, paged_attention
@@ -22,6 +23,7 @@ from leanserve.models.layers import (
     empty_param,
     linear,
     linear_weight,
+    reads_fp8_rows,
     stream_norm_fuses,
 )
 from leanserve.models.parallel import TensorParallel, check_divisible
@@ -65,10 +67,11 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
+        self, x: torch.Tensor | FP8Rows, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
     ) -> torch.Tensor:
-        """x: [T, H]; positions: [T] int64 -> the attention's output [T, Hq * D] before the output
-        projection `o_weight`, which the layer applies (with the residual add in its epilogue, or not)."""
+        """x: [T, H] (FP8Rows for W8A8 q/k/v); positions: [T] int64 -> the attention's output [T, Hq * D]
+        before the output projection `o_weight`, which the layer applies (with the residual add in its
+        epilogue, or not)."""
         num_tokens = x.shape[0]
         k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
         k_scale, v_scale = kv_cache.k_scale[self.layer_idx], kv_cache.v_scale[self.layer_idx]
@@ -151,7 +154,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] the previous layer's MLP output (the embeddings, with residual None, for the first
         layer); residual: [T, H] the stream it has not been added to. Returns (MLP output, stream)."""
-        x, residual = self.input_norm(x, residual)
+        # FP8 weights on CUDA: the norms write their rows quantized for the W8A8 products they feed.
+        x, residual = self.input_norm(x, residual, fp8=reads_fp8_rows(x, self.attn.qkv_weight))
         attn = self.attn(x, positions, batch, kv_cache)
         if self.post_attention_norm_folded and stream_norm_fuses(
             attn, self.attn.o_weight, self.mlp.gate_up_weight
@@ -166,7 +170,7 @@ class DecoderLayer(nn.Module):
         x = linear(attn, self.attn.o_weight, scale=self.attn.o_weight_scale)
         if self.tp is not None:
             x = self.tp.all_reduce(x)
-        x, residual = self.post_attention_norm(x, residual)
+        x, residual = self.post_attention_norm(x, residual, fp8=reads_fp8_rows(x, self.mlp.gate_up_weight))
         x = self.mlp(x)
         if self.tp is not None:
             x = self.tp.all_reduce(x)

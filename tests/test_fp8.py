@@ -14,15 +14,29 @@ from greedy_runner import GreedyRunner
 from test_fused_ops import MAX_POS, cos_sin_table
 from test_kv_fp8 import assert_fp8_close
 
+from leanserve.kernels.activation import (
+    reference_silu_and_mul_fp8,
+    silu_and_mul,
+    silu_and_mul_fp8,
+)
 from leanserve.kernels.fp8 import (
     FP8,
     FP8_MAX,
+    FP8Rows,
     dequantize,
     fp8_linear,
     quantize_activations,
     quantize_rows,
     quantize_rows_fused,
     reference_fp8_linear,
+)
+from leanserve.kernels.rms_norm import (
+    fused_add_rms_norm,
+    fused_add_rms_norm_fp8,
+    reference_fused_add_rms_norm_fp8,
+    reference_rms_norm_fp8,
+    rms_norm,
+    rms_norm_fp8,
 )
 from leanserve.kernels.rotary import reference_rope_and_cache
 from leanserve.kernels.skinny_config import SkinnyConfig
@@ -36,6 +50,10 @@ from leanserve.models import layers as model_layers
 from leanserve.models.loader import load_model
 
 config_module = importlib.import_module("leanserve.kernels.skinny_config")
+skinny_linear_module = importlib.import_module("leanserve.kernels.skinny_linear")
+skinny_fused_module = importlib.import_module("leanserve.kernels.skinny_fused")
+fp8_module = importlib.import_module("leanserve.kernels.fp8")
+llama_module = importlib.import_module("leanserve.models.llama")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -95,15 +113,37 @@ def test_fused_row_quantizer_is_its_twin(m, k, dtype):
     q, scale = quantize_rows_fused(x.to(DEVICE))
     want_q, want_scale = quantize_rows(x)
     torch.testing.assert_close(scale.cpu(), want_scale, rtol=0, atol=0)
+    assert_quantized_like(q.cpu(), want_q)
+
+
+def assert_quantized_like(got: torch.Tensor, want: torch.Tensor) -> None:
+    """e4m3 values a Triton kernel quantized against quantize_rows' of the same numbers and scales: within
+    one step (a GPU division may round the last fp32 bit the other way). Interpreted, fp32 -> fp8e4nv is
+    wrong where rounding carries into the exponent, for subnormals (test_kv_fp8) and rounds some ties
+    away from even: there every other value within one step, and most equal."""
     if HAS_CUDA:
-        assert_fp8_close(q.cpu(), want_q)
+        assert_fp8_close(got, want)
         return
-    # Interpreted, fp32 -> fp8e4nv is wrong where rounding carries into the exponent, for subnormals
-    # (test_kv_fp8) and rounds some ties away from even: every other value within one step of the twin.
-    want_bits = want_q.view(torch.uint8)
+    want_bits = want.view(torch.uint8)
     checked = (want_bits & 0x07 != 0) & (want_bits & 0x78 != 0)
-    assert_fp8_close(q[checked], want_q[checked])
-    assert (q.view(torch.uint8) == want_bits).float().mean() > 0.9
+    assert_fp8_close(got[checked], want[checked])
+    assert (got.view(torch.uint8) == want_bits).float().mean() > 0.9
+
+
+def assert_same_rows(got: FP8Rows, want: FP8Rows) -> None:
+    """Bit for bit: values, scales and the dtype they stand for."""
+    assert got.dtype == want.dtype and got.values.dtype == FP8 and got.values.shape == want.values.shape
+    assert torch.equal(got.scales, want.scales)
+    assert torch.equal(got.values.view(torch.uint8), want.values.view(torch.uint8))
+
+
+def assert_rows_close(got: FP8Rows, want: FP8Rows, dtype: torch.dtype) -> None:
+    """A kernel's quantized rows against its twin's, which rounds the unquantized rows in torch: scales
+    within that rounding, values within one e4m3 step (see assert_quantized_like)."""
+    assert got.dtype == want.dtype == dtype
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.scales.cpu(), want.scales, rtol=tol, atol=0)
+    assert_quantized_like(got.values.cpu(), want.values)
 
 
 def test_activation_quantizer_takes_rows_longer_than_the_fused_kernel():
@@ -120,6 +160,85 @@ def test_activation_quantizer_takes_rows_longer_than_the_fused_kernel():
 def test_fused_row_quantizer_refuses_strided_rows():
     with pytest.raises(ValueError, match="unit column stride"):
         quantize_rows_fused(torch.zeros(4, 8, device=DEVICE).t())
+
+
+# -- producers that quantize their rows for the W8A8 product -------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(("tokens", "hidden", "pad"), [(1, 64, 0), (7, 200, 0), (33, 576, 40)])
+def test_norms_quantize_their_rows_as_the_row_quantizer_does(tokens, hidden, pad, residual, dtype):
+    """rms_norm_fp8 / fused_add_rms_norm_fp8: the norm and the row quantizer in one launch, the same bits
+    as the two launches (strided rows, hidden sizes off a power of two); the stream updated as
+    fused_add_rms_norm updates it, x left alone; the twins within the norm's rounding."""
+    gen = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, hidden + pad, generator=gen) * 3)[:, :hidden].to(dtype=dtype, device=DEVICE)
+    stream = torch.randn(tokens, hidden, generator=gen).to(dtype=dtype, device=DEVICE)
+    weight = torch.randn(hidden, generator=gen).to(dtype=dtype, device=DEVICE)
+    x_before = x.clone()
+    if residual:
+        got, got_stream = fused_add_rms_norm_fp8(x, stream.clone(), weight, 1e-6)
+        normed, want_stream = fused_add_rms_norm(x.clone(), stream.clone(), weight, 1e-6)
+        twin, twin_stream = reference_fused_add_rms_norm_fp8(x.cpu(), stream.cpu(), weight.cpu(), 1e-6)
+        assert torch.equal(got_stream, want_stream) and torch.equal(twin_stream, want_stream.cpu())
+    else:
+        got, normed = rms_norm_fp8(x, weight, 1e-6), rms_norm(x, weight, 1e-6)
+        twin = reference_rms_norm_fp8(x.cpu(), weight.cpu(), 1e-6)
+    assert torch.equal(x, x_before)
+    assert_same_rows(got, FP8Rows(*quantize_rows_fused(normed), dtype))
+    assert_rows_close(got, twin, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "inter", "pad"), [(1, 64, 0), (7, 200, 0), (3, 1100, 30)])
+def test_silu_and_mul_quantizes_its_rows_as_the_row_quantizer_does(tokens, inter, pad, dtype):
+    """silu_and_mul_fp8: SiLU-and-multiply and the row quantizer in one launch (a whole row a program),
+    the same bits as the two launches; its twin within SiLU's rounding."""
+    gen = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(tokens, 2 * inter + pad, generator=gen) * 3)[:, : 2 * inter]
+    gate_up = gate_up.to(dtype=dtype, device=DEVICE)
+    got = silu_and_mul_fp8(gate_up)
+    assert_same_rows(got, FP8Rows(*quantize_rows_fused(silu_and_mul(gate_up)), dtype))
+    assert_rows_close(got, reference_silu_and_mul_fp8(gate_up.cpu()), dtype)
+
+
+def test_silu_and_mul_fp8_takes_rows_wider_than_its_kernel():
+    """Past I = 16384 (gate and up of a row no longer fit one program's registers) SiLU-and-multiply and
+    the quantizer run as two launches, with the same result."""
+    gate_up = torch.randn(2, 2 * (16384 + 16), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    assert_same_rows(
+        silu_and_mul_fp8(gate_up), FP8Rows(*quantize_activations(silu_and_mul(gate_up)), gate_up.dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rows", [1, 17])
+def test_w8a8_products_take_rows_their_producer_quantized(rows, dtype):
+    """The skinny W8A8 product and its RoPE epilogue on FP8Rows: the same bits as on the unquantized rows,
+    which they quantize themselves."""
+    hq, hkv, head_dim, k = 4, 2, 64, 96
+    q, scale = _quantized((hq + 2 * hkv) * head_dim, k)
+    x = _x(rows, k, dtype)
+    quantized = FP8Rows(*quantize_activations(x), dtype)
+    got = skinny_linear_w8a8(quantized, q, scale)
+    assert got.dtype == dtype and torch.equal(got, skinny_linear_w8a8(x, q, scale))
+    positions = torch.arange(rows, device=DEVICE)
+    table = cos_sin_table(head_dim, dtype, DEVICE)
+    slots = torch.arange(1, rows + 1, device=DEVICE)
+    caches = [torch.zeros(2, rows // 4 + 2, 4, hkv, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
+    outputs = [
+        skinny_linear_rope(rows_in, q, None, positions, table, *cache, slots, scale=scale)
+        for rows_in, cache in zip((x, quantized), caches, strict=True)
+    ]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(caches[0], caches[1])
+
+
+def test_reads_fp8_rows_only_where_the_product_runs_w8a8():
+    """Producers quantize only for a W8A8 product: never on the CPU (weight-only, dequantizing) nor for a
+    dense weight."""
+    q, _ = _quantized(64, 96)
+    x = torch.zeros(3, 96)
+    assert not model_layers.reads_fp8_rows(x, q.cpu())
+    assert not model_layers.reads_fp8_rows(x.to(DEVICE, torch.float16), torch.zeros(64, 96, device=DEVICE))
 
 
 def test_reference_product_is_the_dequantized_product():
@@ -344,6 +463,40 @@ def test_gpu_fp8_model_decode_runs_w8a8_skinny(num_seqs, tiny_model_factory, mon
     want, _ = last_logits([[*p, t] for p, t in zip(prompts, first, strict=True)], 1)
     err = float((fused - want).norm() / want.norm())
     assert err < 0.15, err
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_seqs", [1, 40, 70])
+def test_gpu_fp8_model_norms_and_silu_quantize_for_the_products(num_seqs, tiny_model_factory, monkeypatch):
+    """With FP8 weights the norms and SiLU-and-multiply write their rows quantized (FP8Rows), and of a
+    layer's four W8A8 products only o (attention's output) quantizes its own input: the same logits, bit
+    for bit, as the model with a quantizer launch in front of every product (decode in the skinny
+    kernel; 70 sequences: torch._scaled_mm)."""
+    model = load_model(tiny_model_factory("llama3"), torch.bfloat16, "cuda", quantization="fp8")
+    prompts = [[5 + i, 300, 41 + 7 * i] for i in range(num_seqs)]
+    quantized_rows = []
+    modules = (skinny_linear_module, skinny_fused_module, fp8_module)
+    for module in modules:
+        quantize = module.quantize_activations
+        monkeypatch.setattr(
+            module, "quantize_activations", lambda x, q=quantize: quantized_rows.append(x.shape[0]) or q(x)
+        )
+
+    def last_logits() -> torch.Tensor:
+        quantized_rows.clear()
+        runner = GreedyRunner(model)
+        runner.generate(prompts, new_tokens=2)  # a prefill step, a decode step
+        return runner.last_logits.float()
+
+    got = last_logits()
+    layers = model.config.num_layers
+    assert quantized_rows.count(num_seqs) == layers  # the decode step: o's input only
+    monkeypatch.setattr(model_layers, "reads_fp8_rows", lambda x, weight: False)
+    monkeypatch.setattr(llama_module, "reads_fp8_rows", lambda x, weight: False)
+    want = last_logits()
+    assert quantized_rows.count(num_seqs) == 4 * layers
+    assert torch.equal(got, want)
 
 
 @gpu
