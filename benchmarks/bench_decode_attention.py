@@ -7,7 +7,9 @@ markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on t
 head-major ([block, KV head, slot, D], the fp8 scales [block, KV head, slot]); `--layouts` times bf16 and
 fp8 caches stored token-major ([block, slot, KV head, D]) against those (the fp8 scales token- or
 head-major).
-Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts] [--skip-peers]"""
+`--occupancy` times the default launch against 3 and 4 programs an SM under a register cap.
+Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts | --occupancy]
+[--skip-peers]"""
 
 from __future__ import annotations
 
@@ -584,6 +586,56 @@ def bench_layouts(bandwidth: float) -> list[dict]:
     return rows
 
 
+# --occupancy: the default launch against more programs an SM under a register cap. The kernel holds 178
+# (bf16) and 250 (fp8) registers a thread as compiled (benchmarks/compile_sm90.py), so an SM takes 2
+# programs of 4 warps: 8 warps to hide each one's latency chain. Capped at 168 it takes 3 (bf16 without
+# spills; fp8 spills ~50 registers), at 128 four (fp8's shared memory allows it).
+OCCUPANCY_VARIANTS = {"3 per SM, 168 regs": (3, 168), "4 per SM, 128 regs": (4, 128)}
+
+
+def bench_occupancy(bandwidth: float) -> list[dict]:
+    """us and % of the own floor on every issue shape, bf16 and fp8: the default config and each
+    OCCUPANCY_VARIANTS (bf16 only at 3 per SM: 4 of its programs exceed an SM's shared memory). Each
+    variant's output is checked against the default's."""
+    rows = []
+    for shape in issue_shapes():
+        inp = make_inputs(shape)
+        default = _CONFIGS[shape.head_dim]
+        floors = {False: shape.floor_bytes(), True: shape.fp8_floor_bytes()}
+        for fp8 in (False, True):
+            row = {"shape": shape.name, "cache": "fp8" if fp8 else "bf16"}
+            want = lean_calls(inp, default, fp8=fp8)[0]()
+            variants = {"default": default} | {
+                name: replace(default, programs_per_sm=per_sm, max_registers=regs)
+                for name, (per_sm, regs) in OCCUPANCY_VARIANTS.items()
+                if fp8 or per_sm == 3
+            }
+            for name, config in variants.items():
+                calls = lean_calls(inp, config, fp8=fp8)
+                err = relative_error(calls[0](), want)
+                assert err < 1e-3, f"{shape.name} {row['cache']} {name}: relative error {err:.2e}"
+                us = 1e6 * _time_graph(calls)
+                row[name] = us
+                row[f"{name} % floor"] = 1e8 * floors[fp8] / bandwidth / us
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del inp
+        torch.cuda.empty_cache()
+    print(
+        "| shape | cache | "
+        + " | ".join(f"{n} us (% own floor)" for n in ["default", *OCCUPANCY_VARIANTS])
+        + " |"
+    )
+    print("|---|---|" + "---:|" * (1 + len(OCCUPANCY_VARIANTS)))
+    for r in rows:
+        cells = [
+            f"{r[n]:.1f} ({r[n + ' % floor']:.1f})" if n in r else ""
+            for n in ["default", *OCCUPANCY_VARIANTS]
+        ]
+        print(f"| {r['shape']} | {r['cache']} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -591,6 +643,9 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true", help="time LeanAttention (bf16 and fp8) only")
     parser.add_argument("--fp8", action="store_true", help="with --tune: sweep the fp8 cache's configs")
     parser.add_argument("--layouts", action="store_true", help="token-major vs head-major cache blocks")
+    parser.add_argument(
+        "--occupancy", action="store_true", help="3-4 programs an SM under a register cap vs the default"
+    )
     args = parser.parse_args()
     if args.fp8 and not args.tune:
         parser.error("--fp8 goes with --tune (the benchmark times the fp8 cache already)")
@@ -599,6 +654,10 @@ def main() -> None:
     torch.cuda.empty_cache()
     env = gpu_env(bandwidth)
     print(env, flush=True)
+    if args.occupancy:
+        rows = bench_occupancy(bandwidth)
+        (args.out / "occupancy.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        return
     if args.layouts:
         rows = bench_layouts(bandwidth)
         (args.out / "layouts.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -12,7 +12,9 @@
 #                                     $OUT/fp8); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
-#                                     kv-layout (decode attention on token- vs head-major cache blocks), and
+#                                     kv-layout (decode attention on token- vs head-major cache blocks),
+#                                     kv-occupancy (decode attention at 3-4 programs an SM under a register
+#                                     cap, bf16 and fp8), and
 #                                     long-profile (TTFT, then where an 8k and a chunked 32k prompt's time goes).
 #                                     Logs and results under $OUT, and the Triton cache as
 #                                     $OUT/triton.tgz: copy it to .cache/triton.tgz for the next run. A device
@@ -81,6 +83,7 @@ run)
             --out "$out" ;;
         fp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fp8_linear.py --tune --out "$out" ;;
         kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;
+        kv-occupancy) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --occupancy --out "$out" ;;
         kvfp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --out "$out" ;;
         kvfp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
             tests/test_kv_fp8.py && python3 benchmarks/bench_decode_attention.py --skip-peers --out '$out'" ;;

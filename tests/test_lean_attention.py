@@ -5,12 +5,19 @@ many programs and repeated launches, and CUDA graph replay with new lengths and 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 from guard_page import against_guard_page
+from test_kv_fp8 import _fp8_cache_inputs
 
+from leanserve.kernels.fp8 import dequantize
 from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch, lean_attention_decode
 from leanserve.kernels.lean_merge import red_chunk, workspace
 from leanserve.kernels.reference import reference_decode_attention
@@ -168,6 +175,48 @@ def test_output_merged_from_many_programs(group, head_dim):
     q, k, v, bt, sl = _make_inputs(2, group, 1, head_dim, 16, lens, torch.float16, DEVICE)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(("per_sm", "registers"), [(3, 168), (4, 128)])
+def test_register_capped_launches_match_reference(per_sm, registers, fp8):
+    """LeanConfig.max_registers (bench_decode_attention.py --occupancy): on a GPU the kernel compiled under
+    a register cap, the rest spilled, on a grid of 3 or 4 programs an SM; interpreted, the cap is passed
+    and ignored. bf16 and fp8 caches."""
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    config = replace(_CONFIGS[128], programs_per_sm=per_sm, max_registers=registers)
+    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([1, 200, 700, 63], (8, 2), 128, 16, dtype, DEVICE)
+    if not fp8:
+        k, v, ks, vs = dequantize(k, ks, dtype), dequantize(v, vs, dtype), None, None
+    out = _launch(q, k, v, bt, sl, None, None, config, k_scale=ks, v_scale=vs)
+    expected = reference_decode_attention(q, k, v, bt, sl, k_scale=ks, v_scale=vs)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.skipif(not _CUOBJDUMP.exists(), reason="this Triton has no NVIDIA backend tools")
+def test_compile_sm90_reports_the_kernel_without_a_gpu():
+    """benchmarks/compile_sm90.py compiles the decode kernel for sm_90 on any machine (not interpreted):
+    a row per cache dtype with the registers a thread holds, the programs an SM takes and the main loop's
+    size."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/compile_sm90.py"], cwd=root, env=env, capture_output=True, text=True,
+        timeout=600, check=True,
+    )  # fmt: skip
+    rows = [
+        line.strip("| ").split(" | ")
+        for line in run.stdout.splitlines()
+        if line.startswith(("| bf16", "| fp8"))
+    ]
+    assert [row[0] for row in rows] == ["bf16", "fp8"], run.stdout
+    for cache, _, registers, spills, _, per_sm, loop, *_ in rows:
+        assert 0 < int(registers) <= 255 and int(spills) == 0 and int(per_sm) >= 1, (cache, registers)
+        assert int(loop) > 100, (cache, loop)
 
 
 @pytest.mark.parametrize(
