@@ -7,7 +7,8 @@ markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on t
 head-major ([block, KV head, slot, D], the fp8 scales [block, KV head, slot]); `--layouts` times bf16 and
 fp8 caches stored token-major ([block, slot, KV head, D]) against those (the fp8 scales token- or
 head-major).
-`--occupancy` times the default launch against 3 and 4 programs an SM under a register cap.
+`--occupancy` times the default launch against 3 and 4 programs an SM under a register cap;
+`--launch-for-profiler` only launches the kernels for a profiler around the process.
 Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts | --occupancy]
 [--skip-peers]"""
 
@@ -636,6 +637,32 @@ def bench_occupancy(bandwidth: float) -> list[dict]:
     return rows
 
 
+PROFILE_SHAPE = "B=1 32/8 128k"  # 277 MB of fp8 K/V: long enough for the loop to dominate
+
+
+def launch_for_profiler() -> None:
+    """One launch each of the decode kernel on PROFILE_SHAPE for a profiler run around this process
+    (gpu_suite.sh run kv-stalls: Nsight Compute's warp states and per-instruction stall samples): bf16, fp8
+    and fp8 at 3 programs an SM under a 168-register cap, in that order, each after a launch that compiles
+    it. The NVTX range names which is which."""
+    shape = next(s for s in issue_shapes() if s.name == PROFILE_SHAPE)
+    inp = make_inputs(shape)
+    default = _CONFIGS[shape.head_dim]
+    variants = {
+        "bf16": (default, False),
+        "fp8": (default, True),
+        "fp8 3 per SM 168 regs": (replace(default, programs_per_sm=3, max_registers=168), True),
+    }
+    for name, (config, fp8) in variants.items():
+        call = lean_calls(inp, config, fp8=fp8)[0]
+        call()
+        torch.cuda.synchronize()
+        with torch.cuda.nvtx.range(name):
+            call()
+        torch.cuda.synchronize()
+        print(f"profiled: {name} {config}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -646,9 +673,15 @@ def main() -> None:
     parser.add_argument(
         "--occupancy", action="store_true", help="3-4 programs an SM under a register cap vs the default"
     )
+    parser.add_argument(
+        "--launch-for-profiler", action="store_true", help=f"launch the kernels once each on {PROFILE_SHAPE}"
+    )
     args = parser.parse_args()
     if args.fp8 and not args.tune:
         parser.error("--fp8 goes with --tune (the benchmark times the fp8 cache already)")
+    if args.launch_for_profiler:
+        launch_for_profiler()
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
     torch.cuda.empty_cache()

@@ -14,7 +14,9 @@
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
 #                                     kv-layout (decode attention on token- vs head-major cache blocks),
 #                                     kv-occupancy (decode attention at 3-4 programs an SM under a register
-#                                     cap, bf16 and fp8), and
+#                                     cap, bf16 and fp8), kv-stalls (Nsight Compute on the bf16 and fp8
+#                                     decode kernel: warp states and each SASS instruction's stall samples,
+#                                     as CSV and the .ncu-rep), and
 #                                     long-profile (TTFT, then where an 8k and a chunked 32k prompt's time goes).
 #                                     Logs and results under $OUT, and the Triton cache as
 #                                     $OUT/triton.tgz: copy it to .cache/triton.tgz for the next run. A device
@@ -29,6 +31,38 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 default_model=SmolLM2-135M-Instruct
+
+# Nsight Compute around bench_decode_attention.py --launch-for-profiler (each variant launched twice, its
+# second launch inside an NVTX range of its name), clocks left alone as the device notes ask.
+profile_decode_stalls() {
+    local out=$1 ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+    [[ -n $ncu ]] || { echo "ncu not found"; return 1; }
+    "$ncu" --clock-control none --nvtx --kernel-name regex:_lean_decode_kernel --import-source yes \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+        --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        -f -o "$out/kv_stalls" python3 benchmarks/bench_decode_attention.py --launch-for-profiler || return 1
+    "$ncu" -i "$out/kv_stalls.ncu-rep" --page details --csv >"$out/kv_stalls_details.csv"
+    "$ncu" -i "$out/kv_stalls.ncu-rep" --page raw --csv >"$out/kv_stalls_raw.csv"
+    "$ncu" -i "$out/kv_stalls.ncu-rep" --page source --print-source sass --csv >"$out/kv_stalls_sass.csv"
+    # Per launch: duration, registers, occupancy, issue rate and the stall reasons over 0.05 cycles an
+    # instruction (the raw page: a header row, a units row, then a row per launch).
+    python3 - "$out/kv_stalls_raw.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head, launches = rows[0], rows[2:]
+keys = ["gpu__time_duration.sum", "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active",
+        "smsp__issue_active.avg.pct_of_peak_sustained_active", "dram__throughput.avg.pct_of_peak_sustained_elapsed"]
+for row in launches:
+    r = dict(zip(head, row))
+    print(r.get("NVTX", ""), r.get("Grid Size", ""), {k: r.get(k) for k in keys})
+    stalls = {k.split("stalled_")[1].split("_per")[0]: float(v) for k, v in r.items()
+              if "issue_stalled" in k and v.replace(".", "", 1).isdigit()}
+    print("  stalls (cycles an issued instruction):",
+          {k: round(v, 2) for k, v in sorted(stalls.items(), key=lambda kv: -kv[1]) if v >= 0.05})
+PY
+}
 
 case "${1:-}" in
 prepare)
@@ -84,6 +118,7 @@ run)
         fp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fp8_linear.py --tune --out "$out" ;;
         kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;
         kv-occupancy) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --occupancy --out "$out" ;;
+        kv-stalls) export -f profile_decode_stalls; timeout $((deadline - SECONDS)) bash -c "profile_decode_stalls '$out'" ;;
         kvfp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --out "$out" ;;
         kvfp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
             tests/test_kv_fp8.py && python3 benchmarks/bench_decode_attention.py --skip-peers --out '$out'" ;;
