@@ -129,13 +129,13 @@ def _cuobjdump(cubin: Path, flag: str) -> str:
 
 
 def loop_mix(sass: str) -> Counter:
-    """Instructions of the innermost backward branch's range that holds every tensor-core product (HMMA
-    or HGMMA), by opcode (predicates and modifiers dropped)."""
+    """Instructions of the innermost backward branch's range that holds every tensor-core product (HMMA,
+    HGMMA or QGMMA), by opcode (predicates and modifiers dropped)."""
     code = [
         (int(m.group(1), 16), m.group(2).strip())
         for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
     ]
-    mma = [at for at, text in code if re.search(r"\bH(G)?MMA", text)]
+    mma = [at for at, text in code if re.search(r"\b(HMMA|HGMMA|QGMMA)\b", text)]
     if not mma:
         return Counter()
     loops = []
