@@ -467,12 +467,16 @@ def test_gpu_fp8_model_decode_runs_w8a8_skinny(num_seqs, tiny_model_factory, mon
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8], ids=["bf16-cache", "fp8-cache"])
 @pytest.mark.parametrize("num_seqs", [1, 40, 70])
-def test_gpu_fp8_model_norms_and_silu_quantize_for_the_products(num_seqs, tiny_model_factory, monkeypatch):
+def test_gpu_fp8_model_norms_and_silu_quantize_for_the_products(
+    num_seqs, cache_dtype, tiny_model_factory, monkeypatch
+):
     """With FP8 weights the norms and SiLU-and-multiply write their rows quantized (FP8Rows), and of a
     layer's four W8A8 products only o (attention's output) quantizes its own input: the same logits, bit
     for bit, as the model with a quantizer launch in front of every product (decode in the skinny
-    kernel; 70 sequences: torch._scaled_mm)."""
+    kernel, q/k/v with RoPE in its epilogue, or apart from it for an fp8 cache; 70 sequences:
+    torch._scaled_mm)."""
     model = load_model(tiny_model_factory("llama3"), torch.bfloat16, "cuda", quantization="fp8")
     prompts = [[5 + i, 300, 41 + 7 * i] for i in range(num_seqs)]
     quantized_rows = []
@@ -485,7 +489,7 @@ def test_gpu_fp8_model_norms_and_silu_quantize_for_the_products(num_seqs, tiny_m
 
     def last_logits() -> torch.Tensor:
         quantized_rows.clear()
-        runner = GreedyRunner(model)
+        runner = GreedyRunner(model, cache_dtype=cache_dtype)
         runner.generate(prompts, new_tokens=2)  # a prefill step, a decode step
         return runner.last_logits.float()
 
