@@ -13,8 +13,8 @@
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
 #                                     kv-layout (decode attention on token- vs head-major cache blocks),
-#                                     kv-occupancy (decode attention at 3-4 programs an SM under a register
-#                                     cap, bf16 and fp8), kv-stalls (Nsight Compute on the bf16 and fp8
+#                                     kv-occupancy (decode attention at 3-4 programs an SM, on 32-token tiles
+#                                     or under a register cap, bf16 and fp8), kv-stalls (Nsight Compute on the bf16 and fp8
 #                                     decode kernel: warp states and each SASS instruction's stall samples,
 #                                     as CSV and the .ncu-rep), and
 #                                     long-profile (TTFT, then where an 8k and a chunked 32k prompt's time goes).

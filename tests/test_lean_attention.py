@@ -178,13 +178,13 @@ def test_output_merged_from_many_programs(group, head_dim):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize(("per_sm", "registers"), [(3, 168), (4, 128)])
-def test_register_capped_launches_match_reference(per_sm, registers, fp8):
-    """LeanConfig.max_registers (bench_decode_attention.py --occupancy): on a GPU the kernel compiled under
-    a register cap, the rest spilled, on a grid of 3 or 4 programs an SM; interpreted, the cap is passed
-    and ignored. bf16 and fp8 caches."""
+@pytest.mark.parametrize(("tile", "per_sm", "registers"), [(64, 3, 168), (32, 4, 128)])
+def test_register_capped_launches_match_reference(tile, per_sm, registers, fp8):
+    """The launches of bench_decode_attention.py --occupancy: on a GPU the kernel compiled under a
+    register cap (LeanConfig.max_registers), the rest spilled, on a grid of 3 or 4 programs an SM, with
+    64- and 32-token tiles; interpreted, the cap is passed and ignored. bf16 and fp8 caches."""
     dtype = torch.bfloat16 if HAS_CUDA else torch.float16
-    config = replace(_CONFIGS[128], programs_per_sm=per_sm, max_registers=registers)
+    config = replace(_CONFIGS[128], tile=tile, programs_per_sm=per_sm, max_registers=registers)
     q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([1, 200, 700, 63], (8, 2), 128, 16, dtype, DEVICE)
     if not fp8:
         k, v, ks, vs = dequantize(k, ks, dtype), dequantize(v, vs, dtype), None, None
