@@ -9,7 +9,8 @@
 #                                     its decode benchmark beside bf16 without the peers; its accuracy
 #                                     needs real weights, which do not travel: kv_fp8_accuracy.py on CPU), fp8 (FP8 weights: their GPU tests,
 #                                     bench_fp8_linear and bench_engine's bf16 and fp8 variants, under
-#                                     $OUT/fp8); default all but kvfp8 and fp8 (tests, kernel and engine
+#                                     $OUT/fp8; fp8-engine: bench_engine's variants alone, which on a cold
+#                                     Triton cache take most of a call); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
 #                                     kv-layout (decode attention on token- vs head-major cache blocks),
@@ -110,6 +111,8 @@ run)
         fp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
             tests/test_fp8.py; python3 benchmarks/bench_fp8_linear.py --out '$out'; \
             python3 benchmarks/bench_engine.py --out '$out/fp8' --variants timing_on fp8" ;;
+        fp8-engine) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --out "$out/fp8" \
+            --variants timing_on fp8 ;;
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
         long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
