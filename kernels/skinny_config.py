@@ -47,16 +47,27 @@ def skinny_config(
     columns per stage, 3 / 5 stages. Sweep at 64 rows (tiles of W 32-256 x K 64-256, 2-8 stages, 4/8
     warps), this choice vs cuBLASLt (us): q/k/v 20.7 vs 21.2, o 14.5 vs 14.7, gate/up 85.4 vs 89.0, LM
     head 360.5 vs 391.5 (the best o: 14.0); persistent grids are slower there (gate/up 86.4 us at best).
-    `persistent=False` never takes the persistent grid (the rope epilogue needs one program per block).
+    `persistent=False` (the fused epilogues) never takes the persistent grid (the rope epilogue needs one
+    program per block), nor W8A8's 32-row tiles.
     fp32 stages are twice the size: stages are dropped until they fit."""
     if x_itemsize == 1:
         # W8A8 (e4m3 x): W's rows on the M side, so that sm_90 multiplies e4m3 directly (wgmma m64nNk32).
         # bench_fp8_linear.py --tune (H100; W tiles of 64/128 rows x K 128-512, 3-5 stages, 4/8 warps) at
         # 1 / 16 / 64 rows: 64 x 256 in 5 stages is within 3% of the best tile everywhere (at 1 row q/k/v,
         # o, gate/up, down 10.5 / 8.2 / 42.1 / 22.4 us, 4 stages 10.7 / 8.7 / 41.6 / 24.0) except gate/up
-        # past 16 rows, where 128-column stages stream its 28672 rows faster (64 rows: 44.7 against 48.4).
+        # past 16 rows, where 128-column stages stream its 28672 rows faster (64 rows: 44.7 against 48.4),
+        # and o and down, whose 64 tiles of 64 rows leave half the SMs idle: x's rows on the M side and 32
+        # rows of W a program (64 rows, 3085 GB/s: o 8.9 against 9.6 us, down 23.7 against 25.3). Plain
+        # products only: the fused epilogues keep the tiles they are tested with.
+        block_m = max(16, triton.next_power_of_2(rows))
+        if rows > 16 and persistent and 2 * triton.cdiv(n, 64) <= sm_count(device):
+            return (
+                SkinnyConfig(block_m, 32, 512, 4, 4, swap=False)
+                if k > n
+                else SkinnyConfig(block_m, 32, 256, 5, 4, swap=False)
+            )
         block_k = 128 if rows > 16 and n >= 4 * k else 256
-        return SkinnyConfig(max(16, triton.next_power_of_2(rows)), 64, block_k, 5, 4, swap=True)
+        return SkinnyConfig(block_m, 64, block_k, 5, 4, swap=True)
     if rows <= 16:
         programs = max(1, sm_count(device) // 8 * 8)
         grid = SkinnyConfig(16, 32, 1024 // x_itemsize, 4, 4, swap=False, programs=programs)

@@ -99,6 +99,23 @@ def test_w8a8_config_streams_gate_up_past_16_rows_in_shorter_stages():
         assert (c.block_m, c.block_n, c.block_k, c.num_stages, c.swap) == (block_m, 64, block_k, 5, True)
 
 
+def test_w8a8_tiles_past_16_rows_fill_the_sms(monkeypatch):
+    """On 132 SMs, past 16 rows, o and down (N = 4096: 64 tiles of 64 rows) take 32 rows of W a program
+    with x's rows on the M side (down, whose rows are longer, 512 columns in 4 stages); q/k/v (96 tiles)
+    and everything at <= 16 rows keep the 64-row tiles."""
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    for rows, n, k, want in [
+        (64, 4096, 4096, (64, 32, 256, 5, False)),  # o
+        (17, 4096, 14336, (32, 32, 512, 4, False)),  # down
+        (64, 6144, 4096, (64, 64, 256, 5, True)),  # q/k/v
+        (16, 4096, 4096, (16, 64, 256, 5, True)),
+    ]:
+        c = skinny_config(rows, n, k, 1, 1, cpu)
+        assert (c.block_m, c.block_n, c.block_k, c.num_stages, c.swap) == want, (rows, n, k)
+    assert skinny_config(64, 4096, 4096, 1, 1, cpu, persistent=False).swap  # an epilogue's product
+
+
 @pytest.mark.parametrize(
     ("rows", "n", "k", "bias", "dtype"),
     [
