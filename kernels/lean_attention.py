@@ -182,6 +182,7 @@ def _launch(
         RED_CHUNK=red_chunk(group, head_dim),
         TIMED=timestamps is not None,
         FP8=k_scale is not None,
+        HALF_Q=q.dtype != torch.float32,
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

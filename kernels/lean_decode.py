@@ -24,13 +24,14 @@ def _lean_decode_kernel(
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_RED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
     BLOCK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RED_CHUNK: tl.constexpr,
-    TIMED: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
+    TIMED: tl.constexpr, FP8: tl.constexpr, HALF_Q: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """part_acc_ptr, part_ml_ptr, counters_ptr: the workspace (lean_merge.Workspace). stamps_ptr (TIMED):
     int64 [2], the launch's first start and last end in ns, folded in by atomics. min_tiles: fewest tiles
     per active program. qk_scale: sm_scale * log2(e), so scores come out in log2 units for exp2.
     k_scale_ptr, v_scale_ptr (FP8): the fp32 scales [num_blocks, block_size, Hkv] of the fp8 caches'
-    rows (strides stride_sn, stride_sb, stride_sh, both alike)."""
+    rows (strides stride_sn, stride_sb, stride_sh, both alike). HALF_Q: q is fp16 or bf16 (see
+    _attend_tile)."""
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
 
@@ -83,7 +84,7 @@ def _lean_decode_kernel(
         m_i, l_i, acc = _attend_tile(
             q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale,
             stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, stride_sh,
-            offs_d, offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8,
+            offs_d, offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8, HALF_Q,
         )  # fmt: skip
 
         if out_done | (u + 1 == end):
@@ -183,13 +184,17 @@ def _attend_tile(
     q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn,
     stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, stride_sh, offs_d, offs_t,
     td_mask_d, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, HALF_Q: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: the running max m_i, denominator l_i and accumulator acc of KV head h's
     query heads, updated with the tile's K/V (page: its page ids). Returns (m_i, l_i, acc).
-    FP8: K/V are converted to q's dtype in registers (exact: e4m3 fits in fp16 and bf16) and their
-    per-token scales applied to the [GROUP_PAD, TILE] scores and probabilities instead of the [TILE, D]
-    tiles: s = (q . k_fp8) k_scale, and acc += (p v_scale) @ v_fp8."""
+    FP8: K/V are widened in registers (exact), to fp16 for a half-precision q (HALF_Q), bf16 included:
+    e4m3 -> fp16 is one conversion a pair, where bf16 takes a second per element (F2F.BF16.F16, the fp8
+    loop's costliest instruction on an H100: benchmarks.md, FP8 KV cache); to fp32 for an fp32 q. The
+    per-token scales go on the [GROUP_PAD, TILE] scores and probabilities instead of the [TILE, D] tiles:
+    s = ((q qk_scale) . k_fp8) k_scale, q scaled before it is rounded to fp16 (sm_scale keeps it far
+    from fp16's range), and acc += m (p v_scale / m) @ v_fp8 with m the tile's largest V scale, so the
+    fp16 probabilities stay within [0, 1]."""
     tok = tile * TILE + offs_t
     tok_mask = tok < seq_len
     row = (tok % PAGE_SIZE)[:, None]
@@ -204,16 +209,24 @@ def _attend_tile(
         mask=kv_mask,
         other=0.0,
     )
-    if FP8:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    if UPCAST:
+    if FP8 and HALF_Q:
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
+        q = (q * qk_scale).to(tl.float16)
+    elif FP8:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
+        q = q * qk_scale
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, TILE]
     if FP8:
         scale_offs = h * stride_sh + page * stride_sn + (tok % PAGE_SIZE) * stride_sb
         s = s * tl.load(k_scale_ptr + scale_offs, mask=tok_mask, other=0.0)[None, :]
+    else:
+        s = s * qk_scale
     s = tl.where(tok_mask[None, :], s, float("-inf"))
     # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -221,8 +234,14 @@ def _attend_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if FP8:
-        p = p * tl.load(v_scale_ptr + scale_offs, mask=tok_mask, other=0.0)[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        # Scales are >= 1e-12 (kernels.fp8.fp8_scale) and a tile holds a token: v_max > 0.
+        v_scale = tl.load(v_scale_ptr + scale_offs, mask=tok_mask, other=0.0)
+        v_max = tl.max(v_scale, axis=0)
+        p = p * (v_scale * (1.0 / v_max))[None, :]
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) * v_max
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
 
 
