@@ -7,10 +7,8 @@ markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on t
 head-major ([block, KV head, slot, D], the fp8 scales [block, KV head, slot]); `--layouts` times bf16 and
 fp8 caches stored token-major ([block, slot, KV head, D]) against those (the fp8 scales token- or
 head-major).
-`--occupancy` times the default launch against 3 and 4 programs an SM on 32-token tiles or under a
-register cap;
 `--launch-for-profiler` only launches the kernels for a profiler around the process.
-Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts | --occupancy]
+Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts]
 [--skip-peers]"""
 
 from __future__ import annotations
@@ -588,89 +586,24 @@ def bench_layouts(bandwidth: float) -> list[dict]:
     return rows
 
 
-# --occupancy: the default launch against more programs an SM, on shorter tiles or under a register cap.
-# As compiled (benchmarks/compile_sm90.py, docs/kernel_notes.md) the kernel holds 176 (bf16) and 251
-# (fp8) registers a thread on 64-token tiles, so an SM takes 2 programs of 4 warps: 8 warps to hide each
-# one's latency chain. Capped at 168 it takes 3 (fp8 spills 136 bytes), at 128 four (fp8: 408 bytes;
-# bf16's shared memory allows 3). 32-token tiles take 142 (bf16) and 182 (fp8) registers, 164 capped at
-# 168 without spills, and 4 programs at 128 (16 / 184 bytes spilled), with more instructions a token.
-# Name: (tile, programs an SM, register cap), per cache.
-OCCUPANCY_VARIANTS = {
-    "64 tokens, 3 per SM, 168 regs": (64, 3, 168),
-    "64 tokens, 4 per SM, 128 regs": (64, 4, 128),
-    "32 tokens, 3 per SM, 168 regs": (32, 3, 168),
-    "32 tokens, 4 per SM, 128 regs": (32, 4, 128),
-}
-_OCCUPANCY_BF16_SKIPS = {"64 tokens, 4 per SM, 128 regs"}  # 4 x 72 KB exceed an SM's shared memory
-
-
-def bench_occupancy(bandwidth: float) -> list[dict]:
-    """us and % of the own floor on every issue shape, bf16 and fp8: the default config and each of
-    OCCUPANCY_VARIANTS that fits an SM. Each variant's output is checked against the default's."""
-    rows = []
-    for shape in issue_shapes():
-        inp = make_inputs(shape)
-        default = _CONFIGS[shape.head_dim]
-        floors = {False: shape.floor_bytes(), True: shape.fp8_floor_bytes()}
-        for fp8 in (False, True):
-            row = {"shape": shape.name, "cache": "fp8" if fp8 else "bf16"}
-            want = lean_calls(inp, default, fp8=fp8)[0]()
-            variants = {"default": default} | {
-                name: replace(default, tile=tile, programs_per_sm=per_sm, max_registers=regs)
-                for name, (tile, per_sm, regs) in OCCUPANCY_VARIANTS.items()
-                if fp8 or name not in _OCCUPANCY_BF16_SKIPS
-            }
-            for name, config in variants.items():
-                calls = lean_calls(inp, config, fp8=fp8)
-                err = relative_error(calls[0](), want)
-                # Other tiles sum in another order and round P to bf16 at other points.
-                assert err < FP8_TOLERANCE, f"{shape.name} {row['cache']} {name}: relative error {err:.2e}"
-                us = 1e6 * _time_graph(calls)
-                row[name] = us
-                row[f"{name} % floor"] = 1e8 * floors[fp8] / bandwidth / us
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        del inp
-        torch.cuda.empty_cache()
-    print(
-        "| shape | cache | "
-        + " | ".join(f"{n} us (% own floor)" for n in ["default", *OCCUPANCY_VARIANTS])
-        + " |"
-    )
-    print("|---|---|" + "---:|" * (1 + len(OCCUPANCY_VARIANTS)))
-    for r in rows:
-        cells = [
-            f"{r[n]:.1f} ({r[n + ' % floor']:.1f})" if n in r else ""
-            for n in ["default", *OCCUPANCY_VARIANTS]
-        ]
-        print(f"| {r['shape']} | {r['cache']} | " + " | ".join(cells) + " |")
-    return rows
-
-
 PROFILE_SHAPE = "B=1 32/8 128k"  # 277 MB of fp8 K/V: long enough for the loop to dominate
 
 
 def launch_for_profiler() -> None:
     """One launch each of the decode kernel on PROFILE_SHAPE for a profiler run around this process
-    (gpu_suite.sh run kv-stalls: Nsight Compute's warp states and per-instruction stall samples): bf16, fp8
-    and fp8 at 3 programs an SM under a 168-register cap, in that order, each after a launch that compiles
-    it. The NVTX range names which is which."""
+    (gpu_suite.sh run kv-stalls: Nsight Compute's warp states and per-instruction stall samples): bf16, then
+    fp8, each after a launch that compiles it. The NVTX range names which is which."""
     shape = next(s for s in issue_shapes() if s.name == PROFILE_SHAPE)
     inp = make_inputs(shape)
     default = _CONFIGS[shape.head_dim]
-    variants = {
-        "bf16": (default, False),
-        "fp8": (default, True),
-        "fp8 3 per SM 168 regs": (replace(default, programs_per_sm=3, max_registers=168), True),
-    }
-    for name, (config, fp8) in variants.items():
-        call = lean_calls(inp, config, fp8=fp8)[0]
+    for name, fp8 in {"bf16": False, "fp8": True}.items():
+        call = lean_calls(inp, default, fp8=fp8)[0]
         call()
         torch.cuda.synchronize()
         with torch.cuda.nvtx.range(name):
             call()
         torch.cuda.synchronize()
-        print(f"profiled: {name} {config}", flush=True)
+        print(f"profiled: {name} {default}", flush=True)
 
 
 def main() -> None:
@@ -680,9 +613,6 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true", help="time LeanAttention (bf16 and fp8) only")
     parser.add_argument("--fp8", action="store_true", help="with --tune: sweep the fp8 cache's configs")
     parser.add_argument("--layouts", action="store_true", help="token-major vs head-major cache blocks")
-    parser.add_argument(
-        "--occupancy", action="store_true", help="3-4 programs an SM under a register cap vs the default"
-    )
     parser.add_argument(
         "--launch-for-profiler", action="store_true", help=f"launch the kernels once each on {PROFILE_SHAPE}"
     )
@@ -697,10 +627,6 @@ def main() -> None:
     torch.cuda.empty_cache()
     env = gpu_env(bandwidth)
     print(env, flush=True)
-    if args.occupancy:
-        rows = bench_occupancy(bandwidth)
-        (args.out / "occupancy.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-        return
     if args.layouts:
         rows = bench_layouts(bandwidth)
         (args.out / "layouts.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))

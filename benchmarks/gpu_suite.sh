@@ -14,10 +14,9 @@
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
 #                                     kv-layout (decode attention on token- vs head-major cache blocks),
-#                                     kv-occupancy (decode attention at 3-4 programs an SM, on 32-token tiles
-#                                     or under a register cap, bf16 and fp8), kv-stalls (Nsight Compute on the bf16 and fp8
-#                                     decode kernel: warp states and each SASS instruction's stall samples,
-#                                     as CSV and the .ncu-rep), and
+#                                     kv-stalls (Nsight Compute on the bf16 and fp8 decode kernel: warp
+#                                     states and each SASS instruction's stall samples, as CSV and the
+#                                     .ncu-rep), and
 #                                     long-profile (TTFT, then where an 8k and a chunked 32k prompt's time goes).
 #                                     Logs and results under $OUT, and the Triton cache as
 #                                     $OUT/triton.tgz: copy it to .cache/triton.tgz for the next run. A device
@@ -120,7 +119,6 @@ run)
             --out "$out" ;;
         fp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fp8_linear.py --tune --out "$out" ;;
         kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;
-        kv-occupancy) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --occupancy --out "$out" ;;
         kv-stalls) export -f profile_decode_stalls; timeout $((deadline - SECONDS)) bash -c "profile_decode_stalls '$out'" ;;
         kvfp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --out "$out" ;;
         kvfp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \

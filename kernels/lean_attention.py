@@ -23,16 +23,13 @@ _LOG2E = 1.4426950408889634
 @dataclass(frozen=True)
 class LeanConfig:
     """Launch parameters of one head dim: tokens per lean tile, warps, pipeline stages, programs per SM,
-    the fewest tiles an active program takes (short batches run on fewer programs), and a cap on each
-    thread's registers (None: the compiler's choice), which decides how many programs an SM holds at
-    once: 65536 registers an SM, so 2 programs of 4 warps at up to 255 and 3 at up to 168."""
+    and the fewest tiles an active program takes (short batches run on fewer programs)."""
 
     tile: int
     num_warps: int
     num_stages: int
     programs_per_sm: int
     min_tiles: int = 2
-    max_registers: int | None = None
 
 
 # Tuned on an H100 (`bench_decode_attention.py --tune`, docs/kernel_notes.md: tile 64/128 x warps 4/8 x
@@ -186,7 +183,6 @@ def _launch(
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        maxnreg=config.max_registers,
         launch_pdl=pdl,
     )
     return out

@@ -15,9 +15,7 @@ import pytest
 import torch
 import triton
 from guard_page import against_guard_page
-from test_kv_fp8 import _fp8_cache_inputs
 
-from leanserve.kernels.fp8 import dequantize
 from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch, lean_attention_decode
 from leanserve.kernels.lean_merge import red_chunk, workspace
 from leanserve.kernels.reference import reference_decode_attention
@@ -175,23 +173,6 @@ def test_output_merged_from_many_programs(group, head_dim):
     q, k, v, bt, sl = _make_inputs(2, group, 1, head_dim, 16, lens, torch.float16, DEVICE)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs=num_programs)
     torch.testing.assert_close(out, reference_decode_attention(q, k, v, bt, sl), atol=2e-3, rtol=2e-3)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize(("tile", "per_sm", "registers"), [(64, 3, 168), (32, 4, 128)])
-def test_register_capped_launches_match_reference(tile, per_sm, registers, fp8):
-    """The launches of bench_decode_attention.py --occupancy: on a GPU the kernel compiled under a
-    register cap (LeanConfig.max_registers), the rest spilled, on a grid of 3 or 4 programs an SM, with
-    64- and 32-token tiles; interpreted, the cap is passed and ignored. bf16 and fp8 caches."""
-    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
-    config = replace(_CONFIGS[128], tile=tile, programs_per_sm=per_sm, max_registers=registers)
-    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([1, 200, 700, 63], (8, 2), 128, 16, dtype, DEVICE)
-    if not fp8:
-        k, v, ks, vs = dequantize(k, ks, dtype), dequantize(v, vs, dtype), None, None
-    out = _launch(q, k, v, bt, sl, None, None, config, k_scale=ks, v_scale=vs)
-    expected = reference_decode_attention(q, k, v, bt, sl, k_scale=ks, v_scale=vs)
-    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
