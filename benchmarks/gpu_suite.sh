@@ -53,12 +53,12 @@ import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
 head, launches = rows[0], rows[2:]
 keys = ["gpu__time_duration.sum", "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active",
-        "smsp__issue_active.avg.pct_of_peak_sustained_active", "dram__throughput.avg.pct_of_peak_sustained_elapsed"]
+        "smsp__issue_active.avg.pct_of_peak_sustained_active", "dram__bytes.sum.per_second"]
 for row in launches:
     r = dict(zip(head, row))
     print(r.get("NVTX", ""), r.get("Grid Size", ""), {k: r.get(k) for k in keys})
     stalls = {k.split("stalled_")[1].split("_per")[0]: float(v) for k, v in r.items()
-              if "issue_stalled" in k and v.replace(".", "", 1).isdigit()}
+              if k.endswith("_per_issue_active.ratio") and v.replace(".", "", 1).isdigit()}
     print("  stalls (cycles an issued instruction):",
           {k: round(v, 2) for k, v in sorted(stalls.items(), key=lambda kv: -kv[1]) if v >= 0.05})
 PY
