@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 from leanserve.kernels.fp8 import (
-    FP8,
     MAX_FUSED_K,
     FP8Rows,
     quantize_activations,
@@ -119,11 +118,7 @@ def silu_and_mul_fp8(gate_up: torch.Tensor) -> FP8Rows:
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     if inter > _MAX_FP8_INTER:
         return FP8Rows(*quantize_activations(silu_and_mul(gate_up)), gate_up.dtype)
-    rows = FP8Rows(
-        torch.empty(tokens, inter, dtype=FP8, device=gate_up.device),
-        torch.empty(tokens, dtype=torch.float32, device=gate_up.device),
-        gate_up.dtype,
-    )
+    rows = FP8Rows.empty(tokens, inter, gate_up.dtype, gate_up.device)
     if tokens:
         block = triton.next_power_of_2(inter)
         pdl = use_pdl(gate_up.device)

@@ -77,6 +77,15 @@ class FP8Rows:
     def numel(self) -> int:
         return self.values.numel()
 
+    @classmethod
+    def empty(cls, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> FP8Rows:
+        """Uninitialised rows for a kernel to write: [rows, cols] e4m3 and [rows] fp32 scales."""
+        return cls(
+            torch.empty(rows, cols, dtype=FP8, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device),
+            dtype,
+        )
+
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
@@ -132,6 +141,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows(x)
 
 
+def as_fp8_rows(x: torch.Tensor | FP8Rows, k: int) -> FP8Rows:
+    """The rows of x [..., K] quantized for a W8A8 product: FP8Rows as they come (quantized by their
+    producer), a tensor through `quantize_activations`."""
+    return x if isinstance(x, FP8Rows) else FP8Rows(*quantize_activations(x.reshape(-1, k)), x.dtype)
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w: [..., K] float, scale: [...] fp32 -> fp8 [..., K]: w / scale rounded to nearest, saturated."""
     return (w.float() / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -174,12 +189,9 @@ def fp8_linear(
     tensor cores with row-wise scales (`torch._scaled_mm`): the weight is read once at 1 byte an element,
     where dequantizing first would write and read it again at 2. Elsewhere the reference (x a tensor)."""
     n, k = weight.shape
-    if isinstance(x, FP8Rows):
-        rows = x
-    elif not scaled_mm_fits(x, weight):
+    if not isinstance(x, FP8Rows) and not scaled_mm_fits(x, weight):
         return reference_fp8_linear(x, weight, scale, bias, out_dtype)
-    else:
-        rows = FP8Rows(*quantize_activations(x.reshape(-1, k)), x.dtype)
+    rows = as_fp8_rows(x, k)
     # Row-wise scaling takes bf16 output only; column-major B is weight.T of the row-major weight.
     scales = {"scale_a": rows.scales[:, None], "scale_b": scale[None, :]}
     y = torch._scaled_mm(rows.values, weight.t(), **scales, out_dtype=torch.bfloat16)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from leanserve.kernels.fp8 import FP8, FP8Rows, quantize_row, quantize_rows
+from leanserve.kernels.fp8 import FP8Rows, quantize_row, quantize_rows
 from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
@@ -137,19 +137,11 @@ def fused_add_rms_norm(
     return x, residual
 
 
-def _empty_rows(x: torch.Tensor) -> FP8Rows:
-    return FP8Rows(
-        torch.empty(x.shape, dtype=FP8, device=x.device),
-        torch.empty(x.shape[0], dtype=torch.float32, device=x.device),
-        x.dtype,
-    )
-
-
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> FP8Rows:
     """rms_norm(x, weight, eps), its rows quantized for a W8A8 product (as kernels.fp8.quantize_rows
     quantizes the rounded output), in one launch."""
     _check(x, weight, None)
-    rows = _empty_rows(x)
+    rows = FP8Rows.empty(*x.shape, x.dtype, x.device)
     if x.shape[0]:
         _launch(x, None, rows.values, weight, eps, rows.scales)
     return rows
@@ -161,7 +153,7 @@ def fused_add_rms_norm_fp8(
     """residual += x in place, then the rows of rms_norm(residual) * weight quantized for a W8A8 product,
     in one launch; x is left as it is. Returns (the quantized rows, residual)."""
     _check(x, weight, residual)
-    rows = _empty_rows(x)
+    rows = FP8Rows.empty(*x.shape, x.dtype, x.device)
     if x.shape[0]:
         _launch(x, residual, rows.values, weight, eps, rows.scales)
     return rows, residual

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from leanserve.kernels.fp8 import FP8, FP8Rows, quantize_activations
+from leanserve.kernels.fp8 import FP8, FP8Rows, as_fp8_rows
 from leanserve.kernels.kv_quant import is_fp8
 from leanserve.kernels.rotary import check_rope_inputs, slot_strides
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
@@ -93,13 +93,11 @@ def skinny_linear_rope(
             "HEAD_DIM": head_dim,
             "ROPE": True,
         }
-        if isinstance(x, FP8Rows):
-            x2, x_scale = x.values, x.scales
-        elif scale is not None:
-            x2, x_scale = quantize_activations(rows_of(x))
+        if scale is None:
+            launch_skinny(rows_of(x), weight, bias, qkv, config, rope)
         else:
-            x2, x_scale = rows_of(x), None
-        launch_skinny(x2, weight, bias, qkv, config, rope, scale=scale, x_scale=x_scale)
+            rows = as_fp8_rows(x, weight.shape[1])
+            launch_skinny(rows.values, weight, bias, qkv, config, rope, scale=scale, x_scale=rows.scales)
     return qkv
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from leanserve.kernels.activation import silu_times
-from leanserve.kernels.fp8 import FP8, FP8Rows, quantize_activations
+from leanserve.kernels.fp8 import FP8, FP8Rows, as_fp8_rows
 from leanserve.kernels.launch import interpreted, use_pdl, wait_for_previous_kernel
 from leanserve.kernels.rotary import rotate_and_store_heads
 from leanserve.kernels.skinny_config import SKINNY_MAX_ROWS, SkinnyConfig, skinny_config
@@ -333,10 +333,7 @@ def skinny_linear_w8a8(
     weight with its `scale`: x quantized per row (kernels.fp8.quantize_activations; FP8Rows come
     quantized by their producer), then skinny_linear on e4m3 x. Returns [..., N] in out_dtype (default
     x's)."""
-    if isinstance(x, FP8Rows):
-        rows = x
-    else:
-        rows = FP8Rows(*quantize_activations(x.reshape(-1, weight.shape[1])), x.dtype)
+    rows = as_fp8_rows(x, weight.shape[1])
     y = skinny_linear(rows.values, weight, bias, out_dtype or x.dtype, scale=scale, x_scale=rows.scales)
     return y.view(*x.shape[:-1], weight.shape[0])
 
