@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from leanserve.kernels.fp8 import FP8
+from leanserve.kernels.fp8 import FP8, dequantize
 
 
 def is_fp8(cache: torch.Tensor) -> bool:
@@ -22,6 +22,17 @@ def select_blocks(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if not is_fp8(cache):
         return cache.index_select(0, index)
     return cache.view(torch.uint8).index_select(0, index).view(cache.dtype)
+
+
+def gather_pages(
+    cache: torch.Tensor, scales: torch.Tensor | None, pages: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The rows of the cache's `pages` (1-D block ids) back to back, [len(pages) * block_size, Hkv, D] in
+    dtype; an fp8 cache's dequantized with its `scales`."""
+    values = select_blocks(cache, pages).flatten(0, 1)
+    if scales is None:
+        return values.to(dtype)
+    return dequantize(values, scales.index_select(0, pages).flatten(0, 1), dtype)
 
 
 def store_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:

@@ -9,8 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from leanserve.kernels.fp8 import dequantize
-from leanserve.kernels.kv_quant import select_blocks
+from leanserve.kernels.kv_quant import gather_pages
 
 
 def reference_decode_attention(
@@ -46,8 +45,8 @@ def reference_decode_attention(
     num_pages = -(-max_len // block_size)
     pages = block_tables[:, :num_pages].reshape(-1).clamp(0, k_cache.shape[0] - 1)
     padded = (batch, num_pages * block_size, num_kv_heads, head_dim)
-    k, v = (
-        _gather_pages(cache, scales, pages, padded)[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D] fp32
+    k, v = (  # [B, Hkv, L, D] fp32
+        gather_pages(cache, scales, pages, torch.float32).view(padded)[:, :max_len].transpose(1, 2)
         for cache, scales in ((k_cache, k_scale), (v_cache, v_scale))
     )
 
@@ -101,9 +100,8 @@ def reference_prefill_attention(
             continue
         # The sequence's first context_len cached tokens, whole pages gathered at once: [Hkv, L, D].
         pages = block_tables[i, : -(-context_len // block_size)]
-        shape = (1, pages.shape[0] * block_size, *k_cache.shape[2:])
         k, v = (
-            _gather_pages(cache, scales, pages, shape)[0, :context_len].transpose(0, 1)[None]
+            gather_pages(cache, scales, pages, torch.float32)[:context_len].transpose(0, 1)[None]
             for cache, scales in ((k_cache, k_scale), (v_cache, v_scale))
         )
         q_i = q[start:end].transpose(0, 1)[None].float()  # [1, Hq, query_len, D]: SDPA's fused layout
@@ -115,13 +113,3 @@ def reference_prefill_attention(
             o_i = F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = o_i[0].transpose(0, 1)
     return out
-
-
-def _gather_pages(
-    cache: torch.Tensor, scales: torch.Tensor | None, pages: torch.Tensor, shape: tuple[int, ...]
-) -> torch.Tensor:
-    """The cache's `pages` as fp32 `shape` ([B, pages * block_size, Hkv, D]), dequantized with `scales`."""
-    values = select_blocks(cache, pages).view(shape)
-    if scales is None:
-        return values.float()
-    return dequantize(values, scales.index_select(0, pages).reshape(shape[:3]), torch.float32)
