@@ -3,14 +3,15 @@
 Parts (--parts, default all), each printed as it finishes with its floor or peer in the same run:
   attention  the paged prefill kernel alone (block size 16, scattered pages) against SDPA on contiguous
              K/V for whole 1k / 8k / 32k prompts (flash, and the backend torch picks: the engine's path),
-             and against FA2 varlen (contiguous, bottom-right causal) for the last 2k chunk of a 32k prompt
-             and for all 16 chunks of one;
+             and against FA2 varlen (contiguous, bottom-right causal) and the engine's SDPA split at the
+             prefix (models.sdpa_prefill: cuDNN over the gathered prefix and over the chunk, merged) for the
+             last 2k chunk of a 32k prompt and for all 16 chunks of one;
              TFLOP/s and % of the bf16 matrix-multiply throughput measured in the same run.
-  ttft       time to first token of 1k / 8k / 32k prompts, whole (paged kernel, and SDPA per prompt:
-             models.attention.SDPA_WHOLE_PROMPTS) and 32k in 2k chunks, against the compute floor (the
+  ttft       time to first token of 1k / 8k / 32k prompts whole and of 32k in 2k chunks, by the paged
+             kernel and by SDPA per chunk (models.attention.SDPA_PREFILL), against the compute floor (the
              prompt's FLOPs / the matrix-multiply throughput).
-  profile    kernel time by kernel name of one TTFT run each: 8k whole (paged kernel and SDPA) and 32k
-             in 2k chunks (torch profiler, PDL off: a kernel launched early would count its wait).
+  profile    kernel time by kernel name of one TTFT run each: 8k whole and 32k in 2k chunks, by the paged
+             kernel and by SDPA (torch profiler, PDL off: a kernel launched early would count its wait).
   serving    32 concurrent requests, prompts log-normal between 2k and 32k, 256 output tokens each: TTFT
              and TPOT p50 / p99, output tokens/s, the share of step time in attention, per KV cache dtype
              (--kv-dtypes, default bf16 and fp8).
@@ -45,6 +46,7 @@ from leanserve.kernels import launch
 from leanserve.kernels.prefill_attention import _CONFIGS, PrefillConfig, _launch
 from leanserve.models import attention
 from leanserve.models.kv_cache import head_major
+from leanserve.models.sdpa_prefill import sdpa_prefill
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.runtime import settle_process, setup_process
@@ -96,7 +98,7 @@ def kernel_call(q, k_cache, v_cache, table, prefix: int, config: PrefillConfig) 
 
 def sdpa_call(q, k, v, backend: SDPBackend | None) -> Callable:
     """SDPA, causal, GQA natively: q [L, Hq, D], k/v [L, Hkv, D] contiguous. backend None: the one torch
-    picks, as the engine's whole-prompt path calls it (models/attention.py, SDPA_WHOLE_PROMPTS)."""
+    picks, as the engine's whole-prompt path calls it (models.sdpa_prefill)."""
     qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
 
     def call():
@@ -115,6 +117,14 @@ def varlen_call(q, k, v) -> Callable:
     return lambda: torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, q.shape[0], k.shape[0], 0.0, True, False
     )[0]
+
+
+def split_call(q, k_cache, v_cache, table, prefix: int, k, v) -> Callable:
+    """The engine's SDPA path for one chunk after `prefix` cached tokens: the prefix gathered out of the
+    paged cache and attended by cuDNN, the chunk's own K/V (k, v: [chunk, Hkv, D]) by cuDNN, merged."""
+    out = torch.empty_like(q)
+    lens = ([q.shape[0]], [prefix + q.shape[0]])
+    return lambda: sdpa_prefill(q, k, v, k_cache, v_cache, None, None, *lens, table, D**-0.5, out) or out
 
 
 def attention_cases(gen: torch.Generator) -> list[dict]:
@@ -136,21 +146,27 @@ def attention_cases(gen: torch.Generator) -> list[dict]:
     q = torch.randn(CHUNK, HQ, D, device="cuda", dtype=DTYPE)
     cases.append(dict(name="32k: last 2k chunk", flops=4 * HQ * D * causal_pairs(length - CHUNK, CHUNK), q=q,
                       cache=(k_cache, v_cache, table), prefix=length - CHUNK,
-                      peers=[("fa2_varlen", varlen_call(q, k, v))]))  # fmt: skip
+                      peers=[("fa2_varlen", varlen_call(q, k, v)),
+                             ("sdpa_split", split_call(q, k_cache, v_cache, table, length - CHUNK,
+                                                       k[-CHUNK:], v[-CHUNK:]))]))  # fmt: skip
     return cases
 
 
-def chunked_prompt_calls(config: PrefillConfig, gen: torch.Generator) -> tuple[int, Callable, Callable]:
-    """All 16 chunks of a 32k prompt, one launch each, against FA2 varlen per chunk: (FLOPs, ours, peer)."""
+def chunked_prompt_calls(config: PrefillConfig, gen: torch.Generator) -> tuple[int, Callable, list]:
+    """All 16 chunks of a 32k prompt, one launch each, against FA2 varlen and the SDPA split per chunk:
+    (FLOPs, ours, [(peer name, call)])."""
     length = 32 * K
     k_cache, v_cache, table = paged_inputs(length, gen)
     k, v = contiguous_kv(k_cache, v_cache, table, length)
     q = torch.randn(length, HQ, D, device="cuda", dtype=DTYPE)
     starts = range(0, length, CHUNK)
     ours = [kernel_call(q[s : s + CHUNK], k_cache, v_cache, table, s, config) for s in starts]
-    peer = [varlen_call(q[s : s + CHUNK], k[: s + CHUNK], v[: s + CHUNK]) for s in starts]
+    varlen = [varlen_call(q[s : s + CHUNK], k[: s + CHUNK], v[: s + CHUNK]) for s in starts]
+    split = [split_call(q[s : s + CHUNK], k_cache, v_cache, table, s, k[s : s + CHUNK], v[s : s + CHUNK])
+             for s in starts]  # fmt: skip
     flops = 4 * HQ * D * causal_pairs(0, length)
-    return flops, lambda: [c() for c in ours], lambda: [c() for c in peer]
+    peers = [("fa2_varlen", lambda: [c() for c in varlen]), ("sdpa_split", lambda: [c() for c in split])]
+    return flops, lambda: [c() for c in ours], peers
 
 
 def attention_part(peak: float) -> list[dict]:
@@ -166,11 +182,12 @@ def attention_part(peak: float) -> list[dict]:
         for peer_name, peer in case["peers"]:
             err = relative_error(out, peer())
             rows.append(_attention_row(case["name"], case["flops"], ours_ms, peer_name, peer, peak, err))
-    flops, ours, peer = chunked_prompt_calls(config, gen)
+    flops, ours, peers = chunked_prompt_calls(config, gen)
     ours_ms = do_bench(ours, warmup=25, rep=200)
-    rows.append(_attention_row("32k in 16 chunks", flops, ours_ms, "fa2_varlen", peer, peak, None))
+    for peer_name, peer in peers:
+        rows.append(_attention_row("32k in 16 chunks", flops, ours_ms, peer_name, peer, peak, None))
     whole = next(r for r in rows if r["case"] == "whole 32k")
-    print(f"32k in 2k chunks / 32k whole (kernel alone): {rows[-1]['ours_ms'] / whole['ours_ms']:.3f}x")
+    print(f"32k in 2k chunks / 32k whole (kernel alone): {ours_ms / whole['ours_ms']:.3f}x")
     return rows
 
 
@@ -254,14 +271,14 @@ def ttft_part(engine: LLMEngine, peak: float, reps: int) -> list[dict]:
     vocab = len(engine.tokenizer)
     rows = []
     print(f"{'prompt':30}{'TTFT ms':>9}{'floor ms':>10}{'TTFT/floor':>11}{'attention ms':>14}")
-    # (name, length, chunk budget, SDPA for whole prompts)
+    # (name, length, chunk budget, SDPA per chunk)
     configs = [(f"{n // K}k whole", n, 32 * K, False) for n in PROMPT_LENS]
     configs += [(f"{n // K}k whole, SDPA", n, 32 * K, True) for n in PROMPT_LENS]
-    configs += [("32k in 2k chunks", 32 * K, CHUNK, False)]
-    default = attention.SDPA_WHOLE_PROMPTS
+    configs += [("32k in 2k chunks", 32 * K, CHUNK, False), ("32k in 2k chunks, SDPA", 32 * K, CHUNK, True)]
+    default = attention.SDPA_PREFILL
     for name, length, budget, sdpa in configs:
         engine.scheduler.max_num_batched_tokens = budget
-        attention.SDPA_WHOLE_PROMPTS = sdpa
+        attention.SDPA_PREFILL = sdpa
         prompts = make_prompts(reps + 1, length, vocab, seed=length + budget + sdpa)
         runs = [time_to_first_token(engine, p, f"{name}-{i}") for i, p in enumerate(prompts)][
             1:
@@ -275,27 +292,28 @@ def ttft_part(engine: LLMEngine, peak: float, reps: int) -> list[dict]:
             f"{name:30}{1e3 * ttft:9.1f}{1e3 * floor:10.1f}{ttft / floor:11.2f}{1e3 * attention_s:14.1f}",
             flush=True,
         )
-    attention.SDPA_WHOLE_PROMPTS = default
-    chunked = next(r for r in rows if r["prompt"] == "32k in 2k chunks")
-    for whole in (r for r in rows if r["length"] == 32 * K and r["chunk"] != CHUNK):
-        print(f"32k in 2k chunks / {whole['prompt']}: {chunked['ttft_ms'] / whole['ttft_ms']:.3f}x")
+    attention.SDPA_PREFILL = default
+    for chunked in (r for r in rows if r["chunk"] == CHUNK):
+        for whole in (r for r in rows if r["length"] == 32 * K and r["chunk"] != CHUNK):
+            print(f"{chunked['prompt']} / {whole['prompt']}: {chunked['ttft_ms'] / whole['ttft_ms']:.3f}x")
     return rows
 
 
 def profile_part(engine: LLMEngine) -> list[dict]:
-    """Where the TTFT of an 8k prompt (paged kernel, SDPA) and of a 32k one in 2k chunks goes: kernel
-    time by name over one run after a warm-up run, the 12 largest printed."""
+    """Where the TTFT of an 8k prompt and of a 32k one in 2k chunks goes (paged kernel, SDPA): kernel time
+    by name over one run after a warm-up run, the 12 largest printed."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    pdl, sdpa = launch.PDL_ENABLED, attention.SDPA_WHOLE_PROMPTS
+    pdl, sdpa = launch.PDL_ENABLED, attention.SDPA_PREFILL
     launch.PDL_ENABLED = False
     rows = []
     for name, length, budget, use_sdpa in [("8k whole", 8 * K, 32 * K, False),
                                            ("8k whole, SDPA", 8 * K, 32 * K, True),
-                                           ("32k in 2k chunks", 32 * K, CHUNK, False)]:  # fmt: skip
+                                           ("32k in 2k chunks", 32 * K, CHUNK, False),
+                                           ("32k in 2k chunks, SDPA", 32 * K, CHUNK, True)]:  # fmt: skip
         engine.scheduler.max_num_batched_tokens = budget
-        attention.SDPA_WHOLE_PROMPTS = use_sdpa
+        attention.SDPA_PREFILL = use_sdpa
         warm, prompt = make_prompts(2, length, len(engine.tokenizer), seed=length + use_sdpa)
         time_to_first_token(engine, warm, f"profile-warm-{name}")
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -307,7 +325,7 @@ def profile_part(engine: LLMEngine) -> list[dict]:
         for kernel, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
             print(f"  {ms:8.2f} ms {ms / total:6.1%}  {kernel}", flush=True)
         rows.append(dict(prompt=name, ttft_ms=1e3 * ttft, kernel_ms=total, kernels=per_name))
-    launch.PDL_ENABLED, attention.SDPA_WHOLE_PROMPTS = pdl, sdpa
+    launch.PDL_ENABLED, attention.SDPA_PREFILL = pdl, sdpa
     return rows
 
 
@@ -322,6 +340,13 @@ def lognormal_lengths(count: int, low: int, high: int, seed: int) -> list[int]:
 def serving_part(engine: LLMEngine, args: argparse.Namespace) -> dict:
     engine.scheduler.max_num_batched_tokens = args.serving_chunk
     vocab = len(engine.tokenizer)
+    # Warm-up, so that no kernel compiles inside the timed run: a few requests of the same length spread,
+    # a few tokens each, through steps that mix prefill chunks and decoding.
+    warm_params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i, n in enumerate(lognormal_lengths(8, 2 * K, 32 * K, seed=1)):
+        engine.add_request(f"warm{i}", make_prompts(1, n, vocab, seed=900 + i)[0], warm_params)
+    while engine.has_work:
+        engine.step()
     lens = lognormal_lengths(args.concurrency, 2 * K, 32 * K, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     for i, n in enumerate(lens):

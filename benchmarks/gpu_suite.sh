@@ -17,7 +17,8 @@
 #                                     kv-stalls (Nsight Compute on the bf16 and fp8 decode kernel: warp
 #                                     states and each SASS instruction's stall samples, as CSV and the
 #                                     .ncu-rep), and
-#                                     long-profile (TTFT, then where an 8k and a chunked 32k prompt's time goes).
+#                                     long-profile (attention alone, TTFT, then where an 8k and a chunked 32k
+#                                     prompt's time goes).
 #                                     Logs and results under $OUT, and the Triton cache as
 #                                     $OUT/triton.tgz: copy it to .cache/triton.tgz for the next run. A device
 #                                     call is limited to 10 minutes, so the parts share one deadline,
@@ -98,7 +99,7 @@ run)
         case $part in
         # Eight test processes: on a cold Triton cache the tests wait mostly on compiling kernels, on the CPU.
         tests) timeout $((deadline - SECONDS)) python3 -m pytest -v -n 8 -m gpu -p no:cacheprovider tests/test_lean_attention.py \
-            tests/test_prefill_attention.py tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
+            tests/test_prefill_attention.py tests/test_sdpa_prefill.py tests/test_fused_ops.py tests/test_skinny_linear.py tests/test_models.py tests/test_engine.py \
             tests/test_sampler.py tests/test_launch.py tests/test_decode_inputs.py tests/test_argmax.py \
             tests/test_kv_fp8.py tests/test_fp8.py ;;
         kernel) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --out "$out" ;;
@@ -115,7 +116,7 @@ run)
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
         long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
-        long-profile) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --parts ttft profile \
+        long-profile) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --parts attention ttft profile \
             --out "$out" ;;
         fp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_fp8_linear.py --tune --out "$out" ;;
         kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;

@@ -11,16 +11,17 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from leanserve.kernels import ops
 from leanserve.models.prefetch import SideStreamPrefetch
+from leanserve.models.sdpa_prefill import sdpa_prefill, splits_at_prefix
 
-# Steps whose prefill chunks all start their prompts (no cached prefix) run SDPA per chunk over the
-# chunks' own K/V (on an H100 torch picks cuDNN's attention there) instead of the paged kernel: in
-# bench_long_context.py's TTFT part (H100, docs/benchmarks.md) 8k prompts took 221 ms against 241 and 32k
-# prompts 1207 against 1575. The benchmark turns it off to time the paged kernel on whole prompts.
-SDPA_WHOLE_PROMPTS = True
+# Prefill steps of few chunks run SDPA per chunk (models.sdpa_prefill), all-whole-prompt steps whatever
+# their number; other steps, one paged prefill kernel launch. In bench_long_context.py's TTFT part (H100,
+# docs/benchmarks.md), whole prompts: 8k 223 against 237 ms, 32k 1225 against 1483. The benchmark turns
+# SDPA_PREFILL off to time the paged kernel.
+SDPA_PREFILL = True
+SDPA_MAX_CHUNKS = 4
 
 
 @dataclass
@@ -179,12 +180,16 @@ def _prefill(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """Every prefill chunk of the step in one call over the paged cache (ops.prefill_attention: the
-    Triton kernel on CUDA, its twin elsewhere), each chunk's causal mask aligned to its prefix; a step
-    whose chunks all start their prompts goes to SDPA instead (SDPA_WHOLE_PROMPTS)."""
+    """Every prefill chunk of the step: SDPA per chunk (SDPA_PREFILL) or one call over the paged cache
+    (ops.prefill_attention: the Triton kernel on CUDA, its twin elsewhere), each chunk's causal mask
+    aligned to its prefix."""
     num_prefill = batch.num_prefill_tokens
-    if SDPA_WHOLE_PROMPTS and batch.prefill_context_lens_host == batch.prefill_query_lens_host:
-        _sdpa_whole_prompts(q, k, v, batch, scale, out)
+    query_lens, context_lens = batch.prefill_query_lens_host, batch.prefill_context_lens_host
+    whole_prompts = query_lens == context_lens
+    few_chunks = len(query_lens) <= SDPA_MAX_CHUNKS and splits_at_prefix(q)
+    if SDPA_PREFILL and (whole_prompts or few_chunks):
+        args = (k_cache, v_cache, k_scale, v_scale, query_lens, context_lens, batch.prefill_block_tables)
+        sdpa_prefill(q[:num_prefill], k, v, *args, scale, out)
         return
     ops.prefill_attention(
         q[:num_prefill],
@@ -198,18 +203,3 @@ def _prefill(
         k_scale=k_scale,
         v_scale=v_scale,
     )
-
-
-def _sdpa_whole_prompts(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float, out: torch.Tensor
-) -> None:
-    """Chunks without a cached prefix, one SDPA each over their own K/V, GQA natively (the backend is
-    torch's choice; host lengths, no sync)."""
-    start = 0
-    for query_len in batch.prefill_query_lens_host:
-        end = start + query_len
-        # SDPA's fused kernels (cuDNN, flash, CPU flash) want [batch, heads, tokens, D].
-        q_i, k_i, v_i = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        o_i = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, scale=scale, enable_gqa=True)
-        out[start:end] = o_i[0].transpose(0, 1)
-        start = end
