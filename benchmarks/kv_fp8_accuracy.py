@@ -2,15 +2,17 @@
 unquantized cache (bf16 by default), over a fixed prompt set, both ways:
 
 - teacher-forced: each prompt plus the reference's greedy continuation is scored by both engines (prompt
-  logprobs, prefilled in chunks of 16 tokens so that every chunk after the first attends to the cache it
-  has just written, dequantized); the share of continuation positions where both pick the same argmax,
-  and the mean |delta logprob| of the reference's token. Positions in the first chunk, which attends to
-  its own unquantized K/V, are left out.
+  logprobs, prefilled in chunks of 16 tokens so that every chunk after the first reads its prefix from
+  the cache, dequantized; its own K/V unquantized, as the engine's SDPA prefill attends them, or from the
+  cache too with --paged-prefill, as a decode step reads them); the share of continuation positions where
+  both pick the same argmax, and the mean |delta logprob| of the reference's token. Positions in the first
+  chunk, which attends to its own unquantized K/V only, are left out.
 - free-running: greedy decoding with each cache, the share of positions with the same token, and of
   positions before each prompt's first difference (after which the contexts differ).
 
 Prints a table per model, writes JSON to --out. Runs on CPU or GPU. Usage:
-python benchmarks/kv_fp8_accuracy.py [--model DIR ...] [--dtype bfloat16] [--tokens 64] [--out DIR]"""
+python benchmarks/kv_fp8_accuracy.py [--model DIR ...] [--dtype bfloat16] [--tokens 64] [--out DIR]
+[--paged-prefill]"""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from leanserve.models import attention
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -99,7 +102,7 @@ def compare(
         prefix += next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
 
     # Teacher-forced: prompt + continuation scored in CHUNK-token steps, every chunk after the first
-    # reading the whole context back from the cache.
+    # reading its prefix back from the cache (its own tokens too with --paged-prefill).
     score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
     scored = {rid: (p + free["auto"][rid][0], score) for rid, (p, _) in requests.items()}
     chunked = dict(base, max_num_batched_tokens=CHUNK, enable_prefix_caching=False)
@@ -144,8 +147,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument(
+        "--paged-prefill",
+        action="store_true",
+        help="prefill through the paged path (models.attention.SDPA_PREFILL off): every key from the cache",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    attention.SDPA_PREFILL = not args.paged_prefill
     results = []
     for model in args.model or [None]:
         results.append(compare(model, args.dtype, args.device, args.tokens, tokenize(model, PROMPTS)))

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: the per-step batch description, the attention timer and the
-attention computation itself (prefill by the paged prefill kernel over cached prefix + chunk, decode by
-the LeanAttention kernel; on CPU their torch references). The step's K/V are already in the cache: the rotary
-embedding step writes them (models.layers.RotaryEmbedding)."""
+attention computation itself (prefill by SDPA per chunk or by the paged prefill kernel over cached prefix +
+chunk, decode by the LeanAttention kernel; on CPU the kernels' torch references). The step's K/V are
+already in the cache: the rotary embedding step writes them (models.layers.RotaryEmbedding)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from leanserve.kernels import ops
 from leanserve.models.prefetch import SideStreamPrefetch
 from leanserve.models.sdpa_prefill import sdpa_prefill, splits_at_prefix
 
-# Prefill steps of few chunks run SDPA per chunk (models.sdpa_prefill), all-whole-prompt steps whatever
-# their number; other steps, one paged prefill kernel launch. In bench_long_context.py's TTFT part (H100,
-# docs/benchmarks.md), whole prompts: 8k 223 against 237 ms, 32k 1225 against 1483. The benchmark turns
+# Prefill steps of up to SDPA_MAX_CHUNKS chunks, and steps of whole prompts only, run SDPA per chunk
+# (models.sdpa_prefill: cuDNN on an H100); other steps, one paged prefill kernel launch. In
+# bench_long_context.py's TTFT part (H100, docs/benchmarks.md) against the paged kernel: whole prompts 8k
+# 225 against 236 ms, 32k 1219 against 1486; 32k in 2k chunks 1388 against 1508. The benchmark turns
 # SDPA_PREFILL off to time the paged kernel.
 SDPA_PREFILL = True
 SDPA_MAX_CHUNKS = 4
