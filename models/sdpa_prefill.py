@@ -21,6 +21,14 @@ def splits_at_prefix(q: torch.Tensor) -> bool:
     return not q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128)
 
 
+def prefix_gather_bytes(max_prefix: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The most memory one chunk's gathered prefix holds while it is attended (the chunks of a step take
+    turns): its K and V in dtype and, from an fp8 cache, one of them also as e4m3 bytes and as the fp32
+    products of its dequantization (kernels.fp8.dequantize)."""
+    elements = max_prefix * num_kv_heads * head_dim
+    return elements * (2 * dtype.itemsize + 1 + 4)
+
+
 def sdpa_prefill(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kv_fp8 import _config
 from test_prefill_attention import CHUNK_SETS, _make_inputs
 
 from leanserve.kernels.fp8 import dequantize, quantize_rows
 from leanserve.kernels.kv_quant import gather_pages
 from leanserve.kernels.reference import reference_prefill_attention
-from leanserve.models.sdpa_prefill import sdpa_prefill, splits_at_prefix
+from leanserve.models.kv_cache import KVCache
+from leanserve.models.sdpa_prefill import prefix_gather_bytes, sdpa_prefill, splits_at_prefix
+from leanserve.server.engine import engine_setup
+from leanserve.server.engine.config import EngineConfig
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -125,3 +129,18 @@ def test_dequantize_is_what_the_fp8_cache_reads():
     values, scales = quantize_rows(x)
     got = gather_pages(values, scales, torch.tensor([1, 3]), torch.float32)
     torch.testing.assert_close(got, dequantize(values[[1, 3]], scales[[1, 3]], torch.float32).flatten(0, 1))
+
+
+def test_kv_pool_leaves_room_for_the_longest_gathered_prefix(tmp_path, monkeypatch):
+    """num_kv_blocks on a (pretend) 80 GB card keeps the largest prefix gather out of the KV pool: a
+    longer max_model_len gives the pool fewer blocks, by that gather's bytes."""
+    config = _config(tmp_path, layers=32)
+    model = type("Model", (), {"config": config, "tp_size": 1})()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 << 30, 80 << 30))
+    cuda = torch.device("cuda")
+    blocks = {n: engine_setup.num_kv_blocks(EngineConfig(max_model_len=n), model, torch.bfloat16, cuda)
+              for n in (1 << 10, 1 << 20)}  # fmt: skip
+    gather = prefix_gather_bytes((1 << 20) - (1 << 10), 8, 128, torch.bfloat16)
+    assert gather == ((1 << 20) - (1 << 10)) * 8 * 128 * 9  # bf16 K and V, e4m3 bytes, fp32 products
+    block_bytes = KVCache.bytes_per_block(config, 16, torch.bfloat16)
+    assert blocks[1 << 10] - blocks[1 << 20] == pytest.approx(gather / block_bytes, abs=1)

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from leanserve.models.kv_cache import KVCache, resolve_kv_cache_dtype
 from leanserve.models.layers import prepack_linear_weights
 from leanserve.models.loader import load_model, resolve_dtype
+from leanserve.models.sdpa_prefill import prefix_gather_bytes
 from leanserve.models.weights_source import resolve_model_dir
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.model_runner import ModelRunner
@@ -20,7 +21,8 @@ from leanserve.server.engine.tp_worker import TPWorkers, WorkerSpec
 # GPU memory kept out of the KV pool, estimated with margin for Llama-3-8B: activations of a full prefill
 # step (hidden states, fused qkv and gate/up outputs, fp32 norm temporaries: under 160 KiB per token of
 # the step budget), the logits of every running sequence with the sampler's copies of them (4 fp32
-# vocab-sized rows each), and the CUDA graphs' own pool.
+# vocab-sized rows each), the CUDA graphs' own pool, and the longest prefix the SDPA prefill gathers out
+# of the cache (models.sdpa_prefill).
 _ACTIVATION_BYTES_PER_TOKEN = 160 * 1024
 _LOGIT_COPIES = 4
 _GRAPH_RESERVE_BYTES = 1 << 30
@@ -93,13 +95,20 @@ def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> Engi
 
 def num_kv_blocks(config: EngineConfig, model, kv_cache_dtype: torch.dtype, device: torch.device) -> int:
     """CPU: `kv_cache_tokens`. GPU: what `gpu_memory_utilization` of the card leaves after the weights,
-    the step's activations and the CUDA graphs, in blocks of `kv_cache_dtype` (an fp8 cache holds
-    about twice the tokens of a bf16 one)."""
+    the step's activations, the CUDA graphs and the SDPA prefill's gathered prefix, in blocks of
+    `kv_cache_dtype` (an fp8 cache holds about twice the tokens of a bf16 one)."""
     if device.type != "cuda":
         return config.kv_cache_tokens // config.block_size
     free, total = torch.cuda.mem_get_info(device)
     logits = config.max_num_seqs * model.config.vocab_size * 4 * _LOGIT_COPIES
-    reserve = config.max_num_batched_tokens * _ACTIVATION_BYTES_PER_TOKEN + logits + _GRAPH_RESERVE_BYTES
+    max_prefix = config.max_model_len or model.config.max_position_embeddings
+    kv_heads = model.config.num_kv_heads // model.tp_size
+    gather = prefix_gather_bytes(
+        max_prefix, kv_heads, model.config.head_dim, resolve_dtype(config.dtype, device)
+    )
+    reserve = (
+        config.max_num_batched_tokens * _ACTIVATION_BYTES_PER_TOKEN + logits + _GRAPH_RESERVE_BYTES + gather
+    )
     budget = total * config.gpu_memory_utilization - (total - free) - reserve
     block_bytes = KVCache.bytes_per_block(model.config, config.block_size, kv_cache_dtype, model.tp_size)
     num_blocks = int(budget // block_bytes)
