@@ -17,8 +17,12 @@ from leanserve.kernels.kv_quant import gather_pages
 
 def splits_at_prefix(q: torch.Tensor) -> bool:
     """Whether chunks after a prefix can take the split path here: on CUDA cuDNN's attention, which returns
-    the log-sum-exps, takes fp16/bf16 and head dims up to 128; on CPU torch's flash attention takes all."""
-    return not q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128)
+    the log-sum-exps, takes fp16/bf16, head dims up to 128 and GPUs of compute capability 8.0 or newer; on
+    CPU torch's flash attention takes all."""
+    if not q.is_cuda:
+        return True
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return half and q.shape[-1] <= 128 and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
 def prefix_gather_bytes(max_prefix: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
