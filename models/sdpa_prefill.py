@@ -9,6 +9,8 @@ the two merged by their log-sum-exps. GQA natively in both calls: no KV head is 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +24,13 @@ def splits_at_prefix(q: torch.Tensor) -> bool:
     if not q.is_cuda:
         return True
     half = q.dtype in (torch.float16, torch.bfloat16)
-    return half and q.shape[-1] <= 128 and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    return half and q.shape[-1] <= 128 and _ampere_or_later(q.device)
+
+
+@functools.cache
+def _ampere_or_later(device: torch.device) -> bool:
+    """Cached: every prefill step asks, in every layer."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def prefix_gather_bytes(max_prefix: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
