@@ -8,12 +8,42 @@ Why per-row dynamic scales: docs/kernel_notes.md, FP8 KV cache."""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from leanserve.kernels.fp8 import FP8, dequantize
 
 
 def is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == FP8
+
+
+def is_slot_major(cache: torch.Tensor) -> bool:
+    """Whether an fp8 cache's pages are slot-major, [D, block_size] a page, rather than [block_size, D]:
+    the layout of V that e4m3 tensor-core products read (models.kv_cache; kernels/lean_decode.py)."""
+    return is_fp8(cache) and cache.stride(-1) != 1
+
+
+@triton.jit
+def load_slot_major(
+    cache_ptr, table, h, first, seq_len, stride_n, stride_h, stride_d, offs_d, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TOKENS: tl.constexpr,
+):  # fmt: skip
+    """The transposed rows of a slot-major cache (V) for KV head h at the sequence's positions first ..
+    first + TOKENS - 1 (first a multiple of min(PAGE_SIZE, TOKENS)): [BLOCK_D, TOKENS], read as runs of
+    min(PAGE_SIZE, TOKENS) slots of one page so that loads move 16 bytes at once. table: the sequence's
+    block-table row. A run is read whole if its first position is below seq_len: the slots past the
+    sequence's end lie in its own last page (zeroed at allocation, or rows an earlier owner wrote: finite
+    e4m3 values), which the caller weights by a probability of 0."""
+    RUN: tl.constexpr = min(PAGE_SIZE, TOKENS)
+    run_first = first + tl.arange(0, TOKENS // RUN) * RUN
+    run_mask = run_first < seq_len
+    page = tl.load(table + run_first // PAGE_SIZE, mask=run_mask, other=0).to(tl.int64)
+    run = page * stride_n + run_first % PAGE_SIZE
+    offs = h * stride_h + run[None, :, None] + offs_d[:, None, None] * stride_d
+    offs += tl.arange(0, RUN)[None, None, :]
+    mask = run_mask[None, :, None] & (offs_d < HEAD_DIM)[:, None, None]
+    return tl.reshape(tl.load(cache_ptr + offs, mask=mask, other=0.0), [BLOCK_D, TOKENS])
 
 
 def select_blocks(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

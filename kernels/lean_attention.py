@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from leanserve.kernels.kv_quant import is_slot_major
 from leanserve.kernels.launch import interpreted, sm_count, use_pdl
 from leanserve.kernels.lean_decode import _lean_decode_kernel
 from leanserve.kernels.lean_merge import red_chunk, workspace
@@ -46,8 +47,29 @@ _CONFIGS: dict[int, LeanConfig] = {
     128: LeanConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2),
     256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
 }
+# An fp8 cache with slot-major V pages runs both products on e4m3 tensor cores (lean_decode.py,
+# _attend_tile_e4m3). Compiled for sm_90 (benchmarks/compile_sm90.py, triton 3.9), its loop takes ~1240
+# instructions a warp for a 128-token tile against ~1010 for a 64-token one, so 128-token tiles halve the
+# instructions a token; D=256 keeps its config. Not yet timed on a GPU.
+_E4M3_CONFIGS: dict[int, LeanConfig] = {
+    64: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    96: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    128: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
+    256: _CONFIGS[256],
+}
 _MAX_GROUP = 64  # query heads per KV head accepted: the [GROUP_PAD, D] fp32 accumulator grows with it
 _INTERPRETER_PROGRAMS = 4  # programs when run under TRITON_INTERPRET (no SMs to fill; programs run serially)
+
+
+def uses_e4m3_products(q: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel multiplies in e4m3: an fp8 cache with slot-major V pages, a half-precision q."""
+    return is_slot_major(v_cache) and q.dtype != torch.float32
+
+
+def launch_config(q: torch.Tensor, v_cache: torch.Tensor) -> LeanConfig | None:
+    """The launch parameters for q's head dim and the kernel's form (None: unsupported head dim)."""
+    configs = _E4M3_CONFIGS if uses_e4m3_products(q, v_cache) else _CONFIGS
+    return configs.get(q.shape[-1]) if q.dim() == 3 else None
 
 
 def _default_programs(device: torch.device, config: LeanConfig) -> int:
@@ -160,6 +182,7 @@ def _launch(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        v_cache.stride(3),
         block_tables.stride(0),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         out.stride(0),
@@ -180,6 +203,7 @@ def _launch(
         TIMED=timestamps is not None,
         FP8=k_scale is not None,
         HALF_Q=q.dtype != torch.float32,
+        E4M3=uses_e4m3_products(q, v_cache),
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -220,7 +244,7 @@ def lean_attention_decode(
     without timing events (64 event nodes in a 32-layer decode graph add ~230 us of device time a step:
     a microbenchmark at batch 8, docs/benchmarks.md).
     """
-    config = _CONFIGS.get(q.shape[-1]) if q.dim() == 3 else None
+    config = launch_config(q, v_cache)
     if config is None:
         _validate(q, k_cache, v_cache, block_tables, seq_lens, out, k_scale, v_scale)  # the precise error
     return _launch(

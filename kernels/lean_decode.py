@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from leanserve.kernels.kv_quant import load_slot_major
 from leanserve.kernels.lean_merge import count_in
 from leanserve.kernels.lean_partition import locate, partition
 
@@ -19,19 +20,21 @@ def _lean_decode_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     part_acc_ptr, part_ml_ptr, counters_ptr, stamps_ptr,
     batch, min_tiles, qk_scale,
-    stride_qb, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
-    stride_sn, stride_sb, stride_sh, stride_ob, stride_oh,
+    stride_qb, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd,
+    stride_btb, stride_sn, stride_sb, stride_sh, stride_ob, stride_oh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_RED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
     BLOCK_B: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RED_CHUNK: tl.constexpr,
-    TIMED: tl.constexpr, FP8: tl.constexpr, HALF_Q: tl.constexpr, PDL: tl.constexpr,
+    TIMED: tl.constexpr, FP8: tl.constexpr, HALF_Q: tl.constexpr, E4M3: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """part_acc_ptr, part_ml_ptr, counters_ptr: the workspace (lean_merge.Workspace). stamps_ptr (TIMED):
     int64 [2], the launch's first start and last end in ns, folded in by atomics. min_tiles: fewest tiles
     per active program. qk_scale: sm_scale * log2(e), so scores come out in log2 units for exp2.
     k_scale_ptr, v_scale_ptr (FP8): the fp32 scales [num_blocks, block_size, Hkv] of the fp8 caches'
     rows (strides stride_sn, stride_sb, stride_sh, both alike). HALF_Q: q is fp16 or bf16 (see
-    _attend_tile)."""
+    _attend_tile). stride_vd: V's stride along D, 1 but for an fp8 cache with slot-major V pages
+    (stride_vb 1), which E4M3 (q half-precision too) multiplies in e4m3 on the tensor cores
+    (_attend_tile_e4m3); the accumulator is then [BLOCK_D, GROUP_PAD], transposed."""
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
 
@@ -64,7 +67,10 @@ def _lean_decode_kernel(
     # A program with no units (start == end) locates b one past the batch: it must read nothing there.
     q_rows = tl.where(start < end, GROUP, 0)
     q = _load_q(q_ptr, b, h, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
-    m_i, l_i, acc = _empty_state(GROUP_PAD, BLOCK_D)
+    q_lo, q_scale = q, qk_scale
+    if E4M3:
+        q, q_lo, q_scale = _quantize_q(q, qk_scale, UPCAST)
+    m_i, l_i, acc = _empty_state(GROUP_PAD, BLOCK_D, E4M3)
     seg_begin = start
     # The split outputs this program counts in after the loop: (b, h, first unit, tiles, own tiles).
     first_b, first_h, first_begin, first_n, first_tiles = 0, 0, 0, 1, 0
@@ -77,18 +83,29 @@ def _lean_decode_kernel(
         # Page ids and the query are fetched a tile ahead, so the K/V loads of a tile depend on no load of
         # their own iteration and the pipeliner keeps num_stages - 1 K/V tiles in flight.
         page = next_page.to(tl.int64)
-        next_q, next_page = _prefetch(
+        prefetched_q, next_page = _prefetch(
             q_ptr, block_tables_ptr, u, end, nb, nh, n_tile, n_len, stride_qb, stride_qh, stride_btb,
-            offs_g, offs_d, offs_t, HEAD_DIM, GROUP, PAGE_SIZE, TILE, UPCAST,
+            offs_g, offs_d, offs_t, HEAD_DIM, GROUP, PAGE_SIZE, TILE, UPCAST, not E4M3,
         )  # fmt: skip
-        m_i, l_i, acc = _attend_tile(
-            q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale,
-            stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, stride_sh,
-            offs_d, offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8, HALF_Q,
-        )  # fmt: skip
+        if E4M3:
+            m_i, l_i, acc = _attend_tile_e4m3(
+                q, q_lo, q_scale, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, page, b, h, tile,
+                seq_len, m_i, l_i, acc, stride_kn, stride_kb, stride_kh, stride_vn, stride_vh, stride_vd,
+                stride_sn, stride_sb, stride_sh, stride_btb, offs_d, offs_t, HEAD_DIM, BLOCK_D, PAGE_SIZE,
+                TILE, UPCAST,
+            )  # fmt: skip
+        else:
+            m_i, l_i, acc = _attend_tile(
+                q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale,
+                stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd, stride_sn,
+                stride_sb, stride_sh, offs_d, offs_t, td_mask_d, PAGE_SIZE, TILE, UPCAST, DOT_PRECISION, FP8,
+                HALF_Q,
+            )  # fmt: skip
 
         if out_done | (u + 1 == end):
             # The end of a segment: this program's tiles [seg_begin, u] of output (b, h).
+            if E4M3:
+                acc = tl.trans(acc)
             if (seg_begin == out_begin) & out_done:
                 _store_output(out_ptr, b, h, acc, l_i, stride_ob, stride_oh, offs_g, offs_d, gd_mask, GROUP)
             else:
@@ -105,8 +122,18 @@ def _lean_decode_kernel(
                 else:
                     last_b, last_h, last_begin, last_n = b, h, out_begin, n_tiles
                     last_tiles = u + 1 - seg_begin
-            m_i, l_i, acc = _empty_state(GROUP_PAD, BLOCK_D)
+            m_i, l_i, acc = _empty_state(GROUP_PAD, BLOCK_D, E4M3)
             seg_begin = u + 1
+        if E4M3:
+            # The query changes with the output only: quantized once an output, not once a tile.
+            next_q = q
+            if out_done:
+                q_rows = tl.where(u + 1 < end, GROUP, 0)
+                next_q = _load_q(q_ptr, nb, nh, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP,
+                                 UPCAST)  # fmt: skip
+                next_q, q_lo, q_scale = _quantize_q(next_q, qk_scale, UPCAST)
+        else:
+            next_q = prefetched_q
         b, h, out_begin, n_tiles, seq_len, tile, q = nb, nh, n_begin, n_n, n_len, n_tile, next_q
     if first_tiles > 0:
         count_in(counters_ptr, part_acc_ptr, part_ml_ptr, out_ptr, first_b, first_h, first_begin, first_n,
@@ -121,11 +148,15 @@ def _lean_decode_kernel(
 
 
 @triton.jit
-def _empty_state(GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A segment's online-softmax state before its first tile: running max, denominator, accumulator."""
+def _empty_state(GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """A segment's online-softmax state before its first tile: running max, denominator, accumulator
+    ([BLOCK_D, GROUP_PAD] if TRANSPOSED)."""
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if TRANSPOSED:
+        acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)
+    else:
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     return m_i, l_i, acc
 
 
@@ -163,13 +194,15 @@ def _next_unit(
 def _prefetch(
     q_ptr, block_tables_ptr, u, end, nb, nh, n_tile, n_len, stride_qb, stride_qh, stride_btb, offs_g, offs_d,
     offs_t, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, LOAD_Q: tl.constexpr,
 ):  # fmt: skip
-    """The query and page ids of unit u + 1 (the query of the same output comes from L1). Past the
-    program's last unit, nb may be one past the batch: nothing is read there."""
+    """The query (LOAD_Q; else 0) and page ids of unit u + 1 (the query of the same output comes from
+    L1). Past the program's last unit, nb may be one past the batch: nothing is read there."""
     has_next = u + 1 < end
-    q_rows = tl.where(has_next, GROUP, 0)
-    next_q = _load_q(q_ptr, nb, nh, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
+    next_q = 0
+    if LOAD_Q:
+        q_rows = tl.where(has_next, GROUP, 0)
+        next_q = _load_q(q_ptr, nb, nh, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
     n_tok = n_tile * TILE + offs_t
     next_page = tl.load(
         block_tables_ptr + nb.to(tl.int64) * stride_btb + n_tok // PAGE_SIZE,
@@ -182,9 +215,9 @@ def _prefetch(
 @triton.jit
 def _attend_tile(
     q, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, h, tile, seq_len, m_i, l_i, acc, qk_scale, stride_kn,
-    stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb, stride_sh, offs_d, offs_t,
-    td_mask_d, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FP8: tl.constexpr, HALF_Q: tl.constexpr,
+    stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd, stride_sn, stride_sb, stride_sh, offs_d,
+    offs_t, td_mask_d, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, HALF_Q: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: the running max m_i, denominator l_i and accumulator acc of KV head h's
     query heads, updated with the tile's K/V (page: its page ids). Returns (m_i, l_i, acc).
@@ -205,7 +238,7 @@ def _attend_tile(
         other=0.0,
     )
     v = tl.load(
-        v_ptr + h * stride_vh + page[:, None] * stride_vn + row * stride_vb + offs_d[None, :],
+        v_ptr + h * stride_vh + page[:, None] * stride_vn + row * stride_vb + offs_d[None, :] * stride_vd,
         mask=kv_mask,
         other=0.0,
     )
@@ -243,6 +276,80 @@ def _attend_tile(
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tile_e4m3(
+    q_hi, q_lo, q_scale, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, page, b, h, tile, seq_len,
+    m_i, l_i, acc, stride_kn, stride_kb, stride_kh, stride_vn, stride_vh, stride_vd, stride_sn, stride_sb,
+    stride_sh, stride_btb, offs_d, offs_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, ROUND_FIRST: tl.constexpr,
+):  # fmt: skip
+    """_attend_tile for an fp8 cache whose V pages are slot-major, with both products on e4m3 tensor
+    cores and nothing widened: e4m3 MMAs take their operands K-major, which K's rows are along D (the
+    scores' reduction) and slot-major V pages are along the slots (P V's). Scores and probabilities are
+    transposed, [TILE, GROUP_PAD], with the tile's tokens on the MMA's M side (GROUP_PAD is below its 64),
+    and so is the accumulator, [BLOCK_D, GROUP_PAD].
+    q and p each enter as two e4m3 terms, hi + lo (_quantize_q, _split_e4m3): one term alone rounds to 3
+    mantissa bits and moves the output by ~3% (random data), the pair by ~0.1%, for two more MMAs."""
+    tok = tile * TILE + offs_t
+    tok_mask = tok < seq_len
+    k = tl.load(
+        k_ptr + h * stride_kh + page[:, None] * stride_kn + (tok % PAGE_SIZE)[:, None] * stride_kb
+        + offs_d[None, :],
+        mask=tok_mask[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )  # fmt: skip
+    table = block_tables_ptr + b.to(tl.int64) * stride_btb
+    vt = load_slot_major(v_ptr, table, h, tile * TILE, seq_len, stride_vn, stride_vh, stride_vd, offs_d,
+                         HEAD_DIM, BLOCK_D, PAGE_SIZE, TILE)  # fmt: skip
+    st = tl.dot(k, tl.trans(q_lo), tl.dot(k, tl.trans(q_hi)))  # [TILE, GROUP_PAD]
+    scale_offs = h * stride_sh + page * stride_sn + (tok % PAGE_SIZE) * stride_sb
+    k_scale = tl.load(k_scale_ptr + scale_offs, mask=tok_mask, other=0.0)
+    st = tl.where(tok_mask[:, None], st * k_scale[:, None] * q_scale[None, :], float("-inf"))
+    # Every tile holds at least one token, so m_new is finite and exp2(-inf - m_new) is 0.
+    m_new = tl.maximum(m_i, tl.max(st, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    pt = tl.exp2(st - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(pt, axis=0)
+    # V's scales go on the probabilities, over the tile's largest so they stay within [0, 256]: e4m3
+    # keeps 3 mantissa bits down to 2^-6, so the 256 keeps small probabilities out of its subnormals.
+    # Scales are >= 1e-12 (kernels.fp8.fp8_scale) and a tile holds a token: v_max > 0.
+    v_scale = tl.load(v_scale_ptr + scale_offs, mask=tok_mask, other=0.0)
+    v_max = tl.max(v_scale, axis=0)
+    p_hi, p_lo = _split_e4m3(pt * (v_scale * (256.0 / v_max))[:, None], ROUND_FIRST)
+    pv = tl.dot(vt, p_lo, tl.dot(vt, p_hi))  # [BLOCK_D, GROUP_PAD]
+    acc = acc * alpha[None, :] + pv * (v_max * (1.0 / 256.0))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _to_e4m3(x, ROUND_FIRST: tl.constexpr):
+    """fp32 x (|x| <= 448) to e4m3, rounded to nearest even. ROUND_FIRST (the interpreter, whose fp32 ->
+    e4m3 conversion drops a rounding carry into the exponent: 1.95 -> 1): rounded to 3 mantissa bits in
+    fp32 first, which converts exactly where x is normal in e4m3."""
+    if ROUND_FIRST:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _split_e4m3(x, ROUND_FIRST: tl.constexpr):
+    """fp32 x (|x| <= 448) as two e4m3 terms, hi + lo ~ x to ~7 mantissa bits."""
+    hi = _to_e4m3(x, ROUND_FIRST)
+    return hi, _to_e4m3(x - hi.to(tl.float32), ROUND_FIRST)
+
+
+@triton.jit
+def _quantize_q(q, qk_scale, ROUND_FIRST: tl.constexpr):
+    """q qk_scale as e4m3 terms with a scale a row: (hi, lo, scale [GROUP_PAD]), q qk_scale ~ (hi + lo)
+    scale, each row's largest magnitude at 448. Rows of zeros keep a tiny positive scale."""
+    q = q.to(tl.float32) * qk_scale
+    amax = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)
+    hi, lo = _split_e4m3(q * (448.0 / amax)[:, None], ROUND_FIRST)
+    return hi, lo, amax * (1.0 / 448.0)
 
 
 @triton.jit

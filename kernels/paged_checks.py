@@ -17,7 +17,7 @@ def check_query_and_caches(
 ) -> None:
     """ValueError unless q ([rows, Hq, D], fp16/bf16/fp32) and the caches ([num_blocks, block_size, Hkv,
     D], q's dtype or float8_e4m3fn with their scales) fit together: the same D, Hq a multiple of Hkv, unit
-    stride in D."""
+    stride in D (fp8 V: or in block_size)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
@@ -37,5 +37,18 @@ def check_query_and_caches(
         raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({k_cache.shape[3]}) differ")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim (stride 1 in the last dim)")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and k_cache must be contiguous in head_dim (stride 1 in the last dim)")
+    check_v_layout(v_cache)
+
+
+def check_v_layout(v_cache: torch.Tensor) -> None:
+    """ValueError unless v_cache is contiguous in head_dim, or is fp8 with slot-major pages (contiguous in
+    block_size, kernels.kv_quant.is_slot_major)."""
+    if v_cache.stride(-1) == 1:
+        return
+    if not is_fp8(v_cache) or v_cache.stride(1) != 1:
+        raise ValueError(
+            "v_cache must be contiguous in head_dim (stride 1 in the last dim), or float8_e4m3fn with "
+            f"slot-major pages (stride 1 in block_size), got {v_cache.dtype} strides {v_cache.stride()}"
+        )

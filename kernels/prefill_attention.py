@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from leanserve.kernels.kv_quant import is_slot_major
 from leanserve.kernels.launch import interpreted, max_shared_memory
 from leanserve.kernels.paged_checks import check_query_and_caches
 from leanserve.kernels.prefill_kernel import _prefill_kernel
@@ -146,7 +147,7 @@ def _launch(
         q, k_cache, v_cache, k_scale, v_scale, cu_seqlens_q, context_lens, block_tables, out,
         num_seqs, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), block_tables.stride(0),
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),  # the scales' (k and v alike)
         out.stride(0), out.stride(1),
         GROUP=group,
@@ -159,6 +160,7 @@ def _launch(
         UPCAST=interpreted(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=k_scale is not None,
+        V_SLOT_MAJOR=is_slot_major(v_cache),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

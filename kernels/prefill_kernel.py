@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from leanserve.kernels.kv_quant import load_slot_major
+
 
 # num_seqs and the block-table width are plain runtime values: Triton would otherwise compile variants for
 # a step of one chunk or one page, and for widths that are multiples of 16.
@@ -15,17 +17,18 @@ import triton.language as tl
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
     out_ptr, num_seqs, qk_scale,
-    stride_qt, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_btb,
-    stride_sn, stride_sb, stride_sh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd,
+    stride_btb, stride_sn, stride_sb, stride_sh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, V_SLOT_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Grid: (query-tile programs, KV heads). A tile holds TOKENS = BLOCK_M // GROUP query tokens times the
     GROUP query heads of KV head h: row r is token r // GROUP, head h * GROUP + r % GROUP. qk_scale:
     sm_scale * log2(e), so scores come out in log2 units for exp2. k_scale_ptr, v_scale_ptr (FP8): the fp32
     scales [num_blocks, block_size, Hkv] of the fp8 caches' rows (strides stride_sn, stride_sb, stride_sh,
-    both alike)."""
+    both alike). V_SLOT_MAJOR: an fp8 V whose pages are slot-major (stride_vb 1, stride_vd its page
+    size; kernels.kv_quant.load_slot_major)."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     # The programs run in reverse: the last tiles of a sequence see the most keys, so they start first.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -68,13 +71,15 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, 0, unmasked_end,
-        context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn,
-        stride_sb, stride_sh, offs_d, d_mask, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, FP8,
+        context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd,
+        stride_sn, stride_sb, stride_sh, offs_d, d_mask, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False,
+        DOT_PRECISION, FP8, V_SLOT_MAJOR,
     )  # fmt: skip
     m_i, l_i, acc = _attend_range(
         q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, unmasked_end, masked_end,
-        context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn,
-        stride_sb, stride_sh, offs_d, d_mask, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, FP8,
+        context_len, qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd,
+        stride_sn, stride_sb, stride_sh, offs_d, d_mask, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True,
+        DOT_PRECISION, FP8, V_SLOT_MAJOR,
     )  # fmt: skip
 
     # Every row saw at least its first key, so l_i > 0 (padding rows too: they are not stored).
@@ -99,9 +104,10 @@ def _find_sequence(cu_seqlens_ptr, pid, num_seqs, TOKENS: tl.constexpr):
 @triton.jit
 def _attend_range(
     q, m_i, l_i, acc, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table, h, pos, start, end, context_len,
-    qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_sn, stride_sb,
-    stride_sh, offs_d, d_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    qk_scale, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd, stride_sn,
+    stride_sb, stride_sh, offs_d, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr, V_SLOT_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key tiles from `start` (a multiple of BLOCK_N) to `end`: the running max
     m_i, denominator l_i and accumulator acc of the query tile, updated tile by tile. CAUSAL masks each
@@ -116,8 +122,9 @@ def _attend_range(
         # Page ids are fetched a tile ahead: a K/V load that waited on a load of its own iteration would
         # keep Triton's pipeliner from putting the next tiles' K/V in flight.
         next_page = _page_ids(table, key + BLOCK_N, context_len, PAGE_SIZE)
-        k, v = _load_kv_tile(k_ptr, v_ptr, page, key, key_mask, h, stride_kn, stride_kb, stride_kh,
-                             stride_vn, stride_vb, stride_vh, offs_d, d_mask, PAGE_SIZE, q.dtype)  # fmt: skip
+        k, v = _load_kv_tile(k_ptr, v_ptr, table, page, key, key_mask, n, context_len, h, stride_kn,
+                             stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd, offs_d, d_mask,
+                             HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, q.dtype, V_SLOT_MAJOR)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if FP8:
             scale_offs = page * stride_sn + (key % PAGE_SIZE) * stride_sb + h * stride_sh
@@ -145,16 +152,22 @@ def _page_ids(table, key, context_len, PAGE_SIZE: tl.constexpr):
 
 @triton.jit
 def _load_kv_tile(
-    k_ptr, v_ptr, page, key, key_mask, h, stride_kn, stride_kb, stride_kh, stride_vn, stride_vb, stride_vh,
-    offs_d, d_mask, PAGE_SIZE: tl.constexpr, dtype: tl.constexpr,
+    k_ptr, v_ptr, table, page, key, key_mask, first, context_len, h, stride_kn, stride_kb, stride_kh,
+    stride_vn, stride_vb, stride_vh, stride_vd, offs_d, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr, V_SLOT_MAJOR: tl.constexpr,
 ):  # fmt: skip
-    """K and V of KV head h at the sequence's positions `key` ([BLOCK_N], on pages `page`; masked ones
-    read as 0): [BLOCK_N, BLOCK_D] each in `dtype` (the query tile's), gathered row by row, so any page size
-    works and a tile may span pages."""
+    """K and V of KV head h at the sequence's positions `key` = first + [0, BLOCK_N) (on pages `page`;
+    masked ones read as 0, but for slot-major V, see load_slot_major): [BLOCK_N, BLOCK_D] each in `dtype`
+    (the query tile's), gathered row by row, so any page size works and a tile may span pages."""
     slot = key % PAGE_SIZE
     mask = key_mask[:, None] & d_mask[None, :]
     k_rows = page * stride_kn + slot * stride_kb + h * stride_kh
-    v_rows = page * stride_vn + slot * stride_vb + h * stride_vh
     k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    if V_SLOT_MAJOR:
+        vt = load_slot_major(v_ptr, table, h, first, context_len, stride_vn, stride_vh, stride_vd, offs_d,
+                             HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N)  # fmt: skip
+        v = tl.trans(vt)
+    else:
+        v_rows = page * stride_vn + slot * stride_vb + h * stride_vh
+        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
     return k.to(dtype), v.to(dtype)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from leanserve.kernels.fp8 import fp8_scale, quantize_rows
-from leanserve.kernels.kv_quant import check_cache_scales, is_fp8, store_slots
+from leanserve.kernels.kv_quant import check_cache_scales, is_fp8, is_slot_major, store_slots
 from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
 
 
@@ -61,9 +61,13 @@ def _rope_and_cache_kernel(
     stride_pos,  # cos_sin: one position's [2, D] rows
     stride_sin,  # cos_sin: from the cos row to the sin row
     block_size,  # a slot is block * block_size + offset
-    stride_block,  # caches: [num_blocks, block_size, Hkv, D], unit D stride, K and V alike
+    stride_block,  # k_cache: [num_blocks, block_size, Hkv, D], unit D stride
     stride_offset,
     stride_head,
+    stride_v_block,  # v_cache: the same shape; unit D stride, or slot-major pages (fp8: unit offset stride)
+    stride_v_offset,
+    stride_v_head,
+    stride_v_dim,
     stride_scale_block,  # scales: [num_blocks, block_size, Hkv], K and V alike
     stride_scale_offset,
     stride_scale_head,
@@ -117,7 +121,8 @@ def _rope_and_cache_kernel(
         v_scale = fp8_scale(tl.max(tl.abs(v), axis=1))
         v = v / v_scale[:, None]
         tl.store(v_scale_ptr + scale_row + offs_kv * stride_scale_head, v_scale, mask=kv_heads_mask)
-    v_dst = v_cache_ptr + cache_row + offs_kv[:, None] * stride_head + offs_d[None, :]
+    v_row = _slot_offset(slot, block_size, stride_v_block, stride_v_offset)
+    v_dst = v_cache_ptr + v_row + offs_kv[:, None] * stride_v_head + offs_d[None, :] * stride_v_dim
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
@@ -194,10 +199,15 @@ def check_rope_inputs(
     v_scale: torch.Tensor | None = None,
 ) -> None:
     """ValueError unless the arguments are as `rope_and_cache` documents them (qkv: its output too)."""
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+    if (
+        k_cache.dim() != 4
+        or k_cache.shape != v_cache.shape
+        or (k_cache.stride() != v_cache.stride() and not is_slot_major(v_cache))
+    ):
         raise ValueError(
-            "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] of one shape and strides, got "
-            f"{tuple(k_cache.shape)} {k_cache.stride()} and {tuple(v_cache.shape)} {v_cache.stride()}"
+            "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] of one shape and strides (an fp8 "
+            f"V's pages may be slot-major), got {tuple(k_cache.shape)} {k_cache.stride()} and "
+            f"{tuple(v_cache.shape)} {v_cache.stride()}"
         )
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if k_cache.stride(3) != 1 or head_dim % 2:
@@ -243,7 +253,8 @@ def rope_and_cache(
     qkv: [T, (Hq + 2 Hkv) * D] fp16/bf16/fp32, q heads then k then v (any row stride); positions: [T]
     int64; cos_sin: [max_pos, 2, D] in qkv's dtype ([cos, cos] and [-sin, sin] per position, see
     models.layers.RotaryEmbedding); k_cache, v_cache: [num_blocks, block_size, Hkv, D] in qkv's dtype,
-    of one set of strides with unit D stride (head-major or token-major blocks alike); slot_mapping: [T]
+    of one set of strides with unit D stride (head-major or token-major blocks alike; an fp8 V's pages may
+    be slot-major instead, models.kv_cache); slot_mapping: [T]
     int64 slots (block * block_size + offset). Returns the views q [T, Hq, D], k, v [T, Hkv, D] of qkv.
     No host synchronisation (CUDA-graph capturable); positions and slots are not bounds-checked. With
     float8_e4m3fn caches, k_scale and v_scale ([num_blocks, block_size, Hkv] fp32, any strides shared by
@@ -267,6 +278,8 @@ def rope_and_cache(
             cos_sin.stride(1),
             block_size=k_cache.shape[1],
             **slot_strides(k_cache),
+            **slot_strides(v_cache, "v_"),
+            stride_v_dim=v_cache.stride(3),
             **slot_strides(k_scale, "scale_"),
             NUM_Q_HEADS=q.shape[1],
             NUM_KV_HEADS=num_kv_heads,

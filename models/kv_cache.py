@@ -12,7 +12,13 @@ writers address K, V and the scales through their strides. On an H100 decode att
 (benchmarks/bench_decode_attention.py --layouts) takes 183.8 us instead of 215.5 token-major for 32
 sequences of 4k tokens with Llama-3-8B's heads (32 q / 8 KV, bf16), 144.0 instead of 167.0 for 32 ragged
 sequences of ~2k, 190.0 instead of 191.1 for one of 128k; fp8 with head-major scales is as fast or
-slightly faster (one 128k sequence, 32 / 32 heads: 704.4 instead of 713.5 us)."""
+slightly faster (one 128k sequence, 32 / 32 heads: 704.4 instead of 713.5 us).
+
+An fp8 cache can store V's pages slot-major instead ([D, block_size] a page, `FP8_V_SLOT_MAJOR`): the
+operand layout e4m3 tensor-core products take for P V, so the decode kernel multiplies K and V without
+widening them (kernels/lean_decode.py, _attend_tile_e4m3). The readers and the writer take either layout
+through V's strides; which one the engine allocates waits on their timing on a GPU
+(`bench_decode_attention.py` times both)."""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from leanserve.kernels.fp8 import FP8
 from leanserve.models.config import ModelConfig
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
+FP8_V_SLOT_MAJOR = False
 _SCALE_DTYPE = torch.float32
 
 
@@ -35,6 +42,12 @@ def head_major(cache: torch.Tensor) -> torch.Tensor:
     """A copy of `cache` ([num_blocks, block_size, Hkv, ...], K, V or scales) stored head-major as KVCache
     stores its blocks, viewed with cache's shape."""
     return block_view(block_view(cache).contiguous())
+
+
+def slot_major(cache: torch.Tensor) -> torch.Tensor:
+    """A copy of `cache` ([num_blocks, block_size, Hkv, D]) stored with slot-major pages, [num_blocks,
+    Hkv, D, block_size], viewed with cache's shape (as KVCache stores an fp8 V under FP8_V_SLOT_MAJOR)."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -76,7 +89,7 @@ class KVCache:
         # partly filled block, and 0 * NaN from stale memory would poison the output.
         self.data = torch.zeros(*pages, config.head_dim, dtype=dtype, device=device)
         self.k = _layer_views(self.data, 0)  # per layer [num_blocks, block_size, Hkv, D]
-        self.v = _layer_views(self.data, 1)
+        self.v = _layer_views(self.data, 1, slot_major=self.quantized and FP8_V_SLOT_MAJOR)
         self.scales = None
         self.k_scale: list[torch.Tensor | None] = [None] * config.num_layers
         self.v_scale: list[torch.Tensor | None] = [None] * config.num_layers
@@ -108,7 +121,11 @@ class KVCache:
         return 2 * config.num_layers * block_size * kv_heads * row_bytes
 
 
-def _layer_views(storage: torch.Tensor, kv: int) -> list[torch.Tensor]:
+def _layer_views(storage: torch.Tensor, kv: int, slot_major: bool = False) -> list[torch.Tensor]:
     """Per layer, K's (kv=0) or V's (kv=1) blocks of `storage` [layers, 2, num_blocks, Hkv, block_size,
-    ...] as [num_blocks, block_size, Hkv, ...] views."""
-    return [block_view(layer) for layer in storage[:, kv].unbind(0)]
+    ...] as [num_blocks, block_size, Hkv, ...] views; `slot_major`: each [block_size, D] page's bytes read
+    as [D, block_size] instead."""
+    layers = storage[:, kv].unbind(0)
+    if slot_major:
+        return [layer.view(*layer.shape[:2], *layer.shape[:1:-1]).permute(0, 3, 1, 2) for layer in layers]
+    return [block_view(layer) for layer in layers]

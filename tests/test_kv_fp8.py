@@ -20,13 +20,18 @@ from leanserve.kernels import ops
 from leanserve.kernels import prefill_attention as prefill
 from leanserve.kernels.fp8 import FP8, FP8_MAX, dequantize, quantize_rows
 from leanserve.kernels.kv_quant import select_blocks, store_slots
-from leanserve.kernels.lean_attention import _CONFIGS, _launch, lean_attention_decode
+from leanserve.kernels.lean_attention import (
+    _CONFIGS,
+    _launch,
+    launch_config,
+    lean_attention_decode,
+)
 from leanserve.kernels.reference import reference_decode_attention, reference_prefill_attention
 from leanserve.kernels.rotary import reference_rope_and_cache, rope_and_cache
 from leanserve.kernels.skinny_fused import skinny_linear_rope
-from leanserve.models import attention
+from leanserve.models import attention, kv_cache
 from leanserve.models.config import ModelConfig
-from leanserve.models.kv_cache import KVCache, head_major, resolve_kv_cache_dtype
+from leanserve.models.kv_cache import KVCache, head_major, resolve_kv_cache_dtype, slot_major
 from leanserve.models.loader import load_model
 from leanserve.server.engine import engine_setup
 from leanserve.server.engine.config import EngineConfig
@@ -35,6 +40,8 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
+# V's pages as the readers and the writer take them: [block_size, D] (K's layout) or slot-major.
+V_LAYOUTS = {"d-major": lambda v: v, "slot-major": slot_major}
 
 
 def fp8_ulp(values: torch.Tensor) -> torch.Tensor:
@@ -87,8 +94,11 @@ ROPE_CASES = [  # (tokens, (Hq, Hkv), D, block size, dtype)
 ]
 
 
-def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0, layout="head-major"):
-    """qkv, positions, cos_sin, zeroed fp8 caches and scales of `layout`, and shuffled distinct slots."""
+def _rope_fp8_inputs(
+    tokens, heads, head_dim, block_size, dtype, device, seed=0, layout="head-major", v_layout="d-major"
+):
+    """qkv, positions, cos_sin, zeroed fp8 caches and scales of `layout` (V's pages slot-major for
+    v_layout "slot-major"), and shuffled distinct slots."""
     hq, hkv = heads
     gen = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=gen) * 3).to(dtype).to(device)
@@ -101,25 +111,39 @@ def _rope_fp8_inputs(tokens, heads, head_dim, block_size, dtype, device, seed=0,
     shape = (num_blocks, block_size, hkv, head_dim)
     lay_out = CACHE_LAYOUTS[layout]
     caches = [lay_out(torch.zeros(shape, dtype=FP8, device=device)) for _ in range(2)]
+    caches[1] = V_LAYOUTS[v_layout](caches[1])
     scales = [lay_out(torch.zeros(shape[:3], device=device)) for _ in range(2)]
     return qkv, positions, cos_sin, caches, scales, slots
 
 
-@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
+@pytest.mark.parametrize(
+    ("layout", "v_layout"),
+    [("head-major", "d-major"), ("token-major", "d-major"), ("head-major", "slot-major")],
+)
 @pytest.mark.parametrize(("tokens", "heads", "head_dim", "block_size", "dtype"), ROPE_CASES)
-def test_rope_and_cache_fp8_matches_twin(tokens, heads, head_dim, block_size, dtype, layout):
+def test_rope_and_cache_fp8_matches_twin(tokens, heads, head_dim, block_size, dtype, layout, v_layout):
     """Interpreted, the kernel's fp32 -> fp8e4nv conversion is wrong where rounding carries into the
     exponent (triton 3.9's interpreter: 7.9 -> 4, 127 -> 64) and for subnormals: the scales, the slots and
     most values are checked on CPU, every value on the GPU. Caches and scales head-major (the engine's)
-    or token-major."""
-    _check_rope_fp8(tokens, heads, head_dim, block_size, dtype, DEVICE, every_value=HAS_CUDA, layout=layout)
+    or token-major; V's pages also slot-major."""
+    _check_rope_fp8(
+        tokens, heads, head_dim, block_size, dtype, DEVICE, HAS_CUDA, layout=layout, v_layout=v_layout
+    )
 
 
 def _check_rope_fp8(
-    tokens, heads, head_dim, block_size, dtype, device, every_value=True, layout="head-major"
+    tokens,
+    heads,
+    head_dim,
+    block_size,
+    dtype,
+    device,
+    every_value=True,
+    layout="head-major",
+    v_layout="d-major",
 ):
     qkv, positions, cos_sin, (k_cache, v_cache), (k_scale, v_scale), slots = _rope_fp8_inputs(
-        tokens, heads, head_dim, block_size, dtype, device, layout=layout
+        tokens, heads, head_dim, block_size, dtype, device, layout=layout, v_layout=v_layout
     )
     expected = [t.clone() for t in (qkv, k_cache, v_cache, k_scale, v_scale)]
     _, _, v_ref = reference_rope_and_cache(
@@ -171,6 +195,8 @@ def test_writers_refuse_fp8_caches_without_scales_and_the_fused_epilogue():
         rope_and_cache(qkv, positions, cos_sin, k_cache, v_cache, slots, k_scale, v_scale.contiguous())
     with pytest.raises(ValueError, match="scales are for float8_e4m3fn caches"):
         rope_and_cache(qkv, positions, cos_sin, k_cache.float(), v_cache.float(), slots, k_scale, v_scale)
+    with pytest.raises(ValueError, match="of one shape and strides"):
+        rope_and_cache(qkv, positions, cos_sin, k_cache.float(), slot_major(v_cache.float()), slots)
     weight = torch.zeros(qkv.shape[1], 32, device=DEVICE)
     with pytest.raises(ValueError, match="fp8 caches take rope_and_cache"):
         x = torch.zeros(3, 32, device=DEVICE)
@@ -188,8 +214,9 @@ DECODE_CASES = [  # (lens, (Hq, Hkv), D, block size, dtype); grids forced small 
 ]
 
 
-def _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device, seed=0):
-    """A random paged fp8 cache (rows of varied magnitude) with shuffled blocks, its scales, and q."""
+def _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device, seed=0, v_layout="d-major"):
+    """A random paged fp8 cache (rows of varied magnitude; V's pages of `v_layout`) with shuffled blocks,
+    its scales, and q."""
     hq, hkv = heads
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(math.ceil(max(lens) / block_size), 1)
@@ -201,24 +228,34 @@ def _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device, seed=0):
     tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks)
     q = torch.randn(len(lens), hq, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
+    v = V_LAYOUTS[v_layout](v)
     return [t.to(device) for t in (q, k, v, tables.to(torch.int32), seq_lens, k_scale, v_scale)]
 
 
-def _check_decode_fp8(lens, heads, head_dim, block_size, dtype, device, num_programs):
-    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs(lens, heads, head_dim, block_size, dtype, device)
-    config = replace(_CONFIGS[head_dim], min_tiles=1)
+def _check_decode_fp8(lens, heads, head_dim, block_size, dtype, device, num_programs, v_layout="d-major"):
+    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs(
+        lens, heads, head_dim, block_size, dtype, device, v_layout=v_layout
+    )
+    config = replace(launch_config(q, v), min_tiles=1)
     out = _launch(q, k, v, bt, sl, None, None, config, num_programs, k_scale=ks, v_scale=vs)
     expected = reference_decode_attention(q, k, v, bt, sl, k_scale=ks, v_scale=vs)
-    # Probabilities times V's scale are rounded to q's dtype for the P @ V product (fp16: 1e-3 relative).
+    # Probabilities times V's scale are rounded to q's dtype for the P @ V product (fp16: 1e-3 relative);
+    # in e4m3 products q and those probabilities are two e4m3 terms each (~7 mantissa bits), within the
+    # same bounds (interpreted: 1.5e-3 at most, 2e-3 of the output's norm).
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     if dtype == torch.bfloat16:
         tol = {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(out, expected, **tol)
+    norm_tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}[dtype]
+    assert float((out.float() - expected.float()).norm() / expected.float().norm()) < norm_tol
 
 
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize(("lens", "heads", "head_dim", "block_size", "dtype"), DECODE_CASES)
-def test_decode_kernel_fp8_matches_twin(lens, heads, head_dim, block_size, dtype):
-    _check_decode_fp8(lens, heads, head_dim, block_size, dtype, DEVICE, num_programs=7)
+def test_decode_kernel_fp8_matches_twin(lens, heads, head_dim, block_size, dtype, v_layout):
+    """Slot-major V pages with an fp16 q take the e4m3 products (_attend_tile_e4m3), with an fp32 q the
+    widening form reading V through its strides."""
+    _check_decode_fp8(lens, heads, head_dim, block_size, dtype, DEVICE, num_programs=7, v_layout=v_layout)
 
 
 def test_readers_take_head_major_caches_and_scales():
@@ -253,11 +290,17 @@ def test_decode_twin_fp8_is_the_twin_on_dequantized_caches():
 
 
 def test_decode_refuses_fp8_without_scales():
-    q, k, v, bt, sl, _, _ = _fp8_cache_inputs([10], (4, 2), 64, 16, torch.float32, DEVICE)
+    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([10], (4, 2), 64, 16, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="need k_scale"):
         lean_attention_decode(q, k, v, bt, sl)
     with pytest.raises(ValueError, match="share a dtype"):
         lean_attention_decode(q, k.float(), v.float().half(), bt, sl)
+    with pytest.raises(ValueError, match="slot-major pages"):  # only an fp8 V may be slot-major
+        lean_attention_decode(q, k.float(), slot_major(v.float()), bt, sl)
+    with pytest.raises(ValueError, match="slot-major pages"):  # nor any other layout
+        lean_attention_decode(
+            q, k, v.transpose(2, 3).contiguous().transpose(2, 3), bt, sl, k_scale=ks, v_scale=vs
+        )
 
 
 # -- the prefill kernel -------------------------------------------------------------------------------
@@ -271,11 +314,11 @@ PREFILL_CASES = [  # ((prefix, query_len) per chunk, (Hq, Hkv), D, block size, d
 PREFILL_SMALL = prefill.PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
 
 
-def _fp8_prefill_inputs(chunks, heads, head_dim, block_size, dtype, device, seed=0):
+def _fp8_prefill_inputs(chunks, heads, head_dim, block_size, dtype, device, seed=0, v_layout="d-major"):
     """q for the chunks' tokens and a paged fp8 cache holding each sequence's prefix + chunk."""
     context_lens = [prefix + query for prefix, query in chunks]
     _, k, v, tables, lens, k_scale, v_scale = _fp8_cache_inputs(
-        context_lens, heads, head_dim, block_size, dtype, device, seed
+        context_lens, heads, head_dim, block_size, dtype, device, seed, v_layout
     )
     gen = torch.Generator().manual_seed(seed + 1)
     num_tokens = sum(query for _, query in chunks)
@@ -284,8 +327,10 @@ def _fp8_prefill_inputs(chunks, heads, head_dim, block_size, dtype, device, seed
     return q, k, v, cu.to(device), lens, tables, k_scale, v_scale
 
 
-def _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, device, config):
-    q, k, v, cu, ctx, bt, ks, vs = _fp8_prefill_inputs(chunks, heads, head_dim, block_size, dtype, device)
+def _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, device, config, v_layout="d-major"):
+    q, k, v, cu, ctx, bt, ks, vs = _fp8_prefill_inputs(
+        chunks, heads, head_dim, block_size, dtype, device, v_layout=v_layout
+    )
     out = prefill._launch(q, k, v, cu, ctx, bt, None, None, config, ks, vs)
     expected = reference_prefill_attention(q, k, v, cu, ctx, bt, k_scale=ks, v_scale=vs)
     # As in decode: probabilities times V's scale are rounded to q's dtype for the P @ V product, so a
@@ -298,16 +343,18 @@ def _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, device, confi
     torch.testing.assert_close(out, expected, atol=atol, rtol=tol)
 
 
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize(("chunks", "heads", "head_dim", "block_size", "dtype"), PREFILL_CASES)
-def test_prefill_kernel_fp8_matches_twin(chunks, heads, head_dim, block_size, dtype):
-    _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, DEVICE, PREFILL_SMALL)
+def test_prefill_kernel_fp8_matches_twin(chunks, heads, head_dim, block_size, dtype, v_layout):
+    _check_prefill_fp8(chunks, heads, head_dim, block_size, dtype, DEVICE, PREFILL_SMALL, v_layout)
 
 
 def test_prefill_kernel_fp8_at_the_shipped_tiles():
     """The D=128 tiles the engine runs (128 query rows x 128 keys) on an fp8 cache: a chunk after a
     prefix whose keys end inside a key tile, and a chunk of its own."""
     config = prefill._fitted(prefill._CONFIGS[128], 128, 2, torch.device(DEVICE))
-    _check_prefill_fp8([(200, 70), (0, 3)], (8, 2), 128, 16, torch.float16, DEVICE, config)
+    for v_layout in V_LAYOUTS:
+        _check_prefill_fp8([(200, 70), (0, 3)], (8, 2), 128, 16, torch.float16, DEVICE, config, v_layout)
 
 
 def test_prefill_twin_fp8_is_the_twin_on_dequantized_caches():
@@ -357,6 +404,25 @@ def test_cache_copies_scales_and_counts_them_in_its_bytes(tmp_path):
     assert KVCache.bytes_per_block(config, 16, FP8) * 4 == allocated
 
 
+def test_cache_stores_v_slot_major_under_its_switch(tmp_path, monkeypatch):
+    """FP8_V_SLOT_MAJOR: an fp8 cache's V views have slot-major pages of the same storage (K's views and
+    a bf16 cache's unchanged), a row written at a slot reads back there, and copy_blocks copies them."""
+    config = _config(tmp_path)
+    monkeypatch.setattr(kv_cache, "FP8_V_SLOT_MAJOR", True)
+    cache = KVCache(config, 4, 16, FP8, "cpu")
+    assert cache.v[1].shape == (4, 16, 8, 128) and cache.v[1].stride() == (8 * 128 * 16, 1, 128 * 16, 16)
+    assert cache.k[1].stride() == (8 * 16 * 128, 128, 16 * 128, 1)
+    assert KVCache(config, 4, 16, torch.bfloat16, "cpu").v[1].stride() == cache.k[1].stride()
+    row, _ = quantize_rows(torch.randn(1, 8, 128))
+    slot = torch.tensor([2 * 16 + 5])
+    store_slots(cache.v[1], slot, row)
+    assert torch.equal(cache.v[1][2, 5].view(torch.uint8), row[0].view(torch.uint8))
+    page = cache.data[1, 1, 2, 3].view(torch.uint8).view(128, 16)  # block 2, KV head 3: [D, block_size]
+    assert torch.equal(page[:, 5], row[0, 3].view(torch.uint8)) and int(page[:, 4].count_nonzero()) == 0
+    cache.copy_blocks([(2, 0)])
+    assert torch.equal(cache.v[1][0, 5].view(torch.uint8), row[0].view(torch.uint8))
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fp8_cache_holds_twice_the_tokens_in_the_same_memory(tmp_path, monkeypatch, head_dim):
     """num_kv_blocks on a (pretend) 80 GB card: the fp8 cache gets ~2x the blocks of the bf16 one, less
@@ -394,6 +460,13 @@ def test_model_fp8_cache_is_the_quantized_values(tiny_model_factory, monkeypatch
     fp8 cache give the tokens and logits of an fp32 cache whose writer rounds every row through
     quantize_rows: the fp8 cache is read where it is written, with its scales, and nothing else differs."""
     _check_model_reads_quantized_values(tiny_model_factory(kind), DEVICE, monkeypatch)
+
+
+def test_model_fp8_cache_with_slot_major_v_is_the_quantized_values(tiny_model_factory, monkeypatch):
+    """The same with V's pages slot-major (kv_cache.FP8_V_SLOT_MAJOR): written and read through V's
+    strides, the model's tokens and logits do not change."""
+    monkeypatch.setattr(kv_cache, "FP8_V_SLOT_MAJOR", True)
+    _check_model_reads_quantized_values(tiny_model_factory("llama"), DEVICE, monkeypatch)
 
 
 @gpu
@@ -470,17 +543,21 @@ def test_gpu_rope_and_cache_fp8(tokens, heads, head_dim, block_size):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize(("lens", "heads", "head_dim", "block_size", "dtype"), DECODE_CASES)
 @pytest.mark.parametrize("num_programs", [None, 3, 37])
-def test_gpu_decode_kernel_fp8(lens, heads, head_dim, block_size, dtype, num_programs):
-    _check_decode_fp8(lens, heads, head_dim, block_size, torch.bfloat16, "cuda", num_programs)
+def test_gpu_decode_kernel_fp8(lens, heads, head_dim, block_size, dtype, num_programs, v_layout):
+    _check_decode_fp8(lens, heads, head_dim, block_size, torch.bfloat16, "cuda", num_programs, v_layout)
 
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_decode_fp8_long_context_in_a_graph():
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
+def test_gpu_decode_fp8_long_context_in_a_graph(v_layout):
     """B=2 with 100k and 3k tokens, replayed in a CUDA graph with new lengths."""
-    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs([100_000, 3000], (32, 8), 128, 16, torch.bfloat16, "cuda")
+    q, k, v, bt, sl, ks, vs = _fp8_cache_inputs(
+        [100_000, 3000], (32, 8), 128, 16, torch.bfloat16, "cuda", v_layout=v_layout
+    )
     out = torch.empty_like(q)
     lean_attention_decode(q, k, v, bt, sl, out=out, k_scale=ks, v_scale=vs)
     torch.cuda.synchronize()
@@ -500,6 +577,7 @@ def test_gpu_decode_fp8_long_context_in_a_graph():
     "chunks", [[(0, 2048)], [(2048, 2048)], [(1, 300), (0, 1000), (4000, 1), (777, 129)]], ids=str
 )
 @pytest.mark.parametrize(("heads", "head_dim"), [((32, 8), 128), ((16, 2), 256), ((12, 4), 96)])
-def test_gpu_prefill_kernel_fp8(chunks, heads, head_dim):
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
+def test_gpu_prefill_kernel_fp8(chunks, heads, head_dim, v_layout):
     config = prefill._fitted(prefill._CONFIGS[head_dim], head_dim, 2, torch.device("cuda"))
-    _check_prefill_fp8(chunks, heads, head_dim, 16, torch.bfloat16, "cuda", config)
+    _check_prefill_fp8(chunks, heads, head_dim, 16, torch.bfloat16, "cuda", config, v_layout)
