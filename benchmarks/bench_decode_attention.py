@@ -1,14 +1,16 @@
 """Decode attention benchmark on a CUDA GPU: LeanAttention vs PyTorch SDPA (flash, cuDNN) on contiguous
 caches and FA2 varlen, each shape as microseconds and as % of the HBM floor (K+V+Q+O bytes over the read
 bandwidth measured in the same run); beside it LeanAttention on an fp8 cache (the same values quantized,
-kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O). Writes JSON, a plot and a
+kernels/fp8.py) against its own floor (fp8 K+V, their fp32 scales, Q+O), twice: V's pages [slot, D] as K's
+(K and V widened to fp16 for the products) and slot-major (models.kv_cache.FP8_V_SLOT_MAJOR: both
+products on e4m3 tensor cores). Writes JSON, a plot and a
 markdown table; `--tune` sweeps the launch configs instead (`--tune --fp8`: on the fp8 cache),
 `--skip-peers` times LeanAttention only. The pools are stored as the engine's KVCache stores them,
 head-major ([block, KV head, slot, D], the fp8 scales [block, KV head, slot]); `--layouts` times bf16 and
 fp8 caches stored token-major ([block, slot, KV head, D]) against those (the fp8 scales token- or
 head-major).
 `--launch-for-profiler` only launches the kernels for a profiler around the process.
-Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8] | --layouts]
+Usage: python benchmarks/bench_decode_attention.py [--out DIR] [--tune [--fp8 [--e4m3]] | --layouts]
 [--skip-peers]"""
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanserve.kernels.fp8 import dequantize, quantize_rows
-from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig, _launch
-from leanserve.models.kv_cache import block_view, head_major
+from leanserve.kernels.lean_attention import _CONFIGS, _E4M3_CONFIGS, LeanConfig, _launch, launch_config
+from leanserve.models.kv_cache import block_view, head_major, slot_major
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
@@ -80,7 +82,7 @@ class Result:
 
     def pct_floor(self, name: str) -> float | None:
         t = self.us.get(name)
-        floor = self.fp8_floor_us if name == "lean_fp8" else self.floor_us
+        floor = self.fp8_floor_us if name.startswith("lean_fp8") else self.floor_us
         return None if t is None else 100 * floor / t
 
 
@@ -144,11 +146,15 @@ class Inputs:
     copies: int
     fp8: tuple[torch.Tensor, ...] = ()  # the pools quantized: k, v fp8 and k, v scales
 
-    def quantized(self) -> tuple[torch.Tensor, ...]:
-        """(k, v, k_scale, v_scale) of the pools in fp8, head-major, made on first use."""
+    def quantized(self, v_slot_major: bool = False) -> tuple[torch.Tensor, ...]:
+        """(k, v, k_scale, v_scale) of the pools in fp8, head-major, made on first use; v_slot_major: V's
+        pages slot-major (a copy of the same values)."""
         if not self.fp8:
             (k, k_scale), (v, v_scale) = quantize_rows(self.k_pool), quantize_rows(self.v_pool)
             self.fp8 = tuple(head_major(t) for t in (k, v, k_scale, v_scale))
+        if v_slot_major:
+            k, v, k_scale, v_scale = self.fp8
+            return k, slot_major(v), k_scale, v_scale
         return self.fp8
 
 
@@ -176,11 +182,17 @@ def make_inputs(shape: Shape) -> Inputs:
 
 
 def lean_calls(
-    inp: Inputs, config: LeanConfig, num_programs: int | None = None, fp8: bool = False
+    inp: Inputs,
+    config: LeanConfig | None,
+    num_programs: int | None = None,
+    fp8: bool = False,
+    v_slot_major: bool = False,
 ) -> list[Callable]:
-    """One call per input copy; `fp8` reads the quantized pools."""
+    """One call per input copy; `fp8` reads the quantized pools (`v_slot_major`: V's pages slot-major);
+    config None: the launcher's for the cache."""
     outs = [torch.empty_like(inp.q[c]) for c in range(inp.copies)]
-    k, v, k_scale, v_scale = inp.quantized() if fp8 else (inp.k_pool, inp.v_pool, None, None)
+    k, v, k_scale, v_scale = inp.quantized(v_slot_major) if fp8 else (inp.k_pool, inp.v_pool, None, None)
+    config = config or launch_config(inp.q[0], v)
     return [
         (
             lambda c=c: _launch(
@@ -274,6 +286,7 @@ def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Res
     config = _CONFIGS[shape.head_dim]
     result.us["lean"] = 1e6 * _time_graph(lean_calls(inp, config))
     result.us["lean_fp8"] = 1e6 * _time_graph(lean_calls(inp, config, fp8=True))
+    result.us["lean_fp8_e4m3"] = 1e6 * _time_graph(lean_calls(inp, None, fp8=True, v_slot_major=True))
     check_fp8(inp, shape, config)
     copies = peer_copies(inp, shape)
     peers = {} if skip_peers else {"varlen_fa2": lambda: varlen_calls(inp, shape, copies)}
@@ -314,11 +327,16 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 
 def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
-    """The fp8 kernel on copy 0 against the bf16 kernel on the dequantized pools (the same values)."""
-    err = relative_error(lean_calls(inp, config, fp8=True)[0](), fp8_reference(inp, config))
-    assert err < FP8_TOLERANCE, (
-        f"{shape.name}: fp8 lean vs lean on the dequantized cache relative error {err:.2e}"
-    )
+    """The fp8 kernel on copy 0, both V layouts, against the bf16 kernel on the dequantized pools (the
+    same values)."""
+    reference = fp8_reference(inp, config)
+    for v_slot_major in (False, True):
+        out = lean_calls(inp, None if v_slot_major else config, fp8=True, v_slot_major=v_slot_major)[0]()
+        err = relative_error(out, reference)
+        assert err < FP8_TOLERANCE, (
+            f"{shape.name}: fp8 lean (V slot-major: {v_slot_major}) vs lean on the dequantized cache "
+            f"relative error {err:.2e}"
+        )
 
 
 def tune_shapes() -> dict[int, list[Shape]]:
@@ -397,8 +415,9 @@ def fp8_candidates(default: LeanConfig) -> list[LeanConfig]:
     return list(dict.fromkeys([default, *grid]))
 
 
-def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
-    """Sweep launch configs on the fp8 cache (fp8_candidates on FP8_TUNE_SHAPES). Each candidate's output
+def tune_fp8(bandwidth: float, env: dict, path: Path, v_slot_major: bool = False) -> None:
+    """Sweep launch configs on the fp8 cache (fp8_candidates on FP8_TUNE_SHAPES; `v_slot_major`: V's pages
+    slot-major, the e4m3 products, around their default config). Each candidate's output
     is checked before it is timed; per shape it prints the default and the best candidate against the fp8
     floor (and the bf16 default's us, what fp8 has to beat) and rewrites the JSON at `path`, so a run cut
     off by its time limit keeps the shapes it finished."""
@@ -408,7 +427,8 @@ def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
     for dim, all_shapes in tune_shapes().items():
         dim_shapes = [s for s in all_shapes if s.name in FP8_TUNE_SHAPES]
         default = _CONFIGS[dim]
-        candidates = fp8_candidates(default)
+        fp8_default = (_E4M3_CONFIGS if v_slot_major else _CONFIGS)[dim]
+        candidates = fp8_candidates(fp8_default)
         print(f"fp8 D={dim}: {len(dim_shapes)} shapes x {len(candidates)} candidates", flush=True)
         for shape in dim_shapes:
             inp = make_inputs(shape)
@@ -417,7 +437,7 @@ def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
             bf16_us = 1e6 * _time_graph(lean_calls(inp, default), replays=10)
             timed: dict[LeanConfig, dict] = {}
             for config in candidates:
-                calls = lean_calls(inp, config, sms * config.programs_per_sm, fp8=True)
+                calls = lean_calls(inp, config, sms * config.programs_per_sm, True, v_slot_major)
                 try:
                     err = relative_error(calls[0](), reference)
                 except Exception as exc:  # out of shared memory/registers for this combination
@@ -432,7 +452,7 @@ def tune_fp8(bandwidth: float, env: dict, path: Path) -> None:
                 timed[config] = row
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            summaries.append(_fp8_summary(shape, floor_us, bf16_us, default, timed))
+            summaries.append(_fp8_summary(shape, floor_us, bf16_us, fp8_default, timed))
             path.write_text(json.dumps({"env": env, "shapes": summaries, "rows": rows}, indent=1))
             del inp, reference
             torch.cuda.empty_cache()
@@ -490,17 +510,19 @@ def markdown(results: list[Result], env: dict) -> str:
         )
     lines += [
         "",
-        "FP8 cache (e4m3, an fp32 scale per cached row; its floor: fp8 K+V, scales, bf16 Q+O):",
+        "FP8 cache (e4m3, an fp32 scale per cached row; its floor: fp8 K+V, scales, bf16 Q+O); widened: V's "
+        "pages [slot, D], K and V widened to fp16; e4m3: V's pages slot-major, e4m3 tensor-core products:",
         "",
-        "| shape | fp8 KV MB | fp8 floor us | lean fp8 us | lean fp8 % own floor | lean bf16 us "
-        "| bf16 us / fp8 us |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| shape | fp8 KV MB | fp8 floor us | widened us | % own floor | e4m3 us | % own floor "
+        "| lean bf16 us | bf16 / widened | bf16 / e4m3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        fp8_us = r.us["lean_fp8"]
+        widened, e4m3 = r.us["lean_fp8"], r.us["lean_fp8_e4m3"]
         lines.append(
-            f"| {r.shape} | {r.fp8_kv_mb:.0f} | {r.fp8_floor_us:.1f} | {fp8_us:.1f} "
-            f"| {_fmt(r.pct_floor('lean_fp8'))} | {r.us['lean']:.1f} | {r.us['lean'] / fp8_us:.2f}x |"
+            f"| {r.shape} | {r.fp8_kv_mb:.0f} | {r.fp8_floor_us:.1f} | {widened:.1f} "
+            f"| {_fmt(r.pct_floor('lean_fp8'))} | {e4m3:.1f} | {_fmt(r.pct_floor('lean_fp8_e4m3'))} "
+            f"| {r.us['lean']:.1f} | {r.us['lean'] / widened:.2f}x | {r.us['lean'] / e4m3:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -511,9 +533,9 @@ def plot(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ("lean", "lean_fp8", "sdpa_flash", "sdpa_cudnn", "varlen_fa2")
+    names = ("lean", "lean_fp8", "lean_fp8_e4m3", "sdpa_flash", "sdpa_cudnn", "varlen_fa2")
     fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.16
+    width = 0.14
     for i, name in enumerate(names):
         values = [r.pct_floor(name) or 0 for r in results]
         ax.bar([x + i * width for x in range(len(results))], values, width, label=name)
@@ -522,7 +544,7 @@ def plot(results: list[Result], path: Path) -> None:
         [x + 2 * width for x in range(len(results))], [r.shape for r in results], rotation=45, ha="right"
     )
     ax.set_ylabel("% of HBM floor (higher is better)")
-    ax.set_title("Decode attention, bf16 (lean_fp8: fp8 cache, % of its own floor), D=128")
+    ax.set_title("Decode attention, bf16 (lean_fp8*: fp8 cache, % of its own floor), D=128")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -591,19 +613,19 @@ PROFILE_SHAPE = "B=1 32/8 128k"  # 277 MB of fp8 K/V: long enough for the loop t
 
 def launch_for_profiler() -> None:
     """One launch each of the decode kernel on PROFILE_SHAPE for a profiler run around this process
-    (gpu_suite.sh run kv-stalls: Nsight Compute's warp states and per-instruction stall samples): bf16, then
-    fp8, each after a launch that compiles it. The NVTX range names which is which."""
+    (gpu_suite.sh run kv-stalls: Nsight Compute's warp states and per-instruction stall samples): bf16, fp8
+    widened, fp8 with slot-major V (e4m3 products), each after a launch that compiles it, at the launcher's
+    config. The NVTX range names which is which."""
     shape = next(s for s in issue_shapes() if s.name == PROFILE_SHAPE)
     inp = make_inputs(shape)
-    default = _CONFIGS[shape.head_dim]
-    for name, fp8 in {"bf16": False, "fp8": True}.items():
-        call = lean_calls(inp, default, fp8=fp8)[0]
+    for name, fp8, v_slot_major in (("bf16", False, False), ("fp8", True, False), ("fp8_e4m3", True, True)):
+        call = lean_calls(inp, None, fp8=fp8, v_slot_major=v_slot_major)[0]
         call()
         torch.cuda.synchronize()
         with torch.cuda.nvtx.range(name):
             call()
         torch.cuda.synchronize()
-        print(f"profiled: {name} {default}", flush=True)
+        print(f"profiled: {name}", flush=True)
 
 
 def main() -> None:
@@ -612,6 +634,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep launch configs instead of the benchmark")
     parser.add_argument("--skip-peers", action="store_true", help="time LeanAttention (bf16 and fp8) only")
     parser.add_argument("--fp8", action="store_true", help="with --tune: sweep the fp8 cache's configs")
+    parser.add_argument(
+        "--e4m3", action="store_true", help="with --tune --fp8: V's pages slot-major (the e4m3 products)"
+    )
     parser.add_argument("--layouts", action="store_true", help="token-major vs head-major cache blocks")
     parser.add_argument(
         "--launch-for-profiler", action="store_true", help=f"launch the kernels once each on {PROFILE_SHAPE}"
@@ -619,6 +644,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.fp8 and not args.tune:
         parser.error("--fp8 goes with --tune (the benchmark times the fp8 cache already)")
+    if args.e4m3 and not args.fp8:
+        parser.error("--e4m3 goes with --tune --fp8")
     if args.launch_for_profiler:
         launch_for_profiler()
         return
@@ -632,7 +659,8 @@ def main() -> None:
         (args.out / "layouts.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         return
     if args.tune and args.fp8:
-        tune_fp8(bandwidth, env, args.out / "tune_fp8.json")
+        name = "tune_fp8_e4m3.json" if args.e4m3 else "tune_fp8.json"
+        tune_fp8(bandwidth, env, args.out / name, args.e4m3)
         return
     if args.tune:
         rows = tune(bandwidth)

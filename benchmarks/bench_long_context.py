@@ -14,7 +14,8 @@ Parts (--parts, default all), each printed as it finishes with its floor or peer
              kernel and by SDPA (torch profiler, PDL off: a kernel launched early would count its wait).
   serving    32 concurrent requests, prompts log-normal between 2k and 32k, 256 output tokens each: TTFT
              and TPOT p50 / p99, output tokens/s, the share of step time in attention, per KV cache dtype
-             (--kv-dtypes, default bf16 and fp8).
+             (--kv-dtypes, default bf16 and fp8; fp8-e4m3: the fp8 cache with V's pages slot-major,
+             models.kv_cache.FP8_V_SLOT_MAJOR, whose decode attention runs on e4m3 tensor cores).
 --tune sweeps the kernel's tiles on the attention part's shapes instead. Writes JSON + a plot to --out.
 Usage: python benchmarks/bench_long_context.py [--parts attention ttft profile serving] [--out DIR]
        [--tune]"""
@@ -44,7 +45,7 @@ from triton.testing import do_bench
 
 from leanserve.kernels import launch
 from leanserve.kernels.prefill_attention import _CONFIGS, PrefillConfig, _launch
-from leanserve.models import attention
+from leanserve.models import attention, kv_cache
 from leanserve.models.kv_cache import head_major
 from leanserve.models.sdpa_prefill import sdpa_prefill
 from leanserve.server.engine.config import EngineConfig
@@ -236,9 +237,11 @@ def tune() -> list[dict]:
 
 
 def build_engine(args: argparse.Namespace, kv_dtype: str) -> LLMEngine:
+    kv_cache.FP8_V_SLOT_MAJOR = kv_dtype == "fp8-e4m3"
     options = dict(model=args.model, tokenizer=args.tokenizer, load_format="dummy", dtype="bfloat16",
                    device="cuda", max_num_seqs=args.concurrency, max_num_batched_tokens=32 * K,
-                   max_model_len=32 * K + args.output_len + BLOCK_SIZE, kv_cache_dtype=kv_dtype)  # fmt: skip
+                   max_model_len=32 * K + args.output_len + BLOCK_SIZE,
+                   kv_cache_dtype=kv_dtype.removesuffix("-e4m3"))  # fmt: skip
     engine = LLMEngine.from_config(EngineConfig(**options))
     settle_process()
     return engine
@@ -414,7 +417,7 @@ def main() -> None:
     parser.add_argument(
         "--kv-dtypes",
         nargs="+",
-        choices=["bf16", "fp8"],
+        choices=["bf16", "fp8", "fp8-e4m3"],
         default=["bf16", "fp8"],
         help="KV cache dtypes of the serving part",
     )

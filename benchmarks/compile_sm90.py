@@ -1,11 +1,13 @@
 """What Triton makes of LeanAttention's decode kernel for an H100 (sm_90), on any machine: no GPU needed.
-For each cache dtype (bf16, fp8) and launch config it compiles the kernel as the launcher calls it
+For each cache (bf16; fp8 with V's pages [block_size, D], widened to fp16; fp8 with slot-major V pages,
+multiplied in e4m3) and launch config it compiles the kernel as the launcher calls it
 (Llama-3-8B heads: 32 query heads, 8 KV heads, D=128, 16-token pages, batch 1) and prints the registers
 a thread holds, the bytes it spills, the shared memory a program takes, how many programs an SM then
 holds at once, and the instruction mix of the main loop (the innermost loop around the tensor-core
 products) read from the SASS. `--max-registers N` adds variants compiled under the register cap N
 (Triton's `maxnreg`); `--dump DIR` writes each variant's TTGIR, PTX and SASS there.
-Usage: python benchmarks/compile_sm90.py [--max-registers N ...] [--dump DIR]"""
+`--tile N` overrides the launcher's tokens a tile.
+Usage: python benchmarks/compile_sm90.py [--max-registers N ...] [--tile N] [--dump DIR]"""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanserve.kernels import lean_attention
 from leanserve.kernels.fp8 import FP8
-from leanserve.kernels.lean_attention import _CONFIGS, LeanConfig
+from leanserve.kernels.lean_attention import LeanConfig, launch_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM_REGISTERS = 65536
@@ -74,22 +76,34 @@ class _Capture:
         return record
 
 
-def launch_arguments(config: LeanConfig, fp8: bool) -> tuple[tuple, dict]:
-    """The decode launcher's arguments for batch 1 on small CPU tensors of the benchmark's layout (the
-    shapes that matter are the head counts, D and the page size; strides are runtime values)."""
-    num_blocks, page, hkv, hq, d = 4, 16, 8, 32, 128
-    q = torch.zeros(1, hq, d, dtype=torch.bfloat16)
-    # Head-major pages, as the engine's KVCache: [block, Hkv, slot, D] seen as [block, slot, Hkv, D].
-    cache = torch.zeros(num_blocks, hkv, page, d, dtype=FP8 if fp8 else torch.bfloat16).transpose(1, 2)
-    scales = torch.ones(num_blocks, hkv, page).transpose(1, 2) if fp8 else None
+CACHES = ("bf16", "fp8", "fp8 slot-major V")
+
+
+def caches(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """K, V and the scales of a small cache of the benchmark's layout (the shapes that matter are the head
+    counts, D and the page size; strides are runtime values): head-major pages as the engine's KVCache
+    stores them, [block, Hkv, slot, D] seen as [block, slot, Hkv, D]; slot-major V pages [block, Hkv, D,
+    slot] seen so too."""
+    num_blocks, page, hkv, d = 4, 16, 8, 128
+    dtype = torch.bfloat16 if kind == "bf16" else FP8
+    k = torch.zeros(num_blocks, hkv, page, d, dtype=dtype).transpose(1, 2)
+    v = k.clone()
+    if kind == "fp8 slot-major V":
+        v = torch.zeros(num_blocks, hkv, d, page, dtype=dtype).permute(0, 3, 1, 2)
+    scales = None if kind == "bf16" else torch.ones(num_blocks, hkv, page).transpose(1, 2)
+    return k, v, scales
+
+
+def launch_arguments(config: LeanConfig, kind: str) -> tuple[tuple, dict]:
+    """The decode launcher's arguments for batch 1 on `caches(kind)`."""
+    q = torch.zeros(1, 32, 128, dtype=torch.bfloat16)
+    k, v, scales = caches(kind)
     capture = _Capture(lean_attention._lean_decode_kernel)
     real = lean_attention._lean_decode_kernel
     lean_attention._lean_decode_kernel = capture
     try:
         tables, lens = torch.zeros(1, 4, dtype=torch.int32), torch.full((1,), 64, dtype=torch.int32)
-        lean_attention._launch(
-            q, cache, cache.clone(), tables, lens, None, None, config, k_scale=scales, v_scale=scales
-        )
+        lean_attention._launch(q, k, v, tables, lens, None, None, config, k_scale=scales, v_scale=scales)
     finally:
         lean_attention._lean_decode_kernel = real
     kwargs = dict(capture.kwargs, PDL=True)  # as on an H100
@@ -151,10 +165,10 @@ def loop_mix(sass: str) -> Counter:
 
 
 def compile_variant(
-    name: str, config: LeanConfig, fp8: bool, dump: Path | None, max_registers: int | None = None
+    name: str, config: LeanConfig, kind: str, dump: Path | None, max_registers: int | None = None
 ) -> Compiled:
-    """The kernel of `config` on a bf16 or fp8 cache, compiled (under a register cap where given)."""
-    args, kwargs = launch_arguments(config, fp8)
+    """The kernel of `config` on a cache of `kind` (CACHES), compiled (under a register cap where given)."""
+    args, kwargs = launch_arguments(config, kind)
     options = {"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}
     if max_registers is not None:
         options["maxnreg"] = max_registers
@@ -178,14 +192,15 @@ def compile_variant(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-registers", type=int, nargs="*", default=[], help="register caps to add")
+    parser.add_argument("--tile", type=int, help="tokens a tile instead of the launcher's")
     parser.add_argument("--dump", type=Path, help="write TTGIR, PTX and SASS of each variant here")
     args = parser.parse_args()
-    default = _CONFIGS[128]
     caps = {"default": None} | {f"max {n} regs": n for n in args.max_registers}
-    print(f"triton {triton.__version__}, target sm_{TARGET.arch}; {default}")
+    print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
     columns = [
         "cache",
         "config",
+        "tile",
         "registers",
         "spill bytes",
         "shared KB",
@@ -193,14 +208,18 @@ def main() -> None:
         "loop instructions",
     ]
     print("| " + " | ".join([*columns, "of them spill loads / stores", "most frequent in the loop"]) + " |")
-    print("|---|---|" + "---:|" * 6 + "---|")
-    for fp8 in (False, True):
+    print("|---|---|" + "---:|" * 7 + "---|")
+    q = torch.zeros(1, 32, 128, dtype=torch.bfloat16)
+    for kind in CACHES:
+        config = launch_config(q, caches(kind)[1])
+        if args.tile:
+            config = replace(config, tile=args.tile)
         for label, cap in caps.items():
-            cache = "fp8" if fp8 else "bf16"
-            c = compile_variant(f"{cache}-{label.replace(' ', '-')}", default, fp8, args.dump, cap)
+            c = compile_variant(f"{kind}-{label}".replace(" ", "-"), config, kind, args.dump, cap)
             cells = [
-                cache,
+                kind,
                 label,
+                config.tile,
                 c.registers,
                 c.spill_bytes,
                 f"{c.shared_bytes / 1024:.1f}",

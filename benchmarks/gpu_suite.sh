@@ -12,7 +12,8 @@
 #                                     $OUT/fp8; fp8-engine: bench_engine's variants alone, which on a cold
 #                                     Triton cache take most of a call); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
-#                                     fp8-tune (W8A8 skinny product) and kvfp8-tune (fp8 decode attention),
+#                                     fp8-tune (W8A8 skinny product), kvfp8-tune (fp8 decode attention) and
+#                                     kvfp8-e4m3-tune (the same with V's pages slot-major: e4m3 products),
 #                                     kv-layout (decode attention on token- vs head-major cache blocks),
 #                                     kv-stalls (Nsight Compute on the bf16 and fp8 decode kernel: warp
 #                                     states and each SASS instruction's stall samples, as CSV and the
@@ -122,6 +123,8 @@ run)
         kv-layout) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --layouts --out "$out" ;;
         kv-stalls) export -f profile_decode_stalls; timeout $((deadline - SECONDS)) bash -c "profile_decode_stalls '$out'" ;;
         kvfp8-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --out "$out" ;;
+        kvfp8-e4m3-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_decode_attention.py --tune --fp8 --e4m3 \
+            --out "$out" ;;
         kvfp8) timeout $((deadline - SECONDS)) bash -c "python3 -m pytest -v -m gpu -p no:cacheprovider \
             tests/test_kv_fp8.py && python3 benchmarks/bench_decode_attention.py --skip-peers --out '$out'" ;;
         *) echo "unknown part $part" >&2 ;;
