@@ -25,20 +25,29 @@ def is_slot_major(cache: torch.Tensor) -> bool:
 
 
 @triton.jit
+def run_pages(table, first, seq_len, PAGE_SIZE: tl.constexpr, TOKENS: tl.constexpr):
+    """The pages of the runs of min(PAGE_SIZE, TOKENS) slots that the sequence's positions first ..
+    first + TOKENS - 1 fall in (0 for a run past seq_len): [TOKENS // run] int64. table: the sequence's
+    block-table row."""
+    RUN: tl.constexpr = min(PAGE_SIZE, TOKENS)
+    run_first = first + tl.arange(0, TOKENS // RUN) * RUN
+    return tl.load(table + run_first // PAGE_SIZE, mask=run_first < seq_len, other=0).to(tl.int64)
+
+
+@triton.jit
 def load_slot_major(
-    cache_ptr, table, h, first, seq_len, stride_n, stride_h, stride_d, offs_d, HEAD_DIM: tl.constexpr,
+    cache_ptr, page, h, first, seq_len, stride_n, stride_h, stride_d, offs_d, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TOKENS: tl.constexpr,
 ):  # fmt: skip
     """The transposed rows of a slot-major cache (V) for KV head h at the sequence's positions first ..
     first + TOKENS - 1 (first a multiple of min(PAGE_SIZE, TOKENS)): [BLOCK_D, TOKENS], read as runs of
-    min(PAGE_SIZE, TOKENS) slots of one page so that loads move 16 bytes at once. table: the sequence's
-    block-table row. A run is read whole if its first position is below seq_len: the slots past the
-    sequence's end lie in its own last page (zeroed at allocation, or rows an earlier owner wrote: finite
-    e4m3 values), which the caller weights by a probability of 0."""
+    min(PAGE_SIZE, TOKENS) slots of one page (`page`: run_pages'), so that loads move 16 bytes at once. A
+    run is read whole if its first position is below seq_len: the slots past the sequence's end lie in its
+    own last page (zeroed at allocation, or rows an earlier owner wrote: finite e4m3 values), which the
+    caller weights by a probability of 0."""
     RUN: tl.constexpr = min(PAGE_SIZE, TOKENS)
     run_first = first + tl.arange(0, TOKENS // RUN) * RUN
     run_mask = run_first < seq_len
-    page = tl.load(table + run_first // PAGE_SIZE, mask=run_mask, other=0).to(tl.int64)
     run = page * stride_n + run_first % PAGE_SIZE
     offs = h * stride_h + run[None, :, None] + offs_d[:, None, None] * stride_d
     offs += tl.arange(0, RUN)[None, None, :]

@@ -48,9 +48,9 @@ _CONFIGS: dict[int, LeanConfig] = {
     256: LeanConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1),
 }
 # An fp8 cache with slot-major V pages runs both products on e4m3 tensor cores (lean_decode.py,
-# _attend_tile_e4m3). Compiled for sm_90 (benchmarks/compile_sm90.py, triton 3.9), its loop takes ~1240
-# instructions a warp for a 128-token tile against ~1010 for a 64-token one, so 128-token tiles halve the
-# instructions a token; D=256 keeps its config. Not yet timed on a GPU.
+# _attend_tile_e4m3). Compiled for sm_90 (benchmarks/compile_sm90.py, triton 3.6), its loop takes ~1330
+# instructions a warp for a 128-token tile against ~1060 for a 64-token one, so 128-token tiles cut the
+# instructions a token by 37%; D=256 keeps its config. Not yet timed on a GPU.
 _E4M3_CONFIGS: dict[int, LeanConfig] = {
     64: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),
     96: LeanConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2),

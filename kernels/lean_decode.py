@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from leanserve.kernels.kv_quant import load_slot_major
+from leanserve.kernels.kv_quant import load_slot_major, run_pages
 from leanserve.kernels.lean_merge import count_in
 from leanserve.kernels.lean_partition import locate, partition
 
@@ -54,7 +54,9 @@ def _lean_decode_kernel(
     b, h, out_begin, n_tiles, seq_len = locate(start, units_end, lens, offs_b, NUM_KV_HEADS, TILE)
     tile = start - out_begin
     tok = tile * TILE + offs_t
-    next_page = tl.load(block_tables_ptr + b.to(tl.int64) * stride_btb + tok // PAGE_SIZE, mask=tok < seq_len)
+    table = block_tables_ptr + b.to(tl.int64) * stride_btb
+    next_page = tl.load(table + tok // PAGE_SIZE, mask=tok < seq_len)
+    next_runs = run_pages(table, tile * TILE, seq_len, PAGE_SIZE, TILE) if E4M3 else 0
     # With PDL the grid is scheduled while the previous kernel (RoPE + cache write) still runs: lengths,
     # partition and first page ids above are done by then; q, K/V and every write wait for it here.
     if PDL:
@@ -82,17 +84,16 @@ def _lean_decode_kernel(
         )
         # Page ids and the query are fetched a tile ahead, so the K/V loads of a tile depend on no load of
         # their own iteration and the pipeliner keeps num_stages - 1 K/V tiles in flight.
-        page = next_page.to(tl.int64)
-        prefetched_q, next_page = _prefetch(
+        page, runs = next_page.to(tl.int64), next_runs
+        prefetched_q, next_page, next_runs = _prefetch(
             q_ptr, block_tables_ptr, u, end, nb, nh, n_tile, n_len, stride_qb, stride_qh, stride_btb,
-            offs_g, offs_d, offs_t, HEAD_DIM, GROUP, PAGE_SIZE, TILE, UPCAST, not E4M3,
+            offs_g, offs_d, offs_t, HEAD_DIM, GROUP, PAGE_SIZE, TILE, UPCAST, E4M3,
         )  # fmt: skip
         if E4M3:
             m_i, l_i, acc = _attend_tile_e4m3(
-                q, q_lo, q_scale, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, page, b, h, tile,
-                seq_len, m_i, l_i, acc, stride_kn, stride_kb, stride_kh, stride_vn, stride_vh, stride_vd,
-                stride_sn, stride_sb, stride_sh, stride_btb, offs_d, offs_t, HEAD_DIM, BLOCK_D, PAGE_SIZE,
-                TILE, UPCAST,
+                q, q_lo, q_scale, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, runs, h, tile, seq_len, m_i,
+                l_i, acc, stride_kn, stride_kb, stride_kh, stride_vn, stride_vh, stride_vd, stride_sn,
+                stride_sb, stride_sh, offs_d, offs_t, HEAD_DIM, BLOCK_D, PAGE_SIZE, TILE, UPCAST,
             )  # fmt: skip
         else:
             m_i, l_i, acc = _attend_tile(
@@ -194,22 +195,22 @@ def _next_unit(
 def _prefetch(
     q_ptr, block_tables_ptr, u, end, nb, nh, n_tile, n_len, stride_qb, stride_qh, stride_btb, offs_g, offs_d,
     offs_t, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
-    UPCAST: tl.constexpr, LOAD_Q: tl.constexpr,
+    UPCAST: tl.constexpr, E4M3: tl.constexpr,
 ):  # fmt: skip
-    """The query (LOAD_Q; else 0) and page ids of unit u + 1 (the query of the same output comes from
-    L1). Past the program's last unit, nb may be one past the batch: nothing is read there."""
+    """The query (but for E4M3: 0), page ids and (E4M3) V's run pages (kv_quant.run_pages; else 0) of
+    unit u + 1 (the query of the same output comes from L1). Past the program's last unit, nb may be one
+    past the batch: nothing is read there."""
     has_next = u + 1 < end
     next_q = 0
-    if LOAD_Q:
+    if not E4M3:
         q_rows = tl.where(has_next, GROUP, 0)
         next_q = _load_q(q_ptr, nb, nh, q_rows, stride_qb, stride_qh, offs_g, offs_d, HEAD_DIM, GROUP, UPCAST)
     n_tok = n_tile * TILE + offs_t
-    next_page = tl.load(
-        block_tables_ptr + nb.to(tl.int64) * stride_btb + n_tok // PAGE_SIZE,
-        mask=n_tok < tl.where(has_next, n_len, 0),
-        other=0,
-    )
-    return next_q, next_page
+    table = block_tables_ptr + nb.to(tl.int64) * stride_btb
+    n_len = tl.where(has_next, n_len, 0)
+    next_page = tl.load(table + n_tok // PAGE_SIZE, mask=n_tok < n_len, other=0)
+    next_runs = run_pages(table, n_tile * TILE, n_len, PAGE_SIZE, TILE) if E4M3 else 0
+    return next_q, next_page, next_runs
 
 
 @triton.jit
@@ -280,16 +281,17 @@ def _attend_tile(
 
 @triton.jit
 def _attend_tile_e4m3(
-    q_hi, q_lo, q_scale, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, page, b, h, tile, seq_len,
-    m_i, l_i, acc, stride_kn, stride_kb, stride_kh, stride_vn, stride_vh, stride_vd, stride_sn, stride_sb,
-    stride_sh, stride_btb, offs_d, offs_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    q_hi, q_lo, q_scale, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, page, runs, h, tile, seq_len, m_i, l_i, acc,
+    stride_kn, stride_kb, stride_kh, stride_vn, stride_vh, stride_vd, stride_sn, stride_sb, stride_sh, offs_d,
+    offs_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr,
+    ROUND_FIRST: tl.constexpr,
 ):  # fmt: skip
     """_attend_tile for an fp8 cache whose V pages are slot-major, with both products on e4m3 tensor
     cores and nothing widened: e4m3 MMAs take their operands K-major, which K's rows are along D (the
     scores' reduction) and slot-major V pages are along the slots (P V's). Scores and probabilities are
     transposed, [TILE, GROUP_PAD], with the tile's tokens on the MMA's M side (GROUP_PAD is below its 64),
-    and so is the accumulator, [BLOCK_D, GROUP_PAD].
+    and so is the accumulator, [BLOCK_D, GROUP_PAD]. page: K's page ids a token; runs: V's a run of slots
+    (kv_quant.run_pages), both fetched a tile ahead.
     q and p each enter as two e4m3 terms, hi + lo (_quantize_q, _split_e4m3): one term alone rounds to 3
     mantissa bits and moves the output by ~3% (random data), the pair by ~0.1%, for two more MMAs."""
     tok = tile * TILE + offs_t
@@ -300,8 +302,7 @@ def _attend_tile_e4m3(
         mask=tok_mask[:, None] & (offs_d < HEAD_DIM)[None, :],
         other=0.0,
     )  # fmt: skip
-    table = block_tables_ptr + b.to(tl.int64) * stride_btb
-    vt = load_slot_major(v_ptr, table, h, tile * TILE, seq_len, stride_vn, stride_vh, stride_vd, offs_d,
+    vt = load_slot_major(v_ptr, runs, h, tile * TILE, seq_len, stride_vn, stride_vh, stride_vd, offs_d,
                          HEAD_DIM, BLOCK_D, PAGE_SIZE, TILE)  # fmt: skip
     st = tl.dot(k, tl.trans(q_lo), tl.dot(k, tl.trans(q_hi)))  # [TILE, GROUP_PAD]
     scale_offs = h * stride_sh + page * stride_sn + (tok % PAGE_SIZE) * stride_sb

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from leanserve.kernels.kv_quant import load_slot_major
+from leanserve.kernels.kv_quant import load_slot_major, run_pages
 
 
 # num_seqs and the block-table width are plain runtime values: Triton would otherwise compile variants for
@@ -116,13 +116,15 @@ def _attend_range(
     multiply the [BLOCK_M, BLOCK_N] scores and probabilities rather than the [BLOCK_N, D] tiles."""
     offs_n = tl.arange(0, BLOCK_N)
     page = _page_ids(table, start + offs_n, context_len, PAGE_SIZE)
+    runs = run_pages(table, start, context_len, PAGE_SIZE, BLOCK_N) if V_SLOT_MAJOR else 0
     for n in range(start, end, BLOCK_N):
         key = n + offs_n
         key_mask = key < context_len
         # Page ids are fetched a tile ahead: a K/V load that waited on a load of its own iteration would
         # keep Triton's pipeliner from putting the next tiles' K/V in flight.
         next_page = _page_ids(table, key + BLOCK_N, context_len, PAGE_SIZE)
-        k, v = _load_kv_tile(k_ptr, v_ptr, table, page, key, key_mask, n, context_len, h, stride_kn,
+        next_runs = run_pages(table, n + BLOCK_N, context_len, PAGE_SIZE, BLOCK_N) if V_SLOT_MAJOR else 0
+        k, v = _load_kv_tile(k_ptr, v_ptr, page, runs, key, key_mask, n, context_len, h, stride_kn,
                              stride_kb, stride_kh, stride_vn, stride_vb, stride_vh, stride_vd, offs_d, d_mask,
                              HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, q.dtype, V_SLOT_MAJOR)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
@@ -140,7 +142,7 @@ def _attend_range(
             p = p * tl.load(v_scale_ptr + scale_offs, mask=key_mask, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-        page = next_page
+        page, runs = next_page, next_runs
     return m_i, l_i, acc
 
 
@@ -152,19 +154,20 @@ def _page_ids(table, key, context_len, PAGE_SIZE: tl.constexpr):
 
 @triton.jit
 def _load_kv_tile(
-    k_ptr, v_ptr, table, page, key, key_mask, first, context_len, h, stride_kn, stride_kb, stride_kh,
+    k_ptr, v_ptr, page, runs, key, key_mask, first, context_len, h, stride_kn, stride_kb, stride_kh,
     stride_vn, stride_vb, stride_vh, stride_vd, offs_d, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr, V_SLOT_MAJOR: tl.constexpr,
 ):  # fmt: skip
-    """K and V of KV head h at the sequence's positions `key` = first + [0, BLOCK_N) (on pages `page`;
-    masked ones read as 0, but for slot-major V, see load_slot_major): [BLOCK_N, BLOCK_D] each in `dtype`
-    (the query tile's), gathered row by row, so any page size works and a tile may span pages."""
+    """K and V of KV head h at the sequence's positions `key` = first + [0, BLOCK_N) (on pages `page`, V's
+    runs on `runs` if slot-major; masked ones read as 0, but for slot-major V, see load_slot_major):
+    [BLOCK_N, BLOCK_D] each in `dtype` (the query tile's), gathered row by row, so any page size works and
+    a tile may span pages."""
     slot = key % PAGE_SIZE
     mask = key_mask[:, None] & d_mask[None, :]
     k_rows = page * stride_kn + slot * stride_kb + h * stride_kh
     k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
     if V_SLOT_MAJOR:
-        vt = load_slot_major(v_ptr, table, h, first, context_len, stride_vn, stride_vh, stride_vd, offs_d,
+        vt = load_slot_major(v_ptr, runs, h, first, context_len, stride_vn, stride_vh, stride_vd, offs_d,
                              HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N)  # fmt: skip
         v = tl.trans(vt)
     else:
