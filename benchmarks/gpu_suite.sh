@@ -10,7 +10,8 @@
 #                                     needs real weights, which do not travel: kv_fp8_accuracy.py on CPU), fp8 (FP8 weights: their GPU tests,
 #                                     bench_fp8_linear and bench_engine's bf16 and fp8 variants, under
 #                                     $OUT/fp8; fp8-engine: bench_engine's variants alone, which on a cold
-#                                     Triton cache take most of a call); default all but kvfp8 and fp8 (tests, kernel and engine
+#                                     Triton cache take most of a call; fp8-profile: the FP8 engine's kernel
+#                                     time per decode step by kernel); default all but kvfp8 and fp8 (tests, kernel and engine
 #                                     already run theirs) and the tile sweeps long-tune (prefill kernel),
 #                                     fp8-tune (W8A8 skinny product), kvfp8-tune (fp8 decode attention) and
 #                                     kvfp8-e4m3-tune (the same with V's pages slot-major: e4m3 products),
@@ -114,6 +115,7 @@ run)
             python3 benchmarks/bench_engine.py --out '$out/fp8' --variants timing_on fp8" ;;
         fp8-engine) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --out "$out/fp8" \
             --variants timing_on fp8 ;;
+        fp8-profile) timeout $((deadline - SECONDS)) python3 benchmarks/bench_engine.py --profile --quantization fp8 ;;
         tp) timeout $((deadline - SECONDS)) python3 benchmarks/bench_tp_attention.py --out "$out" ;;
         long) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --out "$out" ;;
         long-tune) timeout $((deadline - SECONDS)) python3 benchmarks/bench_long_context.py --tune --out "$out" ;;
