@@ -120,6 +120,7 @@ CHAT_CASES = {
         {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
         None,
     ),
+    "top-logprobs-beyond-20": ({"messages": HI, "logprobs": True, "top_logprobs": 25}, "top_logprobs"),
     "max-completion-tokens-negative": (
         {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3},
         "max_completion_tokens",

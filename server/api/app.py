@@ -254,12 +254,12 @@ async def chat_completions(request: Request, body: ChatRequest):
     if max_tokens is None:  # OpenAI's default for chat: up to the end of the context
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs, engine.tokenizer, name)
+    params_named = {"prompt": "messages", "max_tokens": name, "logprobs": "top_logprobs"}
+    params = sampling_params(body, max_tokens, logprobs, engine.tokenizer, params_named)
     if special_marker(tools, engine.tokenizer):
         params.skip_special_tokens = False
     check_choices(1, params.n, _state(request).settings.max_choices_per_request)
     params.grammar = await compile_constraint(body, engine)
-    params_named = {"prompt": "messages", "max_tokens": name}
     echo = chat_echo(body)
     return await _serve(
         request,

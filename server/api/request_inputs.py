@@ -33,12 +33,15 @@ def sampling_params(
     max_tokens: int,
     logprobs: int | None,
     tokenizer,
-    max_tokens_name: str = "max_tokens",
+    names: dict[str, str] | None = None,
     echo: bool = False,
 ) -> SamplingParams:
-    """SamplingParams from the request; its InvalidParameter names the parameter, which we pass on
-    (under the name the client used for max_tokens). With `echo` the prompt is scored too (when `logprobs`
+    """SamplingParams from the request; its InvalidParameter names the parameter, which we pass on under
+    the name the client used (`names`: the client's name of an engine parameter where they differ, e.g.
+    chat's max_completion_tokens and top_logprobs). With `echo` the prompt is scored too (when `logprobs`
     asks) and max_tokens may be 0: the answer is then the prompt alone."""
+    names = names or {}
+    max_tokens_name = names.get("max_tokens", "max_tokens")
     vocab = len(tokenizer)
     # The engine takes 0 (the request ends after its prefill), but only echo has something to return then.
     if max_tokens == 0 and not echo:
@@ -89,7 +92,8 @@ def sampling_params(
             **given,
         )
     except InvalidParameter as e:
-        raise bad_request(e.message, max_tokens_name if e.param == "max_tokens" else e.param) from e
+        param = names.get(e.param, e.param)
+        raise bad_request(e.message.replace(f"'{e.param}'", f"'{param}'"), param) from e
 
 
 def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
