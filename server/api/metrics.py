@@ -81,8 +81,16 @@ class EngineCollector(Collector):
             return
         stats = self.engine.stats()
         gauges = (
-            ("leanserve_num_requests_running", "Requests in the running batch.", stats.num_running),
-            ("leanserve_num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            (
+                "leanserve_num_requests_running",
+                "Sequences in the running batch (each choice counts).",
+                stats.num_running,
+            ),
+            (
+                "leanserve_num_requests_waiting",
+                "Sequences waiting to be scheduled (each choice counts).",
+                stats.num_waiting,
+            ),
             ("leanserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", stats.kv_usage),
         )
         for name, documentation, value in gauges:

@@ -66,7 +66,8 @@ def load_engine_parts(config: EngineConfig, time_attention: bool = True) -> Engi
         model = load_model(model_dir, dtype, device, config.load_format, quantization=config.quantization)
     if device.type == "cpu":
         prepack_linear_weights(model)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+    # A hub name is read from the local HF cache only, as the model is: the server never downloads.
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir, local_files_only=True)
     max_model_len = config.max_model_len or model.config.max_position_embeddings
     num_blocks = num_kv_blocks(config, model, kv_cache_dtype, device)
     block_bytes = KVCache.bytes_per_block(model.config, config.block_size, kv_cache_dtype, model.tp_size)
