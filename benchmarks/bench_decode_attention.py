@@ -286,8 +286,16 @@ def bench_shape(shape: Shape, bandwidth: float, skip_peers: bool = False) -> Res
     config = _CONFIGS[shape.head_dim]
     result.us["lean"] = 1e6 * _time_graph(lean_calls(inp, config))
     result.us["lean_fp8"] = 1e6 * _time_graph(lean_calls(inp, config, fp8=True))
-    result.us["lean_fp8_e4m3"] = 1e6 * _time_graph(lean_calls(inp, None, fp8=True, v_slot_major=True))
-    check_fp8(inp, shape, config)
+    reference = fp8_reference(inp, config)
+    check_fp8(inp, shape, config, reference, v_slot_major=False)
+    # The e4m3 form is new to the GPU: where it fails (compiling or its check), its column says n/a and the
+    # error is printed, and the run goes on with the other kernels' numbers.
+    try:
+        result.us["lean_fp8_e4m3"] = 1e6 * _time_graph(lean_calls(inp, None, fp8=True, v_slot_major=True))
+        check_fp8(inp, shape, config, reference, v_slot_major=True)
+    except Exception as exc:
+        print(f"  {shape.name}: lean_fp8_e4m3 FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        result.us["lean_fp8_e4m3"] = None
     copies = peer_copies(inp, shape)
     peers = {} if skip_peers else {"varlen_fa2": lambda: varlen_calls(inp, shape, copies)}
     if not shape.ragged and not skip_peers:
@@ -326,17 +334,17 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
 
 
-def check_fp8(inp: Inputs, shape: Shape, config: LeanConfig) -> None:
-    """The fp8 kernel on copy 0, both V layouts, against the bf16 kernel on the dequantized pools (the
-    same values)."""
-    reference = fp8_reference(inp, config)
-    for v_slot_major in (False, True):
-        out = lean_calls(inp, None if v_slot_major else config, fp8=True, v_slot_major=v_slot_major)[0]()
-        err = relative_error(out, reference)
-        assert err < FP8_TOLERANCE, (
-            f"{shape.name}: fp8 lean (V slot-major: {v_slot_major}) vs lean on the dequantized cache "
-            f"relative error {err:.2e}"
-        )
+def check_fp8(
+    inp: Inputs, shape: Shape, config: LeanConfig, reference: torch.Tensor, v_slot_major: bool
+) -> None:
+    """The fp8 kernel on copy 0 (V's pages slot-major or not) against `reference`, the bf16 kernel on the
+    dequantized pools (the same values: fp8_reference)."""
+    out = lean_calls(inp, None if v_slot_major else config, fp8=True, v_slot_major=v_slot_major)[0]()
+    err = relative_error(out, reference)
+    assert err < FP8_TOLERANCE, (
+        f"{shape.name}: fp8 lean (V slot-major: {v_slot_major}) vs lean on the dequantized cache "
+        f"relative error {err:.2e}"
+    )
 
 
 def tune_shapes() -> dict[int, list[Shape]]:
@@ -519,10 +527,12 @@ def markdown(results: list[Result], env: dict) -> str:
     ]
     for r in results:
         widened, e4m3 = r.us["lean_fp8"], r.us["lean_fp8_e4m3"]
+        e4m3_speedup = "n/a" if e4m3 is None else f"{r.us['lean'] / e4m3:.2f}x"
         lines.append(
             f"| {r.shape} | {r.fp8_kv_mb:.0f} | {r.fp8_floor_us:.1f} | {widened:.1f} "
-            f"| {_fmt(r.pct_floor('lean_fp8'))} | {e4m3:.1f} | {_fmt(r.pct_floor('lean_fp8_e4m3'))} "
-            f"| {r.us['lean']:.1f} | {r.us['lean'] / widened:.2f}x | {r.us['lean'] / e4m3:.2f}x |"
+            f"| {_fmt(r.pct_floor('lean_fp8'))} | {_fmt(e4m3)} | {_fmt(r.pct_floor('lean_fp8_e4m3'))} "
+            f"| {r.us['lean']:.1f} | {r.us['lean'] / widened:.2f}x "
+            f"| {e4m3_speedup} |"
         )
     return "\n".join(lines) + "\n"
 
