@@ -10,9 +10,14 @@ unquantized cache (bf16 by default), over a fixed prompt set, both ways:
 - free-running: greedy decoding with each cache, the share of positions with the same token, and of
   positions before each prompt's first difference (after which the contexts differ).
 
+`--decode-forms` compares the decode kernel's two fp8 forms instead, on the same fp8 cache: free-running
+greedy decoding with decode attention by the Triton kernel (q in fp16, so that slot-major V pages take the
+e4m3 products) against the same cache read by the torch twin, for each form. On CPU the kernel runs under
+TRITON_INTERPRET=1 (8 prompts x 64 tokens: ~15-25 minutes a form on 2 cores).
+
 Prints a table per model, writes JSON to --out. Runs on CPU or GPU. Usage:
 python benchmarks/kv_fp8_accuracy.py [--model DIR ...] [--dtype bfloat16] [--tokens 64] [--out DIR]
-[--paged-prefill]"""
+[--paged-prefill | --decode-forms]"""
 
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leanserve.models import attention
+from leanserve.kernels import lean_attention, ops
+from leanserve.models import attention, kv_cache
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -58,6 +64,15 @@ class Agreement:
     max_abs_dlogprob: float
     free_agreement: float  # free-running: share of positions with the same token
     free_prefix: float  # free-running: share of positions before each prompt's first difference
+
+
+@dataclass
+class FormAgreement:
+    form: str  # the decode kernel's fp8 form: widening or e4m3
+    same_token: float  # free-running, kernel against twin: share of positions with the same token
+    same_prefix: float  # share of positions before each prompt's first difference
+    mean_abs_dlogprob: float  # |delta logprob| of the chosen token before the first difference, mean
+    max_abs_dlogprob: float
 
 
 def _engine(config: EngineConfig, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
@@ -129,6 +144,46 @@ def compare(
     )
 
 
+def _kernel_decode(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=None, out=None, timestamps=None,
+                   k_scale=None, v_scale=None):  # fmt: skip
+    """ops.decode_attention by the Triton kernel on any device, q in fp16 (the e4m3 products take a
+    half-precision q; the model's own dtype may be fp32 on CPU)."""
+    result = lean_attention.lean_attention_decode(
+        q.half(), k_cache, v_cache, block_tables, seq_lens, sm_scale, None, None, k_scale, v_scale
+    ).to(q.dtype)
+    return result if out is None else out.copy_(result)
+
+
+def compare_decode_forms(
+    model: str | None, dtype: str, device: str, tokens: int, prompts: list[list[int]]
+) -> list[FormAgreement]:
+    """Per fp8 V layout (D-major: the widening form; slot-major: the e4m3 form), free-running greedy with
+    the decode kernel against the twin on the same fp8 cache: the share of positions with the same token
+    and before the first difference, and the mean |delta logprob| of the chosen token before it."""
+    base = dict(model=model, dtype=dtype, device=device, max_num_seqs=len(prompts), kv_cache_tokens=16384)
+    greedy = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
+    requests = {str(i): (p, greedy) for i, p in enumerate(prompts)}
+    twin_decode, rows = ops.decode_attention, []
+    for form, slot_major in (("widening", False), ("e4m3", True)):
+        kv_cache.FP8_V_SLOT_MAJOR = slot_major
+        ops.decode_attention = twin_decode
+        twin = _engine(EngineConfig(**base, kv_cache_dtype="fp8"), requests)
+        ops.decode_attention = _kernel_decode
+        kernel = _engine(EngineConfig(**base, kv_cache_dtype="fp8"), requests)
+        same = prefix = 0
+        deltas = []
+        for rid in requests:
+            ref, ids = twin[rid][0], kernel[rid][0]
+            same += sum(a == b for a, b in zip(ref, ids, strict=True))
+            first = next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
+            prefix += first
+            deltas += [abs(a - b) for a, b in zip(twin[rid][1][:first], kernel[rid][1][:first], strict=True)]
+        total = tokens * len(prompts)
+        rows.append(FormAgreement(form, same / total, prefix / total, statistics.fmean(deltas), max(deltas)))
+    ops.decode_attention, kv_cache.FP8_V_SLOT_MAJOR = twin_decode, False
+    return rows
+
+
 def tokenize(model: str | None, texts: tuple[str, ...]) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -152,8 +207,27 @@ def main() -> None:
         action="store_true",
         help="prefill through the paged path (models.attention.SDPA_PREFILL off): every key from the cache",
     )
+    parser.add_argument(
+        "--decode-forms",
+        action="store_true",
+        help="the decode kernel's widening and e4m3 forms against the twin on the same fp8 cache instead",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.decode_forms:
+        print("| model | form | prompts x tokens | same token | same prefix | mean abs dlogprob | max |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for model in args.model or [None]:
+            for r in compare_decode_forms(
+                model, args.dtype, args.device, args.tokens, tokenize(model, PROMPTS)
+            ):
+                print(
+                    f"| {Path(model).name if model else 'embedded default'} | {r.form} | {len(PROMPTS)} x "
+                    f"{args.tokens} | {100 * r.same_token:.1f}% | {100 * r.same_prefix:.1f}% "
+                    f"| {r.mean_abs_dlogprob:.4f} | {r.max_abs_dlogprob:.4f} |",
+                    flush=True,
+                )
+        return
     attention.SDPA_PREFILL = not args.paged_prefill
     results = []
     for model in args.model or [None]:

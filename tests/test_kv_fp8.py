@@ -263,6 +263,12 @@ def test_decode_kernel_fp8_matches_twin(lens, heads, head_dim, block_size, dtype
     _check_decode_fp8(lens, heads, head_dim, block_size, dtype, DEVICE, num_programs=7, v_layout=v_layout)
 
 
+def test_decode_kernel_e4m3_takes_a_bf16_query():
+    """The engine's queries are bf16. The e4m3 form multiplies no bf16 operand (q goes to e4m3 through
+    fp32), so unlike the other forms it is checked with a bf16 q on CPU too."""
+    _check_decode_fp8([1, 17, 65, 128], (9, 3), 64, 16, torch.bfloat16, DEVICE, 7, v_layout="slot-major")
+
+
 def test_readers_take_head_major_caches_and_scales():
     """K/V and their scales stored head-major (a head's page and its scales contiguous): the decode and
     prefill kernels read them through their strides and give the token-major cache's outputs
