@@ -94,6 +94,20 @@ def _engine(config: EngineConfig, requests: dict[str, tuple[list[int], SamplingP
     return runs
 
 
+def _free_running(reference: dict[str, list], runs: dict[str, list], tokens: int) -> tuple[int, int, list]:
+    """Two engines' greedy runs of the same requests (_engine's): the positions with the same token, the
+    positions before each request's first difference, and |delta logprob| of the token at each of those."""
+    same = prefix = 0
+    deltas = []
+    for rid, (ref_ids, ref_logprobs, _) in reference.items():
+        ids, logprobs = runs[rid][0], runs[rid][1]
+        same += sum(a == b for a, b in zip(ref_ids, ids, strict=True))
+        first = next((i for i, (a, b) in enumerate(zip(ref_ids, ids, strict=True)) if a != b), tokens)
+        prefix += first
+        deltas += [abs(a - b) for a, b in zip(ref_logprobs[:first], logprobs[:first], strict=True)]
+    return same, prefix, deltas
+
+
 def compare(
     model: str | None,
     dtype: str,
@@ -110,11 +124,7 @@ def compare(
     requests = {str(i): (p, greedy) for i, p in enumerate(prompts)}
     caches = ("auto", "fp8") if free_running else ("auto",)
     free = {c: _engine(EngineConfig(**base, kv_cache_dtype=c), requests) for c in caches}
-    same = prefix = 0
-    for rid in requests if free_running else ():
-        ref, ids = free["auto"][rid][0], free["fp8"][rid][0]
-        same += sum(a == b for a, b in zip(ref, ids, strict=True))
-        prefix += next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
+    same, prefix, _ = _free_running(free["auto"], free["fp8"], tokens) if free_running else (0, 0, [])
 
     # Teacher-forced: prompt + continuation scored in CHUNK-token steps, every chunk after the first
     # reading its prefix back from the cache (its own tokens too with --paged-prefill).
@@ -170,14 +180,7 @@ def compare_decode_forms(
         twin = _engine(EngineConfig(**base, kv_cache_dtype="fp8"), requests)
         ops.decode_attention = _kernel_decode
         kernel = _engine(EngineConfig(**base, kv_cache_dtype="fp8"), requests)
-        same = prefix = 0
-        deltas = []
-        for rid in requests:
-            ref, ids = twin[rid][0], kernel[rid][0]
-            same += sum(a == b for a, b in zip(ref, ids, strict=True))
-            first = next((i for i, (a, b) in enumerate(zip(ref, ids, strict=True)) if a != b), tokens)
-            prefix += first
-            deltas += [abs(a - b) for a, b in zip(twin[rid][1][:first], kernel[rid][1][:first], strict=True)]
+        same, prefix, deltas = _free_running(twin, kernel, tokens)
         total = tokens * len(prompts)
         rows.append(FormAgreement(form, same / total, prefix / total, statistics.fmean(deltas), max(deltas)))
     ops.decode_attention, kv_cache.FP8_V_SLOT_MAJOR = twin_decode, False
