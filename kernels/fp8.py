@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from leanserve.kernels.launch import use_pdl, wait_for_previous_kernel
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # A row of zeros keeps a tiny positive scale, so dividing by it stays finite (and quantizes to zeros).
@@ -88,8 +90,13 @@ class FP8Rows:
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
-    """One row of x per program, whole in registers: its amax, its scale, its e4m3 values."""
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr, PDL: tl.constexpr
+):
+    """One row of x per program, whole in registers: its amax, its scale, its e4m3 values. It takes part
+    in the decode chain's PDL protocol (kernels.launch), so the W8A8 product after it is scheduled while it
+    runs rather than after it drains."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
@@ -120,6 +127,7 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block_k = triton.next_power_of_2(k)
+        pdl = use_pdl(x.device)
         _quantize_rows_kernel[(m,)](
             x,
             q,
@@ -128,7 +136,9 @@ def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x.stride(0),
             q.stride(0),
             BLOCK_K=block_k,
+            PDL=pdl,
             num_warps=row_quantizer_warps(block_k),
+            launch_pdl=pdl,
         )
     return q, scale
 
