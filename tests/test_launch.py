@@ -11,12 +11,13 @@ import torch
 
 from leanserve.kernels import launch
 from leanserve.kernels.activation import silu_and_mul
+from leanserve.kernels.fp8 import quantize_rows
 from leanserve.kernels.l2_prefetch import prefetch_l2, supports_l2_prefetch
 from leanserve.kernels.launch import use_pdl
 from leanserve.kernels.lean_attention import lean_attention_decode
 from leanserve.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from leanserve.kernels.rotary import rope_and_cache
-from leanserve.kernels.skinny_linear import skinny_linear
+from leanserve.kernels.skinny_linear import skinny_linear, skinny_linear_w8a8
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -80,10 +81,12 @@ def test_gpu_dependent_pdl_chain_in_a_graph_matches_stream_order(monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(monkeypatch):
+@pytest.mark.parametrize("fp8_o", [False, True], ids=["bf16-o", "fp8-o"])
+def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(fp8_o, monkeypatch):
     """LeanAttention reads lengths and block tables before waiting for the RoPE + cache-write kernel
     ahead of it: in a graph replayed with new lengths, tables and inputs it must still see the K/V that
-    kernel wrote for the new token, and the output projection after it must see its output."""
+    kernel wrote for the new token, and the output projection after it must see its output. With an
+    FP8 output projection (W8A8) the row quantizer sits between the two, in the chain as well."""
     hidden, heads, kv_heads, head_dim, page, layers, batch = 1024, 8, 2, 128, 16, 3, 3
     randn = _bf16_randn(seed=1)
     qkv_width = (heads + 2 * kv_heads) * head_dim
@@ -91,6 +94,13 @@ def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(monkeypatch
         (randn(qkv_width, hidden, scale=hidden**-0.5), randn(hidden, heads * head_dim, scale=0.05))
         for _ in range(layers)
     ]
+    o_fp8 = [quantize_rows(o_w) for _, o_w in weights]
+
+    def output_projection(attn: torch.Tensor, layer: int) -> torch.Tensor:
+        if fp8_o:
+            return skinny_linear_w8a8(attn, *o_fp8[layer])
+        return skinny_linear(attn, weights[layer][1])
+
     blocks = 64
     caches = [
         (randn(blocks, page, kv_heads, head_dim), randn(blocks, page, kv_heads, head_dim))
@@ -114,10 +124,10 @@ def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(monkeypatch
 
     def chain() -> torch.Tensor:
         h = x
-        for (qkv_w, o_w), (k_cache, v_cache) in zip(weights, caches, strict=True):
+        for layer, ((qkv_w, _), (k_cache, v_cache)) in enumerate(zip(weights, caches, strict=True)):
             q, _, _ = rope_and_cache(skinny_linear(h, qkv_w), positions, cos_sin, k_cache, v_cache, slots)
             attn = lean_attention_decode(q, k_cache, v_cache, tables, seq_lens)
-            h = h + skinny_linear(attn.reshape(batch, -1), o_w)
+            h = h + output_projection(attn.reshape(batch, -1), layer)
         return h
 
     set_lengths([5, 300, 17], seed=0)
