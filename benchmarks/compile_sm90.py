@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leanserve.kernels import lean_attention
 from leanserve.kernels.fp8 import FP8
 from leanserve.kernels.lean_attention import LeanConfig, launch_config
+from leanserve.models.kv_cache import slot_major
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM_REGISTERS = 65536
@@ -87,9 +88,7 @@ def caches(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     num_blocks, page, hkv, d = 4, 16, 8, 128
     dtype = torch.bfloat16 if kind == "bf16" else FP8
     k = torch.zeros(num_blocks, hkv, page, d, dtype=dtype).transpose(1, 2)
-    v = k.clone()
-    if kind == "fp8 slot-major V":
-        v = torch.zeros(num_blocks, hkv, d, page, dtype=dtype).permute(0, 3, 1, 2)
+    v = slot_major(k) if kind == "fp8 slot-major V" else k.clone()
     scales = None if kind == "bf16" else torch.ones(num_blocks, hkv, page).transpose(1, 2)
     return k, v, scales
 

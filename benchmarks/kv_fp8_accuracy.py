@@ -15,7 +15,7 @@ greedy decoding with decode attention by the Triton kernel (q in fp16, so that s
 e4m3 products) against the same cache read by the torch twin, for each form. On CPU the kernel runs under
 TRITON_INTERPRET=1 (8 prompts x 64 tokens: ~15-25 minutes a form on 2 cores).
 
-Prints a table per model, writes JSON to --out. Runs on CPU or GPU. Usage:
+Prints a table per model and (but for --decode-forms) writes JSON to --out. Runs on CPU or GPU. Usage:
 python benchmarks/kv_fp8_accuracy.py [--model DIR ...] [--dtype bfloat16] [--tokens 64] [--out DIR]
 [--paged-prefill | --decode-forms]"""
 
