@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from http_server import openai_client, serve
 
 from leanserve.models.weights_source import default_model_dir
 from leanserve.server.engine.runtime import setup_process
@@ -154,3 +155,17 @@ def tiny_model_factory(tmp_path_factory, default_model_path):
 def tiny_model_path(tiny_model_factory) -> Path:
     """A tiny random Llama (3 query / 1 KV heads, head dim 64) with the real SmolLM2 tokenizer."""
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    """A real uvicorn server over the module's `engine` fixture (each server test module defines its own
+    engine, with the model and limits it needs)."""
+    with serve(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    """The official OpenAI client against `base_url`."""
+    return openai_client(base_url)

@@ -30,17 +30,6 @@ def engine(tiny_model_path):
 
 
 @pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(engine) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai_client(base_url, timeout=60)
-
-
-@pytest.fixture(scope="module")
 def model(engine):
     return engine.model_name
 

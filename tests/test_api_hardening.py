@@ -33,12 +33,6 @@ def engine(tiny_model_path):
         yield engine
 
 
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(engine) as url:
-        yield url
-
-
 SURROGATE_CASES = {  # id: (route, body fields besides the model, param the error must name)
     "completion-prompt": ("/v1/completions", {"prompt": LONE + "abc"}, "prompt"),
     "completion-prompt-batch": ("/v1/completions", {"prompt": ["ok", "x" + LONE]}, "prompt"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from http_server import metric_value, openai_client, real_engine, serve, wait_until
+from http_server import metric_value, openai_client, real_engine, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 HISTOGRAMS = [
@@ -42,12 +42,6 @@ PER_REQUEST = [
 def engine(tiny_model_path):
     with real_engine(tiny_model_path, max_model_len=256) as engine:
         yield engine
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(engine) as url:
-        yield url
 
 
 def _samples(base_url: str) -> list:

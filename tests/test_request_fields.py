@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_server import openai_client, real_engine, serve
+from http_server import real_engine
 
 from leanserve.server.api.protocol import (
     ChatMessage,
@@ -208,17 +208,6 @@ def test_every_request_field_is_handled(schema):
 def engine(tiny_model_path):
     with real_engine(tiny_model_path, max_model_len=512) as engine:
         yield engine
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(engine) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai_client(base_url, timeout=60)
 
 
 def _rejections() -> list[tuple[str, str, object]]:

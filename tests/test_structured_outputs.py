@@ -50,17 +50,6 @@ def engine(default_model_path):
         yield engine
 
 
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(engine) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai_client(base_url)
-
-
 def _texts(response, n: int, stream: bool, chat: bool = True) -> list[str]:
     if not stream:
         return [c.message.content if chat else c.text for c in response.choices]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import httpx
 import jsonschema
 import pytest
-from http_server import openai_client, real_engine, serve
+from http_server import real_engine
 
 from leanserve.server.api.protocol import ChatMessage, Tool
 from leanserve.server.api.tool_parsers import PARSERS
@@ -65,17 +65,6 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris for the ne
 def engine(default_model_path):
     with real_engine(default_model_path, max_model_len=1024) as engine:
         yield engine
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(engine) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai_client(base_url)
 
 
 def _choices(response, n: int, stream: bool) -> list[dict]:
