@@ -14,10 +14,12 @@ class SideStreamPrefetch:
     prefetch starts once everything queued before it has run and never delays the main stream's work.
     `join()` makes the current stream wait for all of them (a CUDA-graph capture must end joined).
 
-    How much: a third of the L2 cache, at most half of the weight. On an H100 (50 MB of L2), with
-    Llama-3-8B's 32 MB output projection, 12 / 16 / 20 / 24 / 32 MB ahead change a batch-1 layer chain's
-    step by -75 / -88 / -85 / -60 / -10 us (docs/benchmarks.md, Engine): past ~16 MB the prefetch is
-    still running when the product starts and competes with its reads."""
+    How much: a third of the L2 cache, at most the whole weight. The limit is the bytes DRAM delivers
+    while attention runs: on an H100 (50 MB of L2), with Llama-3-8B's 32 MB bf16 output projection, 12 /
+    16 / 20 / 24 / 32 MB ahead change a batch-1 layer chain's step by -75 / -88 / -85 / -60 / -10 us
+    (docs/benchmarks.md, Engine): past ~16 MB the prefetch is still running when the product starts and
+    competes with its reads. The same bytes take the same time whatever the weight's dtype, so an FP8
+    output projection (16 MB) is prefetched whole."""
 
     @staticmethod
     def supported(device: torch.device) -> bool:
@@ -28,7 +30,7 @@ class SideStreamPrefetch:
         self._l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
 
     def __call__(self, weight: torch.Tensor) -> None:
-        nbytes = min(self._l2_bytes // 3, weight.numel() * weight.element_size() // 2)
+        nbytes = min(self._l2_bytes // 3, weight.numel() * weight.element_size())
         self.stream.wait_stream(torch.cuda.current_stream(weight.device))
         with torch.cuda.stream(self.stream):
             prefetch_l2(weight, nbytes)
