@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
 from leanserve.server.api import metrics
-from leanserve.server.api.errors import APIError, bad_request, install_error_handlers
+from leanserve.server.api.errors import APIError, bad_request, install_error_handlers, parameter_error
 from leanserve.server.api.middleware import STATUS_CLIENT_GONE, RequestMiddleware
 from leanserve.server.api.protocol import (
     ChatRequest,
@@ -145,7 +145,7 @@ async def _serve(
     except Exception as e:
         tracker.discard()  # it never started
         if isinstance(e, InvalidParameter):  # the engine's message for the client
-            raise bad_request(e.message, (params_named or {}).get(e.param, e.param)) from e
+            raise parameter_error(e, params_named) from e
         if isinstance(e, ValueError):
             raise bad_request(str(e)) from e
         if state.draining or not engine.stats().loop_alive:  # the engine stopped admitting meanwhile

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from leanserve.server.engine.sampling_params import InvalidParameter
+
 logger = logging.getLogger("leanserve.errors")
 
 _TYPE_BY_STATUS = {
@@ -59,6 +61,13 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def parameter_error(error: InvalidParameter, names: dict[str, str] | None = None) -> APIError:
+    """The engine's InvalidParameter as a 400 under the client's name of the parameter, in its message too
+    (`names`: the client's name of an engine parameter where they differ, e.g. chat's top_logprobs)."""
+    param = (names or {}).get(error.param, error.param)
+    return bad_request(error.message.replace(f"'{error.param}'", f"'{param}'"), param)
 
 
 def _response(request: Request, error: APIError) -> JSONResponse:

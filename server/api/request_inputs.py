@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from leanserve.server.api.errors import bad_request
+from leanserve.server.api.errors import bad_request, parameter_error
 from leanserve.server.api.protocol import (
     ChatMessage,
     ChatRequest,
@@ -92,8 +92,7 @@ def sampling_params(
             **given,
         )
     except InvalidParameter as e:
-        param = names.get(e.param, e.param)
-        raise bad_request(e.message.replace(f"'{e.param}'", f"'{param}'"), param) from e
+        raise parameter_error(e, names) from e
 
 
 def check_token_ids(ids: list[int], vocab: int, param: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from leanserve.server.api.errors import bad_request
+from leanserve.server.api.errors import bad_request, parameter_error
 from leanserve.server.api.protocol import ChatRequest, CompletionRequest
 from leanserve.server.api.tools import tool_constraint
 from leanserve.server.engine.sampling_params import InvalidParameter
@@ -111,4 +111,4 @@ async def compile_constraint(body: CompletionRequest | ChatRequest, engine: Asyn
     try:
         return await asyncio.to_thread(engine.grammar.compile, kind, spec, param)
     except InvalidParameter as e:
-        raise bad_request(e.message, e.param) from e
+        raise parameter_error(e) from e
