@@ -94,7 +94,7 @@ def test_gpu_attention_half_of_a_layer_with_pdl_matches_stream_order(fp8_o, monk
         (randn(qkv_width, hidden, scale=hidden**-0.5), randn(hidden, heads * head_dim, scale=0.05))
         for _ in range(layers)
     ]
-    o_fp8 = [quantize_rows(o_w) for _, o_w in weights]
+    o_fp8 = [quantize_rows(o_w) for _, o_w in weights] if fp8_o else []
 
     def output_projection(attn: torch.Tensor, layer: int) -> torch.Tensor:
         if fp8_o:
